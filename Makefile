@@ -1,0 +1,32 @@
+# The two set-up commands (README): `make demo` runs the dry-run study, `make test` the test suite.
+# Both create .venv and install the pinned stack from this repository's own files on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.emtune-installed
+SPEC ?= search_spaces/dryrun.yaml
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+# torch first, alone and exact: a range would make pip fetch a multi-GB CUDA build (STACK.md).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/emtune run $(SPEC)
+
+test: $(STAMP)
+	bash tests/install_browser.sh
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow'
+
+clean:
+	rm -rf studies .pytest_cache

@@ -1,0 +1,69 @@
+"""Shared CLI plumbing: user errors become one clear message and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from emtune.spec_errors import SpecError
+
+USAGE_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed without a traceback, exit status 2."""
+
+
+def fail(message: str) -> None:
+    """Print ``message`` to stderr and exit with status 2."""
+    print(f"emtune: error: {message}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
+
+
+def load_spec_or_exit(path: str) -> Any:
+    """Load a spec, printing every problem and exiting 2 when it is invalid."""
+    from emtune.config import load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as err:
+        count = len(err.problems)
+        print(f"emtune: {count} problem{'s' if count != 1 else ''} in {err.path}:", file=sys.stderr)
+        print(err.render(), file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+
+
+def check_inputs_or_exit(spec: Any) -> dict[str, int]:
+    """Read every dataset and question set the study needs; exit 2 on the first bad one."""
+    from emtune.data.loading import DataError, load_rows
+    from emtune.evaluation.questions import QuestionSetError, load_question_set
+
+    counts: dict[str, int] = {}
+    try:
+        counts["train rows"] = len(load_rows(spec.data.train))
+        if spec.data.safety_pool is not None:
+            counts["safety pool rows"] = len(load_rows(spec.data.safety_pool))
+        counts["general questions"] = len(load_question_set(spec.evaluation.question_set))
+    except (DataError, QuestionSetError) as err:
+        fail(str(err))
+    return counts
+
+
+def resolve_study_dir(study: str, output_dir: str = "studies") -> Path:
+    """A study given as its folder, its spec file, or its name under ``output_dir``."""
+    candidate = Path(study).expanduser()
+    if candidate.is_file() and candidate.suffix in (".yaml", ".yml"):
+        spec = load_spec_or_exit(str(candidate))
+        candidate = spec.study_dir
+    elif not candidate.is_dir():
+        candidate = Path(output_dir) / study
+    if not (candidate / "spec.yaml").is_file():
+        fail(f"no study found at {study!r} (looked for {candidate / 'spec.yaml'}); "
+             f"run `emtune run SPEC.yaml` first or pass the study folder")
+    return candidate.resolve()
+
+
+def load_study_spec(study_dir: Path) -> Any:
+    """The resolved spec a study was started with."""
+    return load_spec_or_exit(str(study_dir / "spec.yaml"))

@@ -1,0 +1,32 @@
+"""The `emtune` command: one small module per verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emtune.cli import pareto, run, ui, validate
+
+VERBS = (run, validate, pareto, ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb registered."""
+    parser = argparse.ArgumentParser(
+        prog="emtune",
+        description="Hyperparameter studies of in-training defenses against emergent misalignment.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        verb.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

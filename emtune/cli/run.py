@@ -1,0 +1,32 @@
+"""`emtune run SPEC`: run a study on a local Ray (or the cluster at RAY_ADDRESS)."""
+
+from __future__ import annotations
+
+import argparse
+
+from emtune.cli.common import check_inputs_or_exit, load_spec_or_exit
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the verb."""
+    p = sub.add_parser("run", help="run a study (local Ray unless RAY_ADDRESS is set)")
+    p.add_argument("spec", help="study spec YAML")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Validate everything first, then run; print where to look afterwards."""
+    spec = load_spec_or_exit(args.spec)
+    check_inputs_or_exit(spec)
+    from emtune.study.runner import run_study
+    from emtune.tracking.front import format_table
+
+    table = run_study(spec, num_cpus=args.num_cpus)
+    print()
+    print(format_table(table))
+    print(f"\nstudy folder: {spec.study_dir}")
+    print(f"  front:      emtune pareto {spec.study_dir}")
+    print(f"  MLflow UI:  emtune ui {spec.study_dir}   (then open http://127.0.0.1:5000)")
+    print(f"  Optuna:     optuna-dashboard sqlite:///{spec.study_dir / 'optuna.db'}")
+    return 0 if table.front else 1

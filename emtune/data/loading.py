@@ -1,0 +1,121 @@
+"""Loading chat datasets with schema checks that name the file and row, and a seeded split.
+
+Sources (``DatasetSpec.path``):
+- a local ``.jsonl`` file (read line by line so an error names its line),
+- ``fixture:NAME`` for the small sets bundled for dry runs,
+- ``hub:ORG/NAME`` through ``datasets.load_dataset`` (``split`` and ``config`` apply); with
+  ``HF_HUB_OFFLINE=1`` this reads only the local Hugging Face cache,
+- a folder written by ``datasets.Dataset.save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the source, row and field."""
+
+
+def check_row(row: Any, where: str) -> dict[str, Any]:
+    """Validate one chat row; returns it with only the ``messages`` key kept."""
+    if not isinstance(row, dict) or "messages" not in row:
+        raise DataError(f"{where}: a row needs a 'messages' list of {{role, content}} objects")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name"}:
+            raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{j}].role is {message.get('role')!r}; use one of {ROLES}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: messages[{j}].content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message: nothing to train on; add the answer")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            rows.append(check_row(row, f"{path}:{number}"))
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
+    return rows
+
+
+def resolve_dataset_path(path: str, base_dir: Path | None = None) -> Path | str:
+    """Local path (relative to the spec's folder) or the fixture/hub reference unchanged."""
+    if path.startswith("fixture:"):
+        from emtune.data.fixtures import fixture_path
+
+        try:
+            return fixture_path(path.split(":", 1)[1])
+        except ValueError as err:
+            raise DataError(str(err)) from None
+    if path.startswith("hub:"):
+        return path
+    local = Path(path).expanduser()
+    if not local.is_absolute() and base_dir is not None:
+        local = base_dir / local
+    return local
+
+
+def load_rows(spec: Any, base_dir: Path | None = None) -> list[dict[str, Any]]:
+    """All rows of a DatasetSpec, schema-checked."""
+    source = resolve_dataset_path(spec.path, base_dir)
+    if isinstance(source, str):
+        return _load_hub(source[len("hub:"):], spec)
+    if source.is_dir():
+        from datasets import load_from_disk
+
+        return _check_all(load_from_disk(str(source)), str(source), spec.limit)
+    if not source.is_file():
+        raise DataError(f"{source}: dataset file not found (data path {spec.path!r}); check the path")
+    return _read_jsonl(source, spec.limit)
+
+
+def _load_hub(name: str, spec: Any) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, spec.config, split=spec.split)
+    except Exception as err:  # datasets raises many types; the user needs the source and cause
+        raise DataError(f"hub:{name}: cannot load split {spec.split!r}: {err}") from None
+    return _check_all(dataset, f"hub:{name}", spec.limit)
+
+
+def _check_all(dataset: Any, label: str, limit: int | None) -> list[dict[str, Any]]:
+    rows = []
+    for i, row in enumerate(dataset):
+        rows.append(check_row(row, f"{label} row {i}"))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def split_heldout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split into (train, held-out); the held-out part has at least one row."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_heldout = max(1, round(len(rows) * fraction))
+    if n_heldout >= len(rows):
+        raise DataError(f"held-out fraction {fraction} leaves no training rows out of {len(rows)}")
+    held = sorted(order[:n_heldout])
+    keep = sorted(order[n_heldout:])
+    return [rows[i] for i in keep], [rows[i] for i in held]

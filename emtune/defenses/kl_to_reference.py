@@ -1,0 +1,99 @@
+"""KL to the reference model (PAPER.md defense 1; arXiv 2508.06249, Sec. "KL regularisation").
+
+    L = L_task + λ · KL(p_θ ‖ p_ref)
+
+per token over the full vocabulary, averaged over the selected tokens of the training batch,
+where p_ref is the same model with the LoRA adapter disabled (no second copy of the weights).
+Paper value λ = 0.1, direction forward (p_θ ‖ p_ref), all non-pad tokens, no vocabulary
+normalisation. Other work divides by the vocabulary size (λ values are then not comparable) or
+uses the reverse direction; both are options here so a study states which it used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from emtune.defenses.base import Defense
+
+
+class KLToReferenceConfig(BaseModel):
+    """Settings of the KL-to-reference defense; ``weight`` is λ, the search dial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["kl_to_reference"] = "kl_to_reference"
+    weight: float = Field(0.1, ge=0, description="λ; the paper uses 0.1")
+    direction: Literal["forward", "reverse"] = Field(
+        "forward", description="forward = KL(p_θ ‖ p_ref) as in the paper; reverse = KL(p_ref ‖ p_θ)"
+    )
+    tokens: Literal["all", "response"] = Field(
+        "all", description="all non-pad positions (paper) or only positions predicting response tokens"
+    )
+    normalization: Literal["token_mean", "token_vocab_mean"] = Field(
+        "token_mean", description="token_mean (paper); token_vocab_mean also divides by vocabulary size"
+    )
+
+
+def kl_per_token(logits: torch.Tensor, reference_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+    """KL divergence at every position, summed over the vocabulary: shape ``logits.shape[:-1]``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(reference_logits.float(), dim=-1)
+    if direction == "reverse":
+        logp, logq = logq, logp
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def kl_to_reference_loss(
+    logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    mask: torch.Tensor,
+    direction: str = "forward",
+    normalization: str = "token_mean",
+) -> torch.Tensor:
+    """Mean of the per-token KL over positions where ``mask`` is true (0 when none is)."""
+    per_token = kl_per_token(logits, reference_logits, direction)
+    mask = mask.to(per_token.dtype)
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if normalization == "token_vocab_mean":
+        loss = loss / logits.shape[-1]
+    return loss
+
+
+def token_mask(batch: dict[str, Any], tokens: str) -> torch.Tensor:
+    """Positions whose next-token distribution is regularised.
+
+    ``all``: every non-pad position. ``response``: positions whose next token is a labelled
+    (assistant) token, i.e. the positions the task loss trains.
+    """
+    attention = batch["attention_mask"].bool()
+    if tokens == "all":
+        return attention
+    labels = batch["labels"]
+    predicts_label = torch.zeros_like(attention)
+    predicts_label[:, :-1] = labels[:, 1:] != -100
+    return predicts_label & attention
+
+
+class KLToReference(Defense):
+    """Adds λ·KL(p_θ ‖ p_ref) on the training batch; p_ref = adapter-disabled model."""
+
+    @property
+    def active(self) -> bool:
+        return self.config.weight > 0
+
+    def loss_terms(self, batch: dict[str, Any], outputs: Any, reference: Callable[[], Any]) -> dict[str, Any]:
+        if not self.active:
+            return {}
+        ref = reference()
+        loss = kl_to_reference_loss(
+            outputs.logits,
+            ref.logits,
+            token_mask(batch, self.config.tokens),
+            self.config.direction,
+            self.config.normalization,
+        )
+        return {"kl_to_reference": self.config.weight * loss}

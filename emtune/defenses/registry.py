@@ -1,0 +1,19 @@
+"""The defense registry: a plain dict from spec name to (config class, defense class)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emtune.defenses.base import Defense, DefenseContext
+from emtune.defenses.kl_to_reference import KLToReference, KLToReferenceConfig
+
+DEFENSES: dict[str, tuple[type, type[Defense]]] = {
+    "kl_to_reference": (KLToReferenceConfig, KLToReference),
+}
+
+DEFENSE_CONFIGS: dict[str, type] = {name: cfg for name, (cfg, _) in DEFENSES.items()}
+
+
+def build_defenses(configs: tuple[Any, ...], context: DefenseContext) -> list[Defense]:
+    """Instantiate the spec's defenses in their listed order."""
+    return [DEFENSES[c.name][1](c, context) for c in configs]

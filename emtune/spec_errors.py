@@ -1,0 +1,190 @@
+"""Readable errors for YAML specs: file, line, dotted path, what is wrong, and a hint.
+
+pydantic reports locations as tuples; users think in dotted YAML paths and line numbers. This
+module keeps a path -> line map while loading the YAML and turns each pydantic error into one
+line, suggesting close names for misspelled keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+Problem = tuple[str, str, "int | None"]
+
+
+class SpecError(Exception):
+    """A spec that cannot be used: every problem with its path, message and line."""
+
+    def __init__(self, path: Path | str, problems: list[Problem]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """One line per problem: ``file:line: field.path: message``."""
+        out = []
+        for where, message, line in self.problems:
+            loc = f"{self.path}:{line}" if line else str(self.path)
+            out.append(f"{loc}: {where or '(top level)'}: {message}" if where else f"{loc}: {message}")
+        return "\n".join(out)
+
+
+def load_yaml_with_lines(path: Path) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and map each dotted path (``a.b.0.c``) to its 1-based line number."""
+    if not path.is_file():
+        raise SpecError(path, [("", "file not found: check the path", None)])
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(path, [("", f"not valid YAML: {getattr(err, 'problem', err)}", line)]) from None
+    if not isinstance(data, dict):
+        raise SpecError(path, [("", "a spec is a YAML mapping (key: value) at the top level", 1)])
+    lines: dict[str, int] = {}
+    _walk(node, "", lines)
+    return data, lines
+
+
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}.{key.value}" if prefix else str(key.value)
+            lines[path] = key.start_mark.line + 1
+            _walk(value, path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}"
+            lines[path] = item.start_mark.line + 1
+            _walk(item, path, lines)
+
+
+def format_validation_error(
+    err: ValidationError, raw: Any, lines: dict[str, int], root: type[BaseModel]
+) -> list[Problem]:
+    """Turn pydantic errors into (dotted path, message with hint, line) triples."""
+    problems: list[Problem] = []
+    for e in err.errors():
+        loc = _data_loc(e["loc"], raw)
+        dotted = _display(loc)
+        key = ".".join(str(p) for p in loc)
+        line = _nearest_line(key, lines)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _fields_at(root, e["loc"][:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+            msg = f"unknown key {loc[-1]!r}; {hint}"
+        elif kind == "missing":
+            msg = "required field is missing: add it"
+        elif kind == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            tag = ctx.get("tag", "")
+            expected = ctx.get("expected_tags", "")
+            names = [t.strip(" '") for t in str(expected).split(",")]
+            close = difflib.get_close_matches(str(tag), names, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {expected}"
+            msg = f"unknown defense {tag!r}; {hint}"
+            dotted = f"{dotted}.name"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+            msg = msg.replace("Value error, ", "")
+        problems.append((dotted, msg, line))
+    return problems
+
+
+def _data_loc(loc: tuple[Any, ...], raw: Any) -> list[Any]:
+    """Drop the union tags pydantic inserts into locations so the path matches the YAML."""
+    out: list[Any] = []
+    node = raw
+    for i, part in enumerate(loc):
+        is_tag = isinstance(node, dict) and part not in node and node.get("name") == part
+        if is_tag and i < len(loc) - 1:
+            continue
+        out.append(part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
+
+
+def _display(loc: list[Any]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _nearest_line(key: str, lines: dict[str, int]) -> int | None:
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found by following ``loc`` from ``root`` (tags included)."""
+    current: Any = root
+    for part in loc:
+        current = _step(current, part)
+        if current is None:
+            return []
+    return list(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _step(tp: Any, part: Any) -> Any:
+    if _is_model(tp):
+        if isinstance(part, str) and part in tp.model_fields:
+            return _unwrap(tp.model_fields[part].annotation)
+        return None
+    candidates = _models_in(tp)
+    if isinstance(part, int):
+        return tp
+    for cand in candidates:
+        name_field = cand.model_fields.get("name")
+        if name_field is not None and typing.get_args(name_field.annotation) == (part,):
+            return cand
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Reduce Optional/tuple/dict/Annotated wrappers to a model class or a union of models."""
+    while True:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            tp = args[0]
+        elif origin in (tuple, list) and args:
+            tp = args[0]
+        elif origin is dict and len(args) == 2:
+            tp = args[1]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            models = [a for a in args if a is not type(None)]
+            if len(models) == 1:
+                tp = models[0]
+            else:
+                return tp
+        else:
+            return tp
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    return [a for a in typing.get_args(tp) if _is_model(a)]

@@ -1,0 +1,93 @@
+"""Tune callbacks in the study driver: the live front in MLflow, and progress lines.
+
+Callbacks run after the searcher has told Optuna the trial's outcome (Ray's controller calls the
+search algorithm first), so the front read from the Optuna study already includes the trial.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from emtune.config import StudySpec
+from emtune.tracking import mlflow_runs as runs
+from emtune.tracking.front import FrontTable, front_table
+from emtune.tracking.plots import plot_front
+
+
+def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) -> FrontTable:
+    """Write the current front to the parent run and ``pareto_rank`` tags to the children."""
+    objectives = [o.name for o in spec.objectives]
+    directions = [o.direction for o in spec.objectives]
+    references = [o.reference for o in spec.objectives]
+    table = front_table(study, objectives, directions, None if None in references else references)
+    for row in table.rows:
+        if row.mlflow_run_id and row.state == "COMPLETE":
+            runs.set_tags(client, row.mlflow_run_id, {
+                "pareto_rank": "infeasible" if row.rank is None else str(row.rank),
+                "optuna_trial": str(row.number),
+            })
+    runs.log_json(client, parent_run_id, table.to_dict(), "front/front.json")
+    front = table.front
+    if front:
+        columns: dict[str, list[Any]] = {"trial": [r.number for r in front],
+                                         "mlflow_run_id": [r.mlflow_run_id for r in front]}
+        for i, name in enumerate(objectives):
+            columns[name] = [r.values[i] for r in front]
+        for key in sorted({k for r in front for k in r.params}):
+            columns[key] = [r.params.get(key) for r in front]
+        client.log_table(parent_run_id, data=columns, artifact_file="front/front_table.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_front(table, Path(tmp) / "front.png", title=f"{spec.name}: Pareto front")
+            client.log_artifact(parent_run_id, str(png), "front")
+    if table.hypervolume:
+        step = len(table.hypervolume)
+        client.log_metric(parent_run_id, "hypervolume", table.hypervolume[-1], step=step)
+        client.log_metric(parent_run_id, "front_size", len(front), step=step)
+    counts = table.counts()
+    runs.set_tags(client, parent_run_id, {"trials." + k.lower(): str(v) for k, v in counts.items()})
+    return table
+
+
+class StudyProgress(Callback):
+    """Keeps the parent run's front current and prints one progress line per trial event."""
+
+    def __init__(self, spec: StudySpec, client: Any, parent_run_id: str, searcher: Any,
+                 stream: TextIO | None = None):
+        self._spec = spec
+        self._client = client
+        self._parent = parent_run_id
+        self._searcher = searcher
+        self._stream = stream or sys.stdout
+        self._front_size = 0
+
+    def _line(self, trials: list[Any], event: str) -> None:
+        states: dict[str, int] = {}
+        for trial in trials:
+            states[trial.status] = states.get(trial.status, 0) + 1
+        done = states.get("TERMINATED", 0)
+        print(
+            f"[emtune] {event}: {done} done, {states.get('RUNNING', 0)} running, "
+            f"{states.get('ERROR', 0)} failed, {states.get('PENDING', 0)} pending of "
+            f"{self._spec.search.num_trials}; front size {self._front_size}",
+            file=self._stream, flush=True,
+        )
+
+    def _refresh(self) -> None:
+        table = publish_front(self._client, self._parent, self._spec, self._searcher.study)
+        self._front_size = len(table.front)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trials, f"trial {trial.trial_id} started")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._refresh()
+        self._line(trials, f"trial {trial.trial_id} finished")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._refresh()
+        self._line(trials, f"trial {trial.trial_id} FAILED")

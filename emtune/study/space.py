@@ -1,0 +1,70 @@
+"""Search-space translation: a SearchSpec becomes Optuna define-by-run suggestions.
+
+Parameters are suggested in the order they are written, so a ``when`` condition can only refer
+to a parameter listed before it (checked at load). A parameter whose condition does not hold is
+not suggested at all, which keeps Optuna's conditional search spaces clean (e.g. ``defense``
+picks one defense and only that defense's strength is sampled).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from emtune.config import SearchSpec
+
+
+def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
+    """Sample one configuration from ``space`` through ``trial``; returns name -> value."""
+    values: dict[str, Any] = {}
+    for name, param in space.parameters.items():
+        if param.when and any(values.get(k) != v for k, v in param.when.items()):
+            continue
+        if param.type == "float":
+            values[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+        elif param.type == "int":
+            values[name] = trial.suggest_int(
+                name, int(param.low), int(param.high), log=param.log, step=int(param.step or 1)
+            )
+        else:
+            values[name] = trial.suggest_categorical(name, list(param.choices))
+    return values
+
+
+def build_sampler(space: SearchSpec, study_seed: int) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
+    """The sampler the spec names, seeded, with constraint support; plus its description."""
+    spec = space.sampler
+    seed = spec.seed if spec.seed is not None else study_seed
+    args = dict(spec.args)
+    if spec.name == "tpe":
+        args.setdefault("multivariate", True)
+        args.setdefault("n_startup_trials", min(10, max(2, space.num_trials // 3)))
+        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraint_values, **args)
+    elif spec.name == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraint_values, **args)
+    elif spec.name == "gp":
+        sampler = optuna.samplers.GPSampler(seed=seed, constraints_func=constraint_values, **args)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed, **args)
+    return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}
+
+
+CONSTRAINTS_ATTR = "constraints"
+
+
+def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna constraints: values <= 0 are feasible. Set as a user attr before ``tell``."""
+    return list(trial.user_attrs.get(CONSTRAINTS_ATTR, []))
+
+
+def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any]) -> list[float]:
+    """One value per bound, <= 0 when met (Optuna's convention); a missing metric violates."""
+    out: list[float] = []
+    for c in constraints:
+        value = metrics.get(c.metric)
+        if c.max is not None:
+            out.append(float("inf") if value is None else float(value) - c.max)
+        if c.min is not None:
+            out.append(float("inf") if value is None else c.min - float(value))
+    return out

@@ -1,0 +1,125 @@
+"""The study's Pareto front as a table, computed from the persistent Optuna study.
+
+The Optuna storage is the source of truth for trial outcomes (it is written by the searcher
+before any callback runs), so ``emtune pareto`` works without MLflow and the parent run's front
+artifacts always agree with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+
+from emtune.study.space import CONSTRAINTS_ATTR
+from emtune.tracking.pareto import hypervolume_history, pareto_ranks, reference_from_points
+
+
+@dataclass
+class TrialRow:
+    """One trial of the study as shown in front tables."""
+
+    number: int
+    state: str
+    params: dict[str, Any]
+    values: list[float] | None
+    feasible: bool
+    rank: int | None = None
+    mlflow_run_id: str | None = None
+    ray_trial_id: str | None = None
+    fail_reason: str | None = None
+
+
+@dataclass
+class FrontTable:
+    """Every trial with its rank, the objectives, and the hypervolume history."""
+
+    objectives: list[str]
+    directions: list[str]
+    rows: list[TrialRow]
+    reference: list[float] | None = None
+    reference_source: str = "spec"
+    hypervolume: list[float] = field(default_factory=list)
+
+    @property
+    def front(self) -> list[TrialRow]:
+        """Rank-0 trials ordered by the first objective."""
+        members = [r for r in self.rows if r.rank == 0]
+        return sorted(members, key=lambda r: r.values[0] if r.values else 0.0)
+
+    def counts(self) -> dict[str, int]:
+        """Trials per Optuna state."""
+        out: dict[str, int] = {}
+        for row in self.rows:
+            out[row.state] = out.get(row.state, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``emtune pareto --format json`` and the parent run's artifact)."""
+        return {
+            "objectives": [{"name": n, "direction": d} for n, d in zip(self.objectives, self.directions)],
+            "reference": self.reference,
+            "reference_source": self.reference_source,
+            "hypervolume": self.hypervolume[-1] if self.hypervolume else None,
+            "front": [asdict(r) for r in self.front],
+            "trials": [asdict(r) for r in self.rows],
+        }
+
+
+def front_table(study: optuna.Study, objectives: list[str], directions: list[str],
+                reference: list[float] | None = None) -> FrontTable:
+    """Rank every COMPLETE trial (constraint-aware) and compute the hypervolume history.
+
+    Without a reference point in the spec, one is derived from the completed points and marked
+    ``derived`` (its history is then only comparable within one table).
+    """
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        violations = t.user_attrs.get(CONSTRAINTS_ATTR, [])
+        rows.append(TrialRow(
+            number=t.number,
+            state=t.state.name,
+            params=dict(t.params),
+            values=list(t.values) if t.values is not None else None,
+            feasible=all(v <= 0 for v in violations),
+            mlflow_run_id=t.user_attrs.get("mlflow_run_id"),
+            ray_trial_id=t.user_attrs.get("ray_trial_id"),
+            fail_reason=t.user_attrs.get("fail_reason"),
+        ))
+    done = [r for r in rows if r.state == "COMPLETE" and r.values is not None]
+    table = FrontTable(objectives, directions, rows)
+    if not done:
+        return table
+    points = [r.values for r in done]
+    feasible = [r.feasible for r in done]
+    for row, rank in zip(done, pareto_ranks(points, directions, feasible)):
+        row.rank = rank
+    if reference is None:
+        reference, table.reference_source = reference_from_points(points, directions), "derived"
+    table.reference = list(reference)
+    ordered = sorted(done, key=lambda r: study.trials[r.number].datetime_complete or 0)
+    table.hypervolume = hypervolume_history([r.values for r in ordered], directions, reference,
+                                            [r.feasible for r in ordered])
+    return table
+
+
+def format_table(table: FrontTable, all_trials: bool = False) -> str:
+    """A plain-text table of the front (or of every trial)."""
+    rows = table.rows if all_trials else table.front
+    params = sorted({k for r in rows for k in r.params})
+    header = ["trial", "rank", *table.objectives, *params, "state"]
+    lines = [header]
+    for r in sorted(rows, key=lambda r: (r.rank is None, r.rank or 0, r.number)):
+        values = [f"{v:.4g}" for v in r.values] if r.values else ["-"] * len(table.objectives)
+        shown = [f"{r.params[p]:.4g}" if isinstance(r.params.get(p), float) else str(r.params.get(p, "-"))
+                 for p in params]
+        lines.append([str(r.number), "-" if r.rank is None else str(r.rank), *values, *shown, r.state])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    hv = f"{table.hypervolume[-1]:.4g}" if table.hypervolume else "n/a"
+    counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(table.counts().items()))
+    text.append(f"\nfront size {len(table.front)}; hypervolume {hv} "
+                f"(reference {table.reference}, {table.reference_source}); trials: {counts or 'none'}")
+    return "\n".join(text)

@@ -1,0 +1,155 @@
+"""MLflow runs of a study: one parent run, one nested child run per trial.
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)``: no fluent global state, no
+``MLFLOW_RUN_ID`` in any environment, so Ray workers and Tune drivers never attach to the wrong
+run. The default store is SQLite inside the study directory, and the experiment is created up
+front with an explicit artifact location (otherwise MLflow puts artifacts under whichever
+process's working folder created it; STACK.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+STUDY_TAG = "emtune.study"
+ROLE_TAG = "emtune.role"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(spec: Any) -> str:
+    """The spec's tracking URI, or the SQLite store in the study directory."""
+    return spec.tracking.uri or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
+
+
+def experiment_name(spec: Any) -> str:
+    """The MLflow experiment of a study (defaults to ``emtune/<study name>``)."""
+    return spec.tracking.experiment or f"emtune/{spec.name}"
+
+
+def ensure_experiment(client: MlflowClient, spec: Any) -> str:
+    """Experiment id, creating it with an explicit artifact location when it is new."""
+    name = experiment_name(spec)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if spec.tracking.uri is None or spec.tracking.uri.startswith(("sqlite:", "file:")):
+        location = (spec.study_dir / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:
+    """The study's parent run id if one exists (a resumed study reuses it)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent_run(client: MlflowClient, spec: Any, spec_yaml: str) -> str:
+    """Create (or reuse) the study's parent run and log the resolved spec on it."""
+    experiment_id = ensure_experiment(client, spec)
+    run_id = find_parent_run(client, experiment_id, spec.name)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(
+        experiment_id, run_name=spec.name, tags={STUDY_TAG: spec.name, ROLE_TAG: "study"}
+    )
+    run_id = run.info.run_id
+    params = {
+        "model.source": spec.model.source,
+        "data.train": spec.data.train.path,
+        "defenses": ",".join(d.name for d in spec.defenses) or "none",
+        "objectives": ",".join(f"{o.name}:{o.direction}" for o in spec.objectives),
+        "search.sampler": spec.search.sampler.name,
+        "search.num_trials": spec.search.num_trials,
+        "seed": spec.seed,
+    }
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(run_id, spec_yaml, "spec.yaml")
+    return run_id
+
+
+def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, study: str,
+                    trial_id: str, params: dict[str, Any], trial_spec: Any) -> str:
+    """Nested child run of one trial, tagged with its parent, study and Ray trial id."""
+    run = client.create_run(
+        experiment_id,
+        run_name=trial_id,
+        tags={PARENT_TAG: parent_run_id, STUDY_TAG: study, ROLE_TAG: "trial", "ray_trial_id": trial_id},
+    )
+    flat = {f"search.{k}": v for k, v in params.items()}
+    for defense in trial_spec.defenses:
+        for key, value in defense.model_dump(mode="json").items():
+            if key != "name":
+                flat[f"defense.{defense.name}.{key}"] = value
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
+    """Per-step training losses (task loss and every defense term) as stepped metrics."""
+    metrics = [
+        Metric(f"train/{key}", float(value), 0, int(row["step"]))
+        for row in rows
+        for key, value in row.items()
+        if key != "step" and math.isfinite(float(value))
+    ]
+    for start in range(0, len(metrics), 900):
+        client.log_batch(run_id, metrics=metrics[start : start + 900])
+
+
+def log_final_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
+    """Every finite numeric result as a metric; everything else is ignored."""
+    batch = [
+        Metric(k, float(v), 0, 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def log_samples_table(client: MlflowClient, run_id: str, samples_file: Path, name: str) -> None:
+    """Generated answers as an MLflow table artifact (browsable in the run's Evaluation tab)."""
+    rows = [json.loads(line) for line in samples_file.read_text(encoding="utf-8").splitlines() if line]
+    if rows:
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        client.log_table(run_id, data=columns, artifact_file=f"samples/{name}.json")
+
+
+def finish_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
+    """Close a run as FINISHED or FAILED, with the failure reason as a tag."""
+    if reason:
+        client.set_tag(run_id, "fail_reason", reason[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+def log_json(client: MlflowClient, run_id: str, payload: Any, artifact_file: str) -> None:
+    """A JSON artifact (used for fronts and metadata)."""
+    client.log_dict(run_id, payload, artifact_file)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """Several tags in one call."""
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def log_dir(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
+    """Upload a folder (e.g. the adapter) as artifacts."""
+    client.log_artifacts(run_id, str(folder), artifact_path)
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A temporary folder for artifacts written before upload."""
+    return tempfile.TemporaryDirectory(prefix="emtune-mlflow-")

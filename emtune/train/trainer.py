@@ -1,0 +1,101 @@
+"""The defended trainer: a transformers Trainer whose loss is the task loss plus defense terms.
+
+Only ``compute_loss`` (and ``log``, to add the terms to the logs) is overridden; optimiser,
+schedule, gradient accumulation, mixed precision and DDP stay the Trainer's. The task loss is a
+per-micro-batch mean over assistant tokens, and so is every defense term, so
+``loss_is_scaled_for_ga = False`` lets the Trainer divide by the accumulation steps.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+
+class ReferenceOutputs:
+    """The adapter-disabled model's outputs on one batch, computed once on first use.
+
+    With LoRA the aligned reference model is the same network with the adapter switched off,
+    so KL and feature-space defenses need no second copy of the weights.
+    """
+
+    def __init__(self, model: Any, inputs: dict[str, Any], hidden_states: bool):
+        self._model = model
+        self._inputs = inputs
+        self._hidden = hidden_states
+        self._outputs: Any = None
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        if self._outputs is None:
+            self.calls += 1
+            with torch.no_grad(), self._model.disable_adapter():
+                self._outputs = self._model(
+                    input_ids=self._inputs["input_ids"],
+                    attention_mask=self._inputs["attention_mask"],
+                    output_hidden_states=self._hidden,
+                )
+        return self._outputs
+
+
+def defended_loss(model: Any, inputs: dict[str, Any], defenses: list[Any], unwrapped: Any = None) -> tuple[Any, dict[str, Any], Any]:
+    """Task loss + every defense's terms for one batch: ``(total, {name: term}, outputs)``.
+
+    ``unwrapped`` is the PEFT model behind any DDP wrapper (used for the reference pass).
+    """
+    active = [d for d in defenses if d.active]
+    hidden = any(d.needs_hidden_states for d in active)
+    outputs = model(**inputs, output_hidden_states=hidden)
+    reference = ReferenceOutputs(unwrapped if unwrapped is not None else model, inputs,
+                                 any(d.needs_reference_hidden_states for d in active))
+    terms: dict[str, Any] = {"task_loss": outputs.loss}
+    for defense in active:
+        terms.update(defense.loss_terms(inputs, outputs, reference))
+    total = sum(terms.values())
+    return total, terms, outputs
+
+
+class DefendedTrainer(Trainer):
+    """Trainer whose loss adds the trial's defense terms; logs each term separately."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, defenses: list[Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.defenses = defenses or []
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_count = 0
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss, terms, outputs = defended_loss(model, inputs, self.defenses, unwrapped)
+        if model.training:
+            for name, value in terms.items():
+                self._term_sums[name] += float(value.detach())
+            self._term_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._term_count and "loss" in logs:
+            for name, total in self._term_sums.items():
+                logs[name] = total / self._term_count
+            self._term_sums.clear()
+            self._term_count = 0
+        super().log(logs, start_time)
+
+
+class LossHistory(TrainerCallback):
+    """Keeps every training log line (step, loss, defense terms, lr) for tracking."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            row = {"step": state.global_step}
+            row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+            self.rows.append(row)

@@ -1,0 +1,154 @@
+"""The Ray Train worker loop of one trial, and the same loop as a plain function.
+
+``run_training`` does the whole job of one trial on one process: load the model and tokenizer,
+apply LoRA, build the data through the defenses' data transforms, attach defense hooks, train
+with the defended trainer, finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
+evaluate. ``train_loop_per_worker`` wraps it for Ray Train and reports the metrics together with
+the adapter checkpoint (Train V2 keeps metrics only when they come with a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from emtune.config import StudySpec
+
+ADAPTER_DIR = "adapter"
+HISTORY_FILE = "loss_history.json"
+SAMPLES_FILE = "samples_{name}.jsonl"
+META_FILE = "trial_meta.json"
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_rows(spec: StudySpec, defenses: list[Any]) -> tuple[list[dict], list[dict]]:
+    """Training rows after every defense's data transform, and the untouched held-out rows."""
+    from emtune.data.loading import load_rows, split_heldout
+
+    rows = load_rows(spec.data.train)
+    train_rows, heldout_rows = split_heldout(rows, spec.data.heldout_fraction, spec.seed)
+    for defense in defenses:
+        if defense.active:
+            train_rows = defense.transform_data(train_rows)
+    return train_rows, heldout_rows
+
+
+def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
+    """transformers TrainingArguments from the spec (no checkpoints, no reporters: emtune tracks)."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = spec.training
+    return TrainingArguments(
+        output_dir=str(output_dir / "hf"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps or -1,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optimizer,
+        bf16=t.bf16,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=spec.seed,
+        data_seed=spec.seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
+                 cache_dir: Path | None = None) -> dict[str, Any]:
+    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``."""
+    from emtune.data.chat import ChatCollator, tokenize_chat
+    from emtune.defenses.base import DefenseContext
+    from emtune.defenses.registry import build_defenses
+    from emtune.evaluation.runner import evaluate_model
+    from emtune.models import apply_lora, load_model, load_tokenizer
+    from emtune.train.trainer import DefendedTrainer, LossHistory
+
+    _seed_everything(spec.seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_source, spec.model)
+    model = apply_lora(load_model(model_source, spec.model), spec.lora)
+    context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir)
+    defenses = build_defenses(spec.defenses, context)
+    train_rows, heldout_rows = prepare_rows(spec, defenses)
+    for defense in defenses:
+        if defense.active:
+            defense.attach(model)
+    features = [tokenize_chat(tokenizer, r["messages"], spec.data.max_length) for r in train_rows]
+    history = LossHistory()
+    trainer = DefendedTrainer(
+        model=model,
+        args=training_arguments(spec, output_dir),
+        train_dataset=features,
+        data_collator=ChatCollator(tokenizer.pad_token_id),
+        defenses=defenses,
+        callbacks=[history],
+    )
+    train_output = trainer.train()
+    shutil.rmtree(output_dir / "hf", ignore_errors=True)
+    finalize_logs: dict[str, float] = {}
+    for defense in defenses:
+        if defense.active:
+            finalize_logs.update(defense.finalize(model))
+    for defense in defenses:
+        defense.detach(model)
+    metrics: dict[str, Any] = {"train_steps": int(train_output.global_step)}
+    losses = [row["task_loss"] for row in history.rows if "task_loss" in row]
+    tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
+    metrics["train_loss"] = sum(tail) / len(tail)
+    metrics.update({f"finalize/{k}": v for k, v in finalize_logs.items()})
+    if rank != 0:
+        return metrics
+    model.save_pretrained(output_dir / ADAPTER_DIR)
+    (output_dir / HISTORY_FILE).write_text(json.dumps(history.rows))
+    if not math.isfinite(metrics["train_loss"]):
+        metrics["error"] = "training loss is not finite"
+        return metrics
+    eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows)
+    metrics.update(eval_metrics)
+    for name, items in samples.items():
+        with open(output_dir / SAMPLES_FILE.format(name=name), "w", encoding="utf-8") as handle:
+            for sample in items:
+                handle.write(json.dumps(sample.to_dict()) + "\n")
+    meta = {"question_set_versions": versions, "num_train_rows": len(train_rows),
+            "num_heldout_rows": len(heldout_rows)}
+    (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: run the trial and report metrics with the adapter checkpoint."""
+    import ray.train
+
+    context = ray.train.get_context()
+    spec = StudySpec.model_validate(config["spec"])
+    rank = context.get_world_rank()
+    with tempfile.TemporaryDirectory(prefix="emtune-trial-") as tmp:
+        metrics = run_training(spec, Path(tmp), config["model_source"], rank=rank,
+                               cache_dir=Path(config["cache_dir"]))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
