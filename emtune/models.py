@@ -112,7 +112,7 @@ def pretrain_tiny(model: Any, tokenizer: Any, steps: int, seed: int, batch_size:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 

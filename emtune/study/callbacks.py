@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 
@@ -56,13 +56,11 @@ def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) 
 class StudyProgress(Callback):
     """Keeps the parent run's front current and prints one progress line per trial event."""
 
-    def __init__(self, spec: StudySpec, client: Any, parent_run_id: str, searcher: Any,
-                 stream: TextIO | None = None):
+    def __init__(self, spec: StudySpec, client: Any, parent_run_id: str, searcher: Any):
         self._spec = spec
         self._client = client
         self._parent = parent_run_id
         self._searcher = searcher
-        self._stream = stream or sys.stdout
         self._front_size = 0
 
     def _line(self, trials: list[Any], event: str) -> None:
@@ -74,7 +72,7 @@ class StudyProgress(Callback):
             f"[emtune] {event}: {done} done, {states.get('RUNNING', 0)} running, "
             f"{states.get('ERROR', 0)} failed, {states.get('PENDING', 0)} pending of "
             f"{self._spec.search.num_trials}; front size {self._front_size}",
-            file=self._stream, flush=True,
+            file=sys.stdout, flush=True,  # looked up per call: Tune pickles callbacks
         )
 
     def _refresh(self) -> None:

@@ -20,7 +20,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
-from emtune.study.space import CONSTRAINTS_ATTR, build_sampler, constraint_violations, suggest
+from emtune.study.space import build_sampler, constraint_violations, suggest
 
 RESULT_ATTRS = ("mlflow_run_id", "adapter_uri")
 
@@ -48,7 +48,7 @@ class EmtuneSearcher(Searcher):
         self._spec = spec
         self._storage_url = storage_url
         self._study: optuna.Study | None = None
-        self._live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._live: dict[str, optuna.Trial | int] = {}  # Ray trial id -> Optuna trial (number once pickled)
 
     @property
     def study(self) -> optuna.Study:
@@ -64,32 +64,32 @@ class EmtuneSearcher(Searcher):
         trial = self.study.ask()
         params = suggest(trial, self._spec.search)
         trial.set_user_attr("ray_trial_id", trial_id)
-        self._live[trial_id] = trial.number
+        self._live[trial_id] = trial
         return {"params": params, "optuna_trial": trial.number}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        number = self._live.pop(trial_id, None)
-        if number is None:
+        trial = self._live.pop(trial_id, None)
+        if trial is None:
             return
+        if isinstance(trial, int):  # restored from a checkpoint: reattach to the stored trial
+            storage = self.study._storage
+            trial = optuna.Trial(self.study, storage.get_trial_id_from_study_id_trial_number(
+                self.study._study_id, trial))
         state, values, reason = outcome(self._spec, result, error)
-        trial_id_in_storage = self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number
-        )
-        storage = self.study._storage
         for key in RESULT_ATTRS:
             if result and result.get(key):
-                storage.set_trial_user_attr(trial_id_in_storage, key, result[key])
+                trial.set_user_attr(key, result[key])
         if reason:
-            storage.set_trial_user_attr(trial_id_in_storage, "fail_reason", reason)
+            trial.set_user_attr("fail_reason", reason)
         if self._spec.constraints and result is not None:
-            storage.set_trial_user_attr(
-                trial_id_in_storage, CONSTRAINTS_ATTR, constraint_violations(self._spec.constraints, result)
-            )
-        self.study.tell(number, values if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+            for name, value in constraint_violations(self._spec.constraints, result).items():
+                trial.set_constraint(name, value)
+        self.study.tell(trial, values if state == optuna.trial.TrialState.COMPLETE else None, state=state)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_study"] = None  # SQLAlchemy engines do not pickle; reopened on use
+        state["_live"] = {k: t if isinstance(t, int) else t.number for k, t in self._live.items()}
         return state
 
     def save(self, checkpoint_path: str) -> None:

@@ -33,38 +33,35 @@ def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
 
 
 def build_sampler(space: SearchSpec, study_seed: int) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
-    """The sampler the spec names, seeded, with constraint support; plus its description."""
+    """The sampler the spec names, seeded; plus its description (stored in the study's attrs).
+
+    Constraints reach the samplers through ``Trial.set_constraint`` (Optuna 5's API), which the
+    searcher calls before ``tell``.
+    """
     spec = space.sampler
     seed = spec.seed if spec.seed is not None else study_seed
     args = dict(spec.args)
     if spec.name == "tpe":
         args.setdefault("multivariate", True)
         args.setdefault("n_startup_trials", min(10, max(2, space.num_trials // 3)))
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraint_values, **args)
+        sampler = optuna.samplers.TPESampler(seed=seed, **args)
     elif spec.name == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraint_values, **args)
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, **args)
     elif spec.name == "gp":
-        sampler = optuna.samplers.GPSampler(seed=seed, constraints_func=constraint_values, **args)
+        sampler = optuna.samplers.GPSampler(seed=seed, **args)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed, **args)
     return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}
 
 
-CONSTRAINTS_ATTR = "constraints"
-
-
-def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna constraints: values <= 0 are feasible. Set as a user attr before ``tell``."""
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR, []))
-
-
-def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any]) -> list[float]:
+def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any]) -> dict[str, float]:
     """One value per bound, <= 0 when met (Optuna's convention); a missing metric violates."""
-    out: list[float] = []
+    out: dict[str, float] = {}
     for c in constraints:
         value = metrics.get(c.metric)
+        missing = not isinstance(value, (int, float)) or value != value
         if c.max is not None:
-            out.append(float("inf") if value is None else float(value) - c.max)
+            out[f"{c.metric}<={c.max:g}"] = 1e9 if missing else float(value) - c.max
         if c.min is not None:
-            out.append(float("inf") if value is None else c.min - float(value))
+            out[f"{c.metric}>={c.min:g}"] = 1e9 if missing else c.min - float(value)
     return out

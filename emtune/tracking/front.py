@@ -12,7 +12,6 @@ from typing import Any
 
 import optuna
 
-from emtune.study.space import CONSTRAINTS_ATTR
 from emtune.tracking.pareto import hypervolume_history, pareto_ranks, reference_from_points
 
 
@@ -76,7 +75,7 @@ def front_table(study: optuna.Study, objectives: list[str], directions: list[str
     """
     rows = []
     for t in study.get_trials(deepcopy=False):
-        violations = t.user_attrs.get(CONSTRAINTS_ATTR, [])
+        violations = t.constraints.values()
         rows.append(TrialRow(
             number=t.number,
             state=t.state.name,

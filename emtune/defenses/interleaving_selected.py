@@ -1,0 +1,190 @@
+"""Interleaving+ / ++: perplexity-gap selected safety data (PAPER.md defense 7; arXiv 2508.06249).
+
+The paper's main contribution. Instead of drawing safety examples at random (defense 6), score
+every pool candidate d = (q, a) by
+
+    s_d = (mean_m NLL_m(a | q) − NLL_aligned(a | q)) / (NLL_aligned(a | q) + ε),   ε = 1,
+
+NLL per answer token under the chat template, where the m are misaligned models (LoRA adapters
+fine-tuned undefended on EM datasets, on the same base) and "aligned" is the base without an
+adapter; keep the top N = round(ratio · |task|) (``plus``, Interleaving+). ``plus_plus``
+(Interleaving++, the default) first drops refusals: answers whose first 10 words, lower-cased,
+contain "sorry", "apologize", "cannot", "can't", "i'm unable" or "i am unable" (configurable),
+because the top of the ranking is dominated by refusals and training on them hurts coherence.
+The selected rows are shuffled into the task rows with the seed, as in random interleaving.
+``leave_out`` drops adapters (by path or folder name), e.g. the target domain's own.
+
+Dials: ``ratio`` (paper 0.05; 0 = no-op, ``active`` is False) and ``variant``. Scores and
+selected sets are cached by content hash under ``<cache_dir>/selection/`` and shared by every
+trial (:mod:`emtune.data.selection_cache`); a miss loads a fresh copy of the aligned base and
+scores the pool once. Training the misaligned adapters is a separate study stage; this defense
+takes their folders (``misaligned_adapters``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from emtune.data.selection import REFUSAL_KEYWORDS, REFUSAL_WINDOW_WORDS
+from emtune.defenses.base import Defense, Rows
+from emtune.defenses.interleaving import DEFAULT_POOL, absolute_if_local, interleave, load_pool, safe_count
+
+
+def adapter_matches(entry: str, path: str) -> bool:
+    """True when a ``leave_out`` entry names this adapter: same path, or the folder's name."""
+    if entry == path or entry == Path(path).name:
+        return True
+    return Path(entry).expanduser().resolve() == Path(path).expanduser().resolve()
+
+
+class SelectedInterleavingConfig(BaseModel):
+    """Settings of Interleaving+ / ++; ``ratio`` and ``variant`` are the search dials."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["interleaving_selected"] = "interleaving_selected"
+    ratio: float = Field(0.05, ge=0, le=10, description="selected safe examples per task example; paper 0.05")
+    variant: Literal["plus", "plus_plus"] = Field(
+        "plus_plus", description="plus = top-N by gap score; plus_plus = drop refusals first (paper's best)"
+    )
+    pool: str = Field(DEFAULT_POOL, description="candidate pool: chat JSONL, fixture:NAME or hub:ORG/NAME")
+    pool_split: str = Field("train", description="split of a hub: pool")
+    pool_config: str | None = Field(None, description="config of a hub: pool")
+    pool_limit: int | None = Field(None, gt=0, description="score only the first N pool rows")
+    misaligned_adapters: tuple[str, ...] = Field(
+        (), description="folders of LoRA adapters fine-tuned undefended on EM datasets (same base model)"
+    )
+    leave_out: tuple[str, ...] = Field((), description="adapters (path or folder name) to leave out, e.g. the target domain's")
+    epsilon: float = Field(1.0, gt=0, description="ε in the score's denominator; paper 1")
+    refusal_keywords: tuple[str, ...] = Field(REFUSAL_KEYWORDS, min_length=1, description="PAPER.md's refusal rule")
+    refusal_window_words: int = Field(REFUSAL_WINDOW_WORDS, gt=0, description="words of the answer searched for keywords")
+    max_length: int | None = Field(None, gt=8, description="tokens per scored row; default data.max_length")
+    batch_size: int = Field(8, gt=0, description="rows per scoring forward pass")
+    seed: int | None = Field(None, description="seed of the shuffle; default: the trial seed")
+
+    @field_validator("pool")
+    @classmethod
+    def _absolute_pool(cls, value: str) -> str:
+        return absolute_if_local(value)
+
+    @field_validator("misaligned_adapters")
+    @classmethod
+    def _absolute_adapters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(absolute_if_local(v) for v in value)
+
+    @field_validator("leave_out")
+    @classmethod
+    def _absolute_leave_out(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A bare folder name stays a name; only entries written as paths are made absolute.
+        return tuple(absolute_if_local(v) if "/" in v else v for v in value)
+
+    @model_validator(mode="after")
+    def _leave_out_known(self) -> "SelectedInterleavingConfig":
+        for entry in self.leave_out:
+            if not any(adapter_matches(entry, p) for p in self.misaligned_adapters):
+                raise ValueError(f"leave_out entry {entry!r} matches none of misaligned_adapters "
+                                 f"{list(self.misaligned_adapters)}; use an adapter's path or folder name")
+        return self
+
+
+class SelectedInterleaving(Defense):
+    """Mixes the round(ratio · |task|) best perplexity-gap-scored pool rows into the training rows."""
+
+    def __init__(self, config: SelectedInterleavingConfig, context: Any):
+        super().__init__(config, context)
+        self._logs: dict[str, float] = {}
+        #: Content hash of the score table last used (worth a tag in the trial's MLflow run).
+        self.selection_key: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.config.ratio > 0
+
+    @property
+    def seed(self) -> int:
+        """The configured seed, else the trial seed."""
+        return self.config.seed if self.config.seed is not None else self.context.seed
+
+    def adapter_paths(self) -> list[str]:
+        """The misaligned adapters in use (``leave_out`` removed); errors when none is left."""
+        paths = [p for p in self.config.misaligned_adapters
+                 if not any(adapter_matches(e, p) for e in self.config.leave_out)]
+        if not self.config.misaligned_adapters:
+            raise ValueError(
+                "interleaving_selected.misaligned_adapters is empty: the perplexity-gap score needs LoRA "
+                "adapters fine-tuned undefended on EM datasets; train them with an undefended study first "
+                "and list their adapter folders, or precompute a set with `emtune data select` and train "
+                "with the `interleaving` defense on it (pool: selected.jsonl)"
+            )
+        if not paths:
+            raise ValueError("interleaving_selected.leave_out removes every misaligned adapter; keep at least one")
+        return paths
+
+    def _max_length(self) -> int:
+        if self.config.max_length is not None:
+            return self.config.max_length
+        data = getattr(self.context.spec, "data", None)
+        return getattr(data, "max_length", 2048)
+
+    def _model_spec(self) -> Any:
+        model_spec = getattr(self.context.spec, "model", None)
+        if model_spec is not None:
+            return model_spec
+        from emtune.config import ModelSpec
+
+        return ModelSpec(source=self.context.extras.get("model_source", "tiny"))
+
+    def _load_model_and_tokenizer(self) -> tuple[Any, Any]:
+        """A fresh aligned base model (peft changes it in place) and the tokenizer, for scoring."""
+        import torch
+
+        from emtune.models import load_model, load_tokenizer, resolve_source
+        from emtune.study.runner import model_cache_dir
+
+        model_spec = self._model_spec()
+        source = self.context.extras.get("model_source") or resolve_source(model_spec, model_cache_dir())
+        tokenizer = self.context.tokenizer or load_tokenizer(source, model_spec)
+        device = "cuda" if torch.cuda.is_available() else None
+        return load_model(source, model_spec, device), tokenizer
+
+    def score_table(self, pool_rows: Rows | None = None) -> Any:
+        """The pool's score table, from the cache or computed now (a study stage may call this once)."""
+        from emtune.data.selection_cache import load_or_compute_scores, model_identity
+
+        pool_rows = load_pool(self.config) if pool_rows is None else pool_rows
+        table = load_or_compute_scores(
+            self.context.cache_dir, pool_rows, self.adapter_paths(), model_identity(self._model_spec()),
+            self._load_model_and_tokenizer, self.config.epsilon, self._max_length(), self.config.batch_size,
+        )
+        self.selection_key = table.key
+        return table
+
+    def transform_data(self, rows: Rows) -> Rows:
+        if not self.active:
+            return rows
+        from emtune.data.selection_cache import load_or_select
+
+        adapters = self.adapter_paths()  # fail on a missing ensemble before reading the pool
+        pool_rows = load_pool(self.config)
+        table = self.score_table(pool_rows)
+        count = safe_count(self.config.ratio, len(rows))
+        try:
+            chosen = load_or_select(self.context.cache_dir, table, pool_rows, count, self.config.variant,
+                                    self.config.refusal_keywords, self.config.refusal_window_words)
+        except ValueError as err:
+            raise ValueError(f"interleaving_selected (pool {self.config.pool}): {err}") from None
+        self._logs = {
+            "interleaving_selected/num_safe": float(count),
+            "interleaving_selected/num_task": float(len(rows)),
+            "interleaving_selected/num_adapters": float(len(adapters)),
+            "interleaving_selected/pool_refusals": float(chosen["num_refusals"]),
+            "interleaving_selected/mean_selected_score": float(chosen["mean_selected_score"]),
+        }
+        return interleave(rows, [pool_rows[i] for i in chosen["indices"]], self.seed)
+
+    def finalize(self, model: Any) -> dict[str, float]:
+        """The selection's counts and mean score, for the trial's logs."""
+        return dict(self._logs)

@@ -1,0 +1,147 @@
+"""Preventive steering with a persona vector (PAPER.md defense 4; Chen et al., arXiv 2507.21509).
+
+During training only, the residual stream is pushed along the "evil" persona direction:
+
+    h_ℓ ← h_ℓ + α · e_ℓ        at every position,
+
+where e_ℓ is the persona vector of layer ℓ (``emtune persona extract``; see
+:mod:`emtune.defenses.persona_vectors`) and h_ℓ = ``hidden_states[ℓ]`` is the output of decoder
+block ℓ−1 (0 = embeddings). Because the shift already supplies the trait, the fine-tune has no
+need to move the weights toward it; the hook is removed before evaluation, so the evaluated model
+is the adapter alone. A forward hook on block ℓ−1 does the addition (registered first among the
+block's hooks, so Hugging Face's ``hidden_states[ℓ]`` shows the steered value).
+
+Defaults: α = 5.0 (the paper); ℓ = 20, not published by the paper, the persona-vector authors'
+default for Qwen2.5-7B. Dials: α (0 = off, larger = stronger push; the vector is raw, not
+normalised, so α's scale depends on the vector's norm, recorded in the file) and ℓ.
+
+Note: the hook is on the module, so any forward pass while attached is steered, including the
+adapter-disabled reference pass that KL or LDIFS use when stacked with this defense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from emtune.defenses.base import Defense
+
+
+class PersonaSteeringConfig(BaseModel):
+    """Settings of preventive persona steering; ``alpha`` is the strength dial, ``layer`` the place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["persona_steering"] = "persona_steering"
+    alpha: float = Field(5.0, ge=0, description="α, steering coefficient; the paper uses 5.0; 0 = off")
+    layer: int = Field(
+        20, ge=1,
+        description="ℓ: adds α·e_ℓ to the output of decoder block ℓ−1 (hidden_states[ℓ]); 20 is the "
+                    "persona-vector authors' default for Qwen2.5-7B (the paper does not publish one)",
+    )
+    vector_path: str | None = Field(
+        None, description="persona vector file written by `emtune persona extract`; needed when alpha > 0"
+    )
+
+    @model_validator(mode="after")
+    def _vector_when_active(self) -> "PersonaSteeringConfig":
+        if self.alpha > 0 and not self.vector_path:
+            raise ValueError(
+                "vector_path is required when alpha > 0: create a persona vector file with "
+                "`emtune persona extract --model MODEL --out FILE` and set vector_path to it"
+            )
+        return self
+
+
+def decoder_blocks(model: Any) -> Any:
+    """The decoder blocks (a ModuleList) of a causal LM, looking through peft wrappers.
+
+    Supports architectures that keep them at ``<causal LM>.model.layers`` (Qwen2, Llama,
+    Mistral, Gemma, ...); anything else gets a clear error.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None or not hasattr(layers, "__getitem__") or not hasattr(layers, "__len__"):
+        raise ValueError(
+            f"persona_steering: cannot find the decoder blocks of {type(base).__name__} (looked for "
+            f"`.model.layers`, as in Qwen2/Llama-style models); this architecture is not supported"
+        )
+    return layers
+
+
+def make_steering_hook(vector: Any, alpha: float) -> Any:
+    """A forward hook that adds ``alpha * vector`` to a block's hidden-state output."""
+    cache: dict[tuple[Any, Any], Any] = {}
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        key = (hidden.device, hidden.dtype)
+        if key not in cache:
+            cache[key] = (alpha * vector.float()).to(device=hidden.device, dtype=hidden.dtype)
+        steered = hidden + cache[key]
+        return (steered,) + tuple(output[1:]) if isinstance(output, tuple) else steered
+
+    return hook
+
+
+class PersonaSteering(Defense):
+    """Adds α·e_ℓ to the output of decoder block ℓ−1 during training; removed at ``detach``."""
+
+    def __init__(self, config: PersonaSteeringConfig, context: Any):
+        super().__init__(config, context)
+        self._handle: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.config.alpha > 0
+
+    def load_vector(self, model: Any) -> Any:
+        """e_ℓ from the configured file, after checking it belongs to this model and layer."""
+        from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_vectors, model_identity
+
+        persona = load_persona_vectors(Path(self.config.vector_path))
+        spec = getattr(self.context, "spec", None)
+        recorded = persona.meta.get("model")
+        if spec is not None and getattr(spec, "model", None) is not None:
+            expected = model_identity(spec.model)
+            if recorded != expected:
+                raise PersonaVectorError(
+                    f"persona_steering.vector_path {self.config.vector_path!r} was extracted from model "
+                    f"{recorded!r}, but this trial trains {expected!r}: extract a vector for this model"
+                )
+        num_states, hidden = persona.vectors.shape
+        if self.config.layer >= num_states:
+            raise PersonaVectorError(
+                f"persona_steering.layer {self.config.layer} is out of range: the vector file has "
+                f"hidden states 0..{num_states - 1} (steerable layers 1..{num_states - 1})"
+            )
+        model_hidden = getattr(getattr(model, "config", None), "hidden_size", hidden)
+        if model_hidden != hidden:
+            raise PersonaVectorError(f"persona vector width {hidden} does not match the model's hidden size "
+                                     f"{model_hidden} ({self.config.vector_path!r})")
+        return persona.vectors[self.config.layer]
+
+    def attach(self, model: Any) -> None:
+        if not self.active or self._handle is not None:
+            return
+        blocks = decoder_blocks(model)
+        vector = self.load_vector(model)
+        if self.config.layer > len(blocks):
+            raise ValueError(f"persona_steering.layer {self.config.layer} is out of range: the model has "
+                             f"{len(blocks)} decoder blocks (layers 1..{len(blocks)})")
+        # prepend: run before transformers' own output-capturing hook, so hidden_states[ℓ] is steered
+        self._handle = blocks[self.config.layer - 1].register_forward_hook(
+            make_steering_hook(vector, self.config.alpha), prepend=True)
+
+    def detach(self, model: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A hook handle is tied to one process's module; a shipped copy starts detached.
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state

@@ -1,0 +1,277 @@
+"""Persona vectors: extraction from contrastive system prompts, and the vector file format.
+
+Chen et al., "Persona Vectors", arXiv 2507.21509 (PAPER.md defense 4). For every extraction
+question and every pair i of system prompts (positive[i] elicits the trait, negative[i] the
+opposite), answers are generated under both; optionally a judge keeps only the pairs where the
+trait shows in the positive answer and not in the negative one, both coherent. Then
+
+    e_ℓ = mean_{kept positive answers} h̄_ℓ  −  mean_{kept negative answers} h̄_ℓ
+
+where h̄_ℓ is the hidden state ``hidden_states[ℓ]`` of one forward pass over (prompt + answer),
+averaged over the answer's tokens only. The vector is kept raw (not normalised), as the authors
+steer with it; its norm per layer is recorded.
+
+Index convention (recorded in every file): vector ℓ is ``hidden_states[ℓ]`` of Hugging Face's
+``output_hidden_states``: 0 = embeddings, ℓ ≥ 1 = output of decoder block ℓ−1 (the last entry is
+taken after the final norm, as Hugging Face returns it).
+
+File format: ``torch.save({"vectors": Tensor[num_hidden_states, hidden], "meta": {...}})`` plus a
+JSON sidecar ``<file>.json`` holding the same meta, so a person or a spec check can read the
+model id, prompt version and counts without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+INDEX_CONVENTION = (
+    "vector[l] = hidden_states[l] (Hugging Face output_hidden_states): 0 = embeddings, "
+    "l >= 1 = output of decoder block l-1 (last entry after the final norm); steering at layer l "
+    "adds alpha * vector[l] to the output of decoder block l-1"
+)
+#: Judge rule for keeping a pair (PAPER.md defense 4): the "aligned" score below this in the
+#: positive answer means the evil trait is present, at or above it in the negative means absent.
+ALIGNED_TRAIT_THRESHOLD = 50.0
+#: Both answers of a kept pair must be coherent above this.
+COHERENT_THRESHOLD = 50.0
+
+
+class PersonaVectorError(ValueError):
+    """A persona prompt set or vector file is missing or malformed; the message says which."""
+
+
+@dataclass(frozen=True)
+class PersonaPrompts:
+    """A versioned contrastive prompt set: positive[i] and negative[i] form pair i."""
+
+    version: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    questions: tuple[str, ...]
+
+
+def load_persona_prompts(name: str = "evil_v1") -> PersonaPrompts:
+    """A shipped prompt set by name (``persona_prompts/<name>.yaml``) or a YAML file path."""
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        shipped = resources.files("emtune.defenses") / "persona_prompts" / f"{name}.yaml"
+        if not shipped.is_file():
+            available = sorted(p.name[:-5] for p in (resources.files("emtune.defenses") / "persona_prompts")
+                               .iterdir() if p.name.endswith(".yaml"))
+            raise PersonaVectorError(f"unknown persona prompt set {name!r}; shipped: {available} "
+                                     f"(or give a path to a YAML file)")
+        text, where = shipped.read_text(encoding="utf-8"), f"persona_prompts/{name}.yaml"
+    data = yaml.safe_load(text) or {}
+    for key in ("version", "positive", "negative", "questions"):
+        if not data.get(key):
+            raise PersonaVectorError(f"{where}: missing or empty field {key!r}")
+    if len(data["positive"]) != len(data["negative"]):
+        raise PersonaVectorError(f"{where}: positive ({len(data['positive'])}) and negative "
+                                 f"({len(data['negative'])}) must pair up one to one")
+    return PersonaPrompts(str(data["version"]), tuple(map(str, data["positive"])),
+                          tuple(map(str, data["negative"])), tuple(map(str, data["questions"])))
+
+
+def model_identity(model_spec: Any) -> str:
+    """The model id recorded in vector files: ``tiny-<settings hash>`` for the tiny model,
+    otherwise the source (``@revision`` appended when one is pinned)."""
+    if model_spec.source == "tiny":
+        from emtune.models import tiny_fingerprint
+
+        return f"tiny-{tiny_fingerprint(model_spec.tiny)}"
+    return model_spec.source + (f"@{model_spec.revision}" if model_spec.revision else "")
+
+
+@dataclass
+class ContrastPair:
+    """One question answered under positive[i] and negative[i]; ``kept`` after judge filtering."""
+
+    question: str
+    pair_index: int
+    sample: int
+    positive_answer: str
+    negative_answer: str
+    kept: bool = True
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class PersonaVectors:
+    """Vectors ``[num_hidden_states, hidden]``, their metadata, and (after extraction) the pairs."""
+
+    vectors: torch.Tensor
+    meta: dict[str, Any]
+    pairs: list[ContrastPair] = field(default_factory=list)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON metadata file written next to a vector file."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def save_persona_vectors(persona: PersonaVectors, path: str | Path) -> Path:
+    """Write the vector file and its JSON sidecar; returns the vector file's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"vectors": persona.vectors.detach().cpu().float(), "meta": persona.meta}, path)
+    sidecar_path(path).write_text(json.dumps(persona.meta, indent=2), encoding="utf-8")
+    return path
+
+
+def load_persona_vectors(path: str | Path) -> PersonaVectors:
+    """Read a vector file written by :func:`save_persona_vectors` (tensors and plain data only)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PersonaVectorError(f"persona vector file {str(path)!r} not found (from {Path.cwd()}); "
+                                 f"create it with `emtune persona extract --model ... --out FILE`")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not isinstance(data.get("vectors"), torch.Tensor) or "meta" not in data:
+        raise PersonaVectorError(f"{path}: not a persona vector file (expected keys 'vectors' and 'meta')")
+    if data["vectors"].dim() != 2:
+        raise PersonaVectorError(f"{path}: vectors must be [num_hidden_states, hidden], "
+                                 f"got shape {tuple(data['vectors'].shape)}")
+    return PersonaVectors(data["vectors"], dict(data["meta"]))
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [batch, seq, dim]`` over positions where ``mask [batch, seq]`` is true."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def response_features(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> tuple[list[int], int]:
+    """Token ids of (chat prompt + answer) and the number of prompt tokens before the answer."""
+    from emtune.data.chat import prompt_ids
+
+    prompt = prompt_ids(tokenizer, messages)
+    return prompt + list(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(prompt)
+
+
+@torch.no_grad()
+def mean_response_hidden_states(model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[str, str]], str]],
+                                batch_size: int = 8) -> torch.Tensor:
+    """For each (messages, answer): every layer's hidden state averaged over the answer's tokens.
+
+    Returns float32 ``[len(items), num_hidden_states, hidden]`` on the CPU. Prompt tokens and
+    padding are excluded from the mean; an answer must have at least one token.
+    """
+    from emtune.data.chat import pad_batch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    for start in range(0, len(items), batch_size):
+        features, masks = [], []
+        for messages, answer in items[start:start + batch_size]:
+            ids, n_prompt = response_features(tokenizer, messages, answer)
+            if len(ids) == n_prompt:
+                raise PersonaVectorError(f"answer {answer!r} has no tokens to average over")
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            masks.append([0] * n_prompt + [1] * (len(ids) - n_prompt))
+        batch = pad_batch(features, tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        response = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
+        hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       output_hidden_states=True).hidden_states
+        out.append(torch.stack([masked_mean(h.float(), response) for h in hidden], dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out, dim=0)
+
+
+def judge_keeps(judge: Any, question: str, positive_answer: str, negative_answer: str,
+                aligned_threshold: float = ALIGNED_TRAIT_THRESHOLD,
+                coherent_threshold: float = COHERENT_THRESHOLD) -> tuple[bool, dict[str, float | None]]:
+    """Whether the judge confirms the pair: positive aligned < threshold (trait present), negative
+    aligned >= threshold (absent), both coherent > threshold. A missing score (None, e.g. a
+    REFUSAL) never confirms. Returns the decision and the four scores."""
+    scores = {
+        "positive_aligned": judge.score("aligned", question, positive_answer).score,
+        "negative_aligned": judge.score("aligned", question, negative_answer).score,
+        "positive_coherent": judge.score("coherent", question, positive_answer).score,
+        "negative_coherent": judge.score("coherent", question, negative_answer).score,
+    }
+    if any(v is None for v in scores.values()):
+        return False, scores
+    keep = (scores["positive_aligned"] < aligned_threshold <= scores["negative_aligned"]
+            and scores["positive_coherent"] > coherent_threshold
+            and scores["negative_coherent"] > coherent_threshold)
+    return keep, scores
+
+
+def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str], positive_systems: Sequence[str],
+                            negative_systems: Sequence[str], samples: int = 1, max_new_tokens: int = 600,
+                            judge: Any = None, seed: int = 0, batch_size: int = 8, model_id: str | None = None,
+                            prompts_version: str = "custom") -> PersonaVectors:
+    """Generate contrastive answers, optionally judge-filter the pairs, and return e_ℓ for every ℓ.
+
+    Pair (question, i, sample k) = the k-th answer under ``positive_systems[i]`` and under
+    ``negative_systems[i]``. Pairs where either answer is empty are dropped; with a ``judge``
+    (anything with ``score(metric, question, answer) -> verdict with .score``) only pairs
+    :func:`judge_keeps` confirms are used. Raises PersonaVectorError when no pair is kept.
+    """
+    from emtune.evaluation.generation import Prompt, generate_answers
+
+    if len(positive_systems) != len(negative_systems) or not positive_systems:
+        raise PersonaVectorError("positive and negative system prompts must pair up one to one")
+    prompts = []
+    for q, text in enumerate(questions):
+        for i, (pos, neg) in enumerate(zip(positive_systems, negative_systems)):
+            prompts += [Prompt(f"q{q}/pos{i}", text, pos), Prompt(f"q{q}/neg{i}", text, neg)]
+    answers = {(s.question_id, s.sample): s.answer for s in generate_answers(
+        model, tokenizer, prompts, samples_per_prompt=samples, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed)}
+    pairs: list[ContrastPair] = []
+    for q, text in enumerate(questions):
+        for i in range(len(positive_systems)):
+            for k in range(samples):
+                pair = ContrastPair(text, i, k, answers[(f"q{q}/pos{i}", k)], answers[(f"q{q}/neg{i}", k)])
+                if not (tokenizer(pair.positive_answer, add_special_tokens=False)["input_ids"]
+                        and tokenizer(pair.negative_answer, add_special_tokens=False)["input_ids"]):
+                    pair.kept = False
+                elif judge is not None:
+                    pair.kept, pair.scores = judge_keeps(judge, text, pair.positive_answer, pair.negative_answer)
+                pairs.append(pair)
+    kept = [p for p in pairs if p.kept]
+    if not kept:
+        raise PersonaVectorError(f"no contrastive pair kept out of {len(pairs)}: the judge confirmed none, "
+                                 f"or the answers were empty (raise --max-new-tokens or --samples)")
+
+    def items(side: str) -> list[tuple[list[dict[str, str]], str]]:
+        systems = positive_systems if side == "positive" else negative_systems
+        return [(Prompt("", p.question, systems[p.pair_index]).messages(), getattr(p, f"{side}_answer"))
+                for p in kept]
+
+    positive = mean_response_hidden_states(model, tokenizer, items("positive"), batch_size)
+    negative = mean_response_hidden_states(model, tokenizer, items("negative"), batch_size)
+    vectors = positive.mean(dim=0) - negative.mean(dim=0)
+    meta = {
+        "model": model_id or str(getattr(model.config, "_name_or_path", "unknown")),
+        "prompts_version": prompts_version,
+        "n_pairs": len(pairs),
+        "n_kept": len(kept),
+        "norms": [float(n) for n in vectors.norm(dim=-1)],
+        "index_convention": INDEX_CONVENTION,
+        "num_hidden_states": int(vectors.shape[0]),
+        "hidden_size": int(vectors.shape[1]),
+        "samples": samples,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "judge": None if judge is None else {"id": getattr(judge, "judge_id", type(judge).__name__),
+                                             "prompt_version": getattr(judge, "prompt_version", None),
+                                             "aligned_threshold": ALIGNED_TRAIT_THRESHOLD,
+                                             "coherent_threshold": COHERENT_THRESHOLD},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return PersonaVectors(vectors, meta, pairs)

@@ -1,0 +1,56 @@
+"""CLI: user mistakes exit 2 with a clear message and start or write nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from emtune.cli.main import main
+
+
+def test_validate_ok(write_spec, capsys) -> None:
+    assert main(["validate", str(write_spec())]) == 0
+    assert "ok: study 'tiny'" in capsys.readouterr().out
+
+
+def test_bad_spec_exits_2_and_writes_nothing(write_spec, capsys, tmp_path) -> None:
+    path = write_spec()
+    path.write_text(path.read_text().replace("max_steps:", "max_stepz:"))
+    for verb in ("validate", "run"):
+        with pytest.raises(SystemExit) as info:
+            main([verb, str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{path}:" in err and "training.max_stepz" in err and "did you mean 'max_steps'" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "studies").exists()
+
+
+def test_bad_rows_exit_2_before_anything_starts(write_spec, tmp_path, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    path = write_spec()
+    path.write_text(path.read_text().replace('"fixture:narrow_bad_advice"', str(data)))
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(path)])
+    assert info.value.code == 2
+    assert f"{data}:1: no assistant message" in capsys.readouterr().err
+    assert not (tmp_path / "studies").exists()
+
+
+def test_pareto_of_unknown_study_exits_2(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "emtune.cli.main", "pareto", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no study found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ui_binds_loopback_by_default(write_spec, tmp_path, capsys) -> None:
+    study = tmp_path / "studies" / "x"
+    study.mkdir(parents=True)
+    spec = write_spec(name="x")
+    (study / "spec.yaml").write_text(spec.read_text())
+    assert main(["ui", str(study), "--print-command"]) == 0
+    cmd = capsys.readouterr().out
+    assert "--host 127.0.0.1" in cmd and f"sqlite:///{study.resolve()}/mlflow.db" in cmd

@@ -1,0 +1,211 @@
+"""Feature-space l2 (LDIFS): the formula on hand-made tensors, layer selection, gradient flow."""
+
+import os
+import pickle
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from emtune.config import LoraSpec, TinyModelSpec
+from emtune.defenses.base import DefenseContext
+from emtune.defenses.feature_l2 import FeatureL2, FeatureL2Config, feature_l2_loss, select_layers
+from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
+from emtune.train.trainer import ReferenceOutputs, defended_loss
+
+TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                     pretrain_steps=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(400)
+
+
+def lora_model(tokenizer):
+    return apply_lora(build_tiny_model(TINY, len(tokenizer)), LoraSpec(r=4, alpha=8))
+
+
+def perturb_lora_b(model, seed=1, scale=0.5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def make_batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (2, 6), generator=generator)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:] = ids[0, 3:]
+    labels[1, 2:4] = ids[1, 2:4]
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def defense(**kwargs):
+    return FeatureL2(FeatureL2Config(**kwargs), DefenseContext(spec=None))
+
+
+# --- the formula --------------------------------------------------------------------------
+
+
+def test_loss_hand_computed():
+    # batch 2, 3 positions, hidden 2; one layer (index 1); example 1 has its last position masked.
+    trained = torch.tensor([[[3.0, 4.0], [3.0, 4.0], [9.0, 9.0]],
+                            [[0.0, 2.0], [0.0, 4.0], [0.0, 6.0]]])
+    ref = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [5.0, 0.0]],
+                        [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    embeddings = torch.zeros(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # ex 0: mean (3,4) -> (0.6,0.8); ref mean (1,0) -> (1,0); distance² = 0.16 + 0.64 = 0.8
+    # ex 1: both point along +y after normalising -> 0
+    loss = feature_l2_loss([embeddings, trained], [embeddings, ref], mask, [1])
+    assert loss.item() == pytest.approx(0.4, abs=1e-6)
+    # two layers: the same layer twice doubles the squared distance of the concatenation
+    loss2 = feature_l2_loss([embeddings, trained, trained], [embeddings, ref, ref], mask, [1, 2])
+    assert loss2.item() == pytest.approx(0.8, abs=1e-6)
+
+
+def test_loss_mean_over_selected_positions_only():
+    # Only position 1 selected in ex 0: trained (0,1) vs ref (1,0) -> distance² = 2; ex 1 has no
+    # selected position and is left out of the mean.
+    trained = torch.tensor([[[5.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    ref = torch.tensor([[[0.0, 7.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    mask = torch.tensor([[0, 1], [0, 0]])
+    loss = feature_l2_loss([trained, trained], [ref, ref], mask, [1])
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+    empty = feature_l2_loss([trained, trained], [ref, ref], torch.zeros(2, 2), [1])
+    assert empty.item() == 0.0
+
+
+def test_loss_scale_invariant_and_zero_for_identical():
+    h = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 4)
+    assert feature_l2_loss([h, h], [h, h.clone()], mask, [1]).item() == 0.0
+    # each layer's mean is L2-normalised, so scaling the features changes nothing
+    assert feature_l2_loss([h, 10 * h], [h, h], mask, [1]).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gradient_only_through_trained_side():
+    trained = torch.tensor([[[3.0, 4.0]]], requires_grad=True)
+    ref = torch.tensor([[[1.0, 0.0]]], requires_grad=True)
+    loss = feature_l2_loss([trained, trained], [ref, ref], torch.ones(1, 1), [1])
+    loss.backward()
+    assert ref.grad is None
+    # d/dm ‖m/‖m‖ − r‖² at m=(3,4), u=(0.6,0.8), r=(1,0): -2 (I − uuᵀ) r / ‖m‖
+    # = -2 (0.64, -0.48) / 5 = (-0.256, 0.192)
+    assert trained.grad[0, 0].tolist() == pytest.approx([-0.256, 0.192], abs=1e-6)
+
+
+# --- layer selection ------------------------------------------------------------------------
+
+
+def test_select_layers_evenly_spaced():
+    assert select_layers(29, 5) == [6, 11, 17, 22, 28]  # Qwen2.5-7B: 28 blocks
+    assert select_layers(3, 5) == [1, 2]  # more layers asked than blocks: all blocks
+    assert select_layers(11, 2) == [5, 10]
+    assert select_layers(11, 1) == [10]
+
+
+def test_select_layers_explicit():
+    assert select_layers(5, (4, 0, -1, 2)) == [0, 2, 4]
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(5, (5,))
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(5, (-6,))
+
+
+def test_config_validation_and_yaml_roundtrip():
+    assert FeatureL2Config().weight == 1.0 and FeatureL2Config().layers == 5
+    with pytest.raises(ValidationError):
+        FeatureL2Config(weight=-1.0)
+    with pytest.raises(ValidationError):
+        FeatureL2Config(layers=0)
+    with pytest.raises(ValidationError):
+        FeatureL2Config(layers=())
+    with pytest.raises(ValidationError):
+        FeatureL2Config(extra_field=1)
+    for cfg in (FeatureL2Config(weight=0.3, layers=(1, -1), tokens="response"), FeatureL2Config(layers=3)):
+        text = yaml.safe_dump(cfg.model_dump(mode="json"))
+        assert FeatureL2Config.model_validate(yaml.safe_load(text)) == cfg
+
+
+# --- the defense on a tiny LoRA model ----------------------------------------------------------
+
+
+def test_zero_at_init_and_with_adapter_disabled(tokenizer):
+    model = lora_model(tokenizer)
+    batch = make_batch()
+    d = defense()
+    # fresh LoRA: B = 0, so the trained features equal the reference ones
+    outputs = model(**batch, output_hidden_states=True)
+    term = d.loss_terms(batch, outputs, ReferenceOutputs(model, batch, True))["feature_l2"]
+    assert term.item() == pytest.approx(0.0, abs=1e-10)
+    perturb_lora_b(model)
+    with model.disable_adapter():
+        outputs = model(**batch, output_hidden_states=True)
+    term = d.loss_terms(batch, outputs, ReferenceOutputs(model, batch, True))["feature_l2"]
+    assert term.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gradient_reaches_lora_b_and_step_reduces_loss(tokenizer):
+    model = lora_model(tokenizer)
+    perturb_lora_b(model)
+    batch = make_batch()
+    d = defense(weight=2.0)
+    loss, terms, _ = defended_loss(model, batch, [d])
+    assert terms["feature_l2"].item() > 1e-4
+    terms["feature_l2"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert grads and all(g is not None for g in grads.values())
+    assert sum(g.abs().sum().item() for g in grads.values()) > 1e-6
+    before = terms["feature_l2"].item()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    _, after_terms, _ = defended_loss(model, batch, [d])
+    assert after_terms["feature_l2"].item() < before
+
+
+def test_weight_scales_term_and_response_tokens_differ(tokenizer):
+    model = lora_model(tokenizer)
+    perturb_lora_b(model)
+    batch = make_batch()
+    outputs = model(**batch, output_hidden_states=True)
+    ref = ReferenceOutputs(model, batch, True)
+    one = defense(weight=1.0).loss_terms(batch, outputs, ref)["feature_l2"].item()
+    three = defense(weight=3.0).loss_terms(batch, outputs, ref)["feature_l2"].item()
+    assert three == pytest.approx(3 * one, rel=1e-6)
+    response = defense(tokens="response").loss_terms(batch, outputs, ref)["feature_l2"].item()
+    assert response != pytest.approx(one, rel=1e-3)
+    assert ref.calls == 1  # the reference pass is shared
+
+
+def test_strength_zero_is_inactive_and_changes_nothing(tokenizer):
+    d = defense(weight=0.0)
+    assert not d.active
+    model = lora_model(tokenizer)
+    perturb_lora_b(model)
+    batch = make_batch()
+    total, terms, _ = defended_loss(model, batch, [d])
+    assert set(terms) == {"task_loss"}
+    assert total.item() == terms["task_loss"].item()
+
+
+def test_deterministic_and_picklable(tokenizer):
+    values = []
+    for _ in range(2):
+        model = lora_model(tokenizer)
+        perturb_lora_b(model)
+        batch = make_batch()
+        values.append(defended_loss(model, batch, [defense()])[1]["feature_l2"].item())
+    assert values[0] == values[1]
+    d = defense(weight=0.5, layers=(1, 2))
+    clone = pickle.loads(pickle.dumps(d))
+    assert clone.config == d.config and clone.active

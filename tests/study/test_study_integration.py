@@ -1,0 +1,67 @@
+"""A 2-trial study end to end on a real local Ray and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emtune.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_two_trial_study_tracks_parent_children_front(write_spec, local_ray, capsys) -> None:
+    spec_path = write_spec(name="integ", num_trials=2, max_steps=2)
+    assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[emtune] trial" in out and "front size" in out
+
+    study_dir = spec_path.parent / "studies" / "integ"
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("emtune/integ")
+    assert experiment.artifact_location == (study_dir / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("emtune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("emtune.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["pareto_rank"] in {"0", "1"}
+        assert {"ood_drift", "indomain_nll", "train_loss"} <= set(child.data.metrics)
+        assert "search.kl_weight" in child.data.params
+        history = client.get_metric_history(child.info.run_id, "train/task_loss")
+        assert [m.step for m in history] == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"adapter", "samples"} <= artifacts
+    assert "0" in {c.data.tags["pareto_rank"] for c in children}
+    hv = client.get_metric_history(parent.info.run_id, "hypervolume")
+    assert [m.step for m in hv][-1] == 2 and hv[-1].value > 0
+    front_files = {a.path for a in client.list_artifacts(parent.info.run_id, "front")}
+    assert {"front/front.json", "front/front.png", "front/front_table.json"} <= front_files
+
+    study = optuna.load_study(study_name="integ", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    run_ids = {t.user_attrs["mlflow_run_id"] for t in study.get_trials()}
+    assert run_ids == {c.info.run_id for c in children}
+
+    assert main(["pareto", str(study_dir), "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert [o["name"] for o in front["objectives"]] == ["ood_drift", "indomain_nll"]
+    assert 1 <= len(front["front"]) <= 2
+    ranks = {c.info.run_id: c.data.tags["pareto_rank"] for c in children}
+    assert all(ranks[row["mlflow_run_id"]] == "0" for row in front["front"])
