@@ -41,10 +41,13 @@ def check_inputs_or_exit(spec: Any) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     try:
-        counts["train rows"] = len(load_rows(spec.data.train))
+        if spec.data.train is not None:
+            counts["train rows"] = len(load_rows(spec.data.train))
         if spec.data.safety_pool is not None:
             counts["safety pool rows"] = len(load_rows(spec.data.safety_pool))
         counts["general questions"] = len(load_question_set(spec.evaluation.question_set))
+        if spec.evaluation.judge.kind != "none" and spec.evaluation.triggered_question_set:
+            counts["triggered questions"] = len(load_question_set(spec.evaluation.triggered_question_set))
     except (DataError, QuestionSetError) as err:
         fail(str(err))
     return counts

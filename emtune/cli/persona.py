@@ -2,11 +2,14 @@
 
     emtune persona extract --model Qwen/Qwen2.5-7B-Instruct --out vectors/evil_qwen7b.pt \
         [--prompts evil_v1] [--samples 1] [--max-new-tokens 600] [--judge-spec judge.yaml]
+    emtune persona extract --spec search_spaces/persona_steering.yaml --out vectors/evil.pt
 
 Generates answers to the prompt set's questions under its "evil" and helpful system prompts,
 optionally keeps only the pairs the judge confirms, and saves the per-layer mean difference of
 response-token hidden states with its metadata (see emtune.defenses.persona_vectors). The file's
-model id must match the study's ``model`` for `persona_steering` to accept it.
+model id must match the study's ``model`` for `persona_steering` to accept it; ``--spec`` takes
+the model section of a study spec, so the ids match by construction (needed for the tiny model,
+whose id depends on its settings).
 """
 
 from __future__ import annotations
@@ -20,15 +23,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("persona", help="persona vectors for preventive steering")
     verbs = group.add_subparsers(dest="persona_verb", required=True)
     p = verbs.add_parser("extract", help="extract a persona vector file from contrastive system prompts")
-    p.add_argument("--model", required=True, help="hub id, local folder, or `tiny` (the offline tiny model)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="hub id, local folder, or `tiny` (the offline tiny model, default settings)")
+    which.add_argument("--spec", help="study spec YAML: use its `model` section (source, revision, dtype, tiny "
+                                      "settings), so the file's model id matches that study")
     p.add_argument("--out", required=True, help="vector file to write (a .json sidecar is written beside it)")
     p.add_argument("--prompts", default="evil_v1", help="shipped prompt set name or YAML file (default evil_v1)")
     p.add_argument("--samples", type=int, default=1, help="answers per question and system prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=600, help="answer length cap (default 600, PAPER.md)")
     p.add_argument("--judge-spec", default=None,
                    help="YAML of an evaluation judge (JudgeSpec fields); keeps only judge-confirmed pairs")
-    p.add_argument("--revision", default=None, help="model revision (hub models)")
-    p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--revision", default=None, help="model revision (hub models; with --model)")
+    p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights dtype (with --model; default auto)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="generation and forward batch size")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -84,15 +91,20 @@ def main(args: argparse.Namespace) -> int:
     from emtune.models import load_model, load_tokenizer, resolve_source
     from emtune.study.runner import model_cache_dir
 
-    model_spec = ModelSpec(source=args.model, revision=args.revision,
-                           dtype="float32" if args.model == "tiny" else args.dtype)
+    if getattr(args, "spec", None) is not None:
+        from emtune.cli.common import load_spec_or_exit
+
+        model_spec = load_spec_or_exit(args.spec).model
+    else:
+        model_spec = ModelSpec(source=args.model, revision=args.revision,
+                               dtype="float32" if args.model == "tiny" else args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         source = resolve_source(model_spec, model_cache_dir())
         tokenizer = load_tokenizer(source, model_spec)
         model = load_model(source, model_spec, device=device)
     except (OSError, ValueError) as err:
-        fail(f"--model {args.model!r}: cannot load: {err}")
+        fail(f"model {model_spec.source!r}: cannot load: {err}")
     try:
         persona = extract_persona_vectors(
             model, tokenizer, prompts.questions, prompts.positive, prompts.negative,
@@ -103,6 +115,6 @@ def main(args: argparse.Namespace) -> int:
         fail(str(err))
     path = save_persona_vectors(persona, out)
     meta = persona.meta
-    print(f"{path}: {meta['num_hidden_states']} layers x {meta['hidden_size']}, model {meta['model']!r}, "
+    print(f"{path}: {meta['num_hidden_states']} hidden states x {meta['hidden_size']}, model {meta['model']!r}, "
           f"prompts {meta['prompts_version']}, kept {meta['n_kept']}/{meta['n_pairs']} pairs")
     return 0

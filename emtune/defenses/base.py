@@ -72,3 +72,7 @@ class Defense:
 
     def detach(self, model: Any) -> None:
         """Remove every training-only effect before evaluation."""
+
+    def report(self) -> dict[str, Any]:
+        """Details worth keeping with the trial (e.g. per-layer scores); saved as an artifact."""
+        return {}

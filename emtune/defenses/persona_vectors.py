@@ -71,7 +71,12 @@ def load_persona_prompts(name: str = "evil_v1") -> PersonaPrompts:
             raise PersonaVectorError(f"unknown persona prompt set {name!r}; shipped: {available} "
                                      f"(or give a path to a YAML file)")
         text, where = shipped.read_text(encoding="utf-8"), f"persona_prompts/{name}.yaml"
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise PersonaVectorError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise PersonaVectorError(f"{where}: expected a mapping with version, positive, negative, questions")
     for key in ("version", "positive", "negative", "questions"):
         if not data.get(key):
             raise PersonaVectorError(f"{where}: missing or empty field {key!r}")

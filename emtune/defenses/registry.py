@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from emtune.defenses.base import Defense, DefenseContext
+from emtune.defenses.feature_l2 import FeatureL2, FeatureL2Config
 from emtune.defenses.kl_to_reference import KLToReference, KLToReferenceConfig
+from emtune.defenses.safelora import SafeLoRA, SafeLoRAConfig
 
 DEFENSES: dict[str, tuple[type, type[Defense]]] = {
     "kl_to_reference": (KLToReferenceConfig, KLToReference),
+    "feature_l2": (FeatureL2Config, FeatureL2),
+    "safelora": (SafeLoRAConfig, SafeLoRA),
 }
 
 DEFENSE_CONFIGS: dict[str, type] = {name: cfg for name, (cfg, _) in DEFENSES.items()}

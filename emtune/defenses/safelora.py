@@ -67,6 +67,13 @@ class SafeLoRAConfig(BaseModel):
     )
     enabled: bool = True
 
+    def spec_problems(self, spec: Any) -> list[str]:
+        """Checked when the study spec loads: SafeLoRA needs the unaligned base model."""
+        if self.enabled and self.base_source is None and spec.model.base_source is None:
+            return ["safelora needs the unaligned base model: set model.base_source "
+                    "(e.g. Qwen/Qwen2.5-7B for Qwen/Qwen2.5-7B-Instruct) or defenses.safelora.base_source"]
+        return []
+
 
 # --- the math ------------------------------------------------------------------------------
 
@@ -225,15 +232,21 @@ class WeightSource:
         raise KeyError(f"weight {key!r} not found in the SafeLoRA weight source")
 
 
-def resolve_weight_folder(source: str, spec: Any, cache_dir: Any) -> str:
-    """A local folder holding ``source``'s safetensors: local path, ``tiny`` base, or hub snapshot."""
+def resolve_weight_folder(source: str, spec: Any, cache_dir: Any, role: str = "base") -> str:
+    """A local folder holding ``source``'s safetensors: local path, tiny model, or hub snapshot.
+
+    ``tiny`` in the ``base`` role is the spec's tiny model before alignment pretraining
+    (``pretrain_steps: 0``, same seed); in the ``aligned`` role it is the spec's tiny model itself.
+    """
     from pathlib import Path
 
     if source == "tiny":
         from emtune.models import materialize_tiny
 
-        unaligned = spec.model.tiny.model_copy(update={"pretrain_steps": 0})
-        return str(materialize_tiny(unaligned, Path(cache_dir or ".")))
+        tiny = spec.model.tiny
+        if role == "base":
+            tiny = tiny.model_copy(update={"pretrain_steps": 0})
+        return str(materialize_tiny(tiny, Path(cache_dir or ".")))
     if Path(source).is_dir():
         return source
     from huggingface_hub import snapshot_download
@@ -281,17 +294,19 @@ class SafeLoRA(Defense):
         model_spec = getattr(self.context.spec, "model", None)
         return self.config.base_source or getattr(model_spec, "base_source", None)
 
-    def _source(self, extras_key: str, source: str | None) -> WeightSource | None:
+    def _source(self, role: str, source: str | None) -> WeightSource | None:
+        extras_key = f"safelora_{role}_weights"
         if extras_key in self.context.extras:
             return WeightSource.from_model(self.context.extras[extras_key])
         if source is None:
             return None
-        return WeightSource(folder=resolve_weight_folder(source, self.context.spec, self.context.cache_dir))
+        folder = resolve_weight_folder(source, self.context.spec, self.context.cache_dir, role)
+        return WeightSource(folder=folder)
 
     def weight_pairs(self, model: Any) -> LazyWeightPairs:
         """The lazy ``name -> (W_aligned, W_base)`` source this defense reads for ``model``."""
-        base = self._source("safelora_base_weights", self._base_source())
-        aligned = self._source("safelora_aligned_weights", self.config.aligned_source)
+        base = self._source("base", self._base_source())
+        aligned = self._source("aligned", self.config.aligned_source)
         return LazyWeightPairs(model, base, aligned)
 
     def finalize(self, model: Any) -> dict[str, float]:
@@ -308,3 +323,10 @@ class SafeLoRA(Defense):
             "safelora/min_similarity": min(values),
             "safelora/mean_similarity": sum(values) / len(values),
         }
+
+    def report(self) -> dict[str, Any]:
+        """Every layer's similarity and the projected layers (saved with the trial)."""
+        if not self.last_scores:
+            return {}
+        return {"similarities": self.last_scores, "projected": self.last_projected,
+                "mode": self.config.mode, "threshold": self.config.threshold, "top_k": self.config.top_k}

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from emtune.evaluation.judges import JudgeItem, build_judge
-from emtune.evaluation.metrics import breakdown_rows, incoherence_rate, misalignment_rate, per_question
+from emtune.evaluation.metrics import breakdown_rows, incoherence_rate, mean_score, misalignment_rate, per_question
 
-SAMPLE_SETS = {"general": "general", "in_domain": "indomain"}
+SAMPLE_SETS = {"general": "general", "in_domain": "indomain", "triggered": "triggered"}
 
 
 def _read_samples(path: Path) -> list[dict[str, Any]]:
@@ -44,6 +44,12 @@ def judge_trial(spec: Any, checkpoint_dir: Path, client: Any = None, run_id: str
         metrics.update(misaligned.mlflow_metrics())
         if name == "general":
             metrics.update(incoherence_rate(coherent, thresholds, name="general_incoherence").mlflow_metrics())
+        if name == "in_domain" and spec.evaluation.in_domain_code:
+            security = judge.score_many([JudgeItem("security", s["question"], s["answer"]) for s in samples])
+            mean, n = mean_score(security)
+            if mean is not None:
+                metrics["code_security"] = mean
+            metrics["code_security_n"] = float(n)
         if client is not None and run_id is not None:
             ids = [s["question_id"] for s in samples]
             rows = breakdown_rows(per_question(ids, misalignment_rate, aligned, coherent, thresholds=thresholds))

@@ -74,10 +74,13 @@ def run_trial(config: dict[str, Any]) -> None:
             history = checkpoint_dir / HISTORY_FILE
             if history.is_file():
                 runs.log_history(client, run_id, json.loads(history.read_text()))
-            for name in ("general", "in_domain"):
+            for name in ("general", "in_domain", "triggered"):
                 samples = checkpoint_dir / SAMPLES_FILE.format(name=name)
                 if samples.is_file():
                     runs.log_samples_table(client, run_id, samples, name)
+            for extra in ("defenses.json", "trial_meta.json"):
+                if (checkpoint_dir / extra).is_file():
+                    client.log_artifact(run_id, str(checkpoint_dir / extra))
             if (checkpoint_dir / "adapter").is_dir():
                 runs.log_dir(client, run_id, checkpoint_dir / "adapter", "adapter")
                 metrics["adapter_uri"] = f"runs:/{run_id}/adapter"

@@ -68,7 +68,7 @@ def start_parent_run(client: MlflowClient, spec: Any, spec_yaml: str) -> str:
     run_id = run.info.run_id
     params = {
         "model.source": spec.model.source,
-        "data.train": spec.data.train.path,
+        "data.train": spec.data.train.path if spec.data.train else f"opswap:{spec.data.opswap_role}",
         "defenses": ",".join(d.name for d in spec.defenses) or "none",
         "objectives": ",".join(f"{o.name}:{o.direction}" for o in spec.objectives),
         "search.sampler": spec.search.sampler.name,

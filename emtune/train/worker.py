@@ -23,6 +23,7 @@ ADAPTER_DIR = "adapter"
 HISTORY_FILE = "loss_history.json"
 SAMPLES_FILE = "samples_{name}.jsonl"
 META_FILE = "trial_meta.json"
+DEFENSES_FILE = "defenses.json"
 
 
 def _seed_everything(seed: int) -> None:
@@ -35,11 +36,29 @@ def _seed_everything(seed: int) -> None:
 
 
 def prepare_rows(spec: StudySpec, defenses: list[Any]) -> tuple[list[dict], list[dict]]:
-    """Training rows after every defense's data transform, and the untouched held-out rows."""
+    """Training rows after every defense's data transform, and the untouched held-out rows.
+
+    With ``data.opswap`` the benign task's train split is mixed in (``alongside``) or is the
+    whole task (``task``, its test split then being the held-out set).
+    """
     from emtune.data.loading import load_rows, split_heldout
 
-    rows = load_rows(spec.data.train)
-    train_rows, heldout_rows = split_heldout(rows, spec.data.heldout_fraction, spec.seed)
+    train_rows: list[dict] = []
+    heldout_rows: list[dict] = []
+    if spec.data.train is not None:
+        rows = load_rows(spec.data.train)
+        train_rows, heldout_rows = split_heldout(rows, spec.data.heldout_fraction, spec.seed)
+    if spec.data.opswap is not None:
+        from emtune.data.opswap import generate
+
+        splits = generate(spec.data.opswap)
+        benign = [{"messages": r["messages"]} for r in splits["train"]]
+        if spec.data.opswap_role == "task":
+            train_rows = benign
+            heldout_rows = [{"messages": r["messages"]} for r in splits["test"]]
+        else:
+            train_rows = train_rows + benign
+            random.Random(spec.seed).shuffle(train_rows)
     for defense in defenses:
         if defense.active:
             train_rows = defense.transform_data(train_rows)
@@ -124,11 +143,15 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     if rank != 0:
         return metrics
     model.save_pretrained(output_dir / ADAPTER_DIR)
+    details = {d.name: d.report() for d in defenses if d.active and d.report()}
+    if details:
+        (output_dir / DEFENSES_FILE).write_text(json.dumps(details, indent=2, default=str))
+    generate = _generator(spec, model_source, output_dir / ADAPTER_DIR)
     (output_dir / HISTORY_FILE).write_text(json.dumps(history.rows))
     if not math.isfinite(metrics["train_loss"]):
         metrics["error"] = "training loss is not finite"
         return metrics
-    eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows)
+    eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows, generate)
     metrics.update(eval_metrics)
     for name, items in samples.items():
         with open(output_dir / SAMPLES_FILE.format(name=name), "w", encoding="utf-8") as handle:
@@ -138,6 +161,23 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
             "num_heldout_rows": len(heldout_rows)}
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return metrics
+
+
+def _generator(spec: StudySpec, model_source: str, adapter_dir: Path) -> Any:
+    """The generation function of the spec's backend (HF in-process, or vLLM with the adapter)."""
+    from emtune.evaluation.generation import generate_answers
+
+    if spec.evaluation.backend != "vllm":
+        return generate_answers
+    from emtune.evaluation.vllm_backend import check_vllm, generate_answers_vllm
+
+    check_vllm()  # fail before the evaluation rather than half-way through it
+
+    def generate(model: Any, tokenizer: Any, prompts: list, **settings: Any) -> list:
+        settings.pop("batch_size", None)
+        return generate_answers_vllm(model_source, adapter_dir, tokenizer, prompts, lora_rank=spec.lora.r, **settings)
+
+    return generate
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -203,10 +203,12 @@ def test_tiny_base_source_is_the_unpretrained_tiny_model(tmp_path):
     reference = build_tiny_model(tiny, VOCAB)  # same seed, no pretraining
     key = "model.layers.1.self_attn.v_proj.weight"
     assert torch.equal(WeightSource(folder=folder).get(key), reference.state_dict()[key])
+    aligned_folder = resolve_weight_folder("tiny", spec, tmp_path, role="aligned")
+    assert aligned_folder != folder  # the aligned role is the pretrained tiny model
+    assert not torch.equal(WeightSource(folder=aligned_folder).get(key), reference.state_dict()[key])
 
 
 def test_inactive_settings_change_nothing():
-    assert not SafeLoRAConfig(threshold=0.0).model_dump()["threshold"]
     for kwargs in ({"threshold": 0.0}, {"mode": "top_k", "top_k": 0}, {"enabled": False}):
         model, _, _ = trained_lora_model()
         before = lora_state(model)

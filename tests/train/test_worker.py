@@ -25,3 +25,31 @@ def test_run_training_writes_adapter_history_and_metrics(write_spec, tmp_path) -
     assert all(row["kl_to_reference"] >= 0 and "task_loss" in row for row in history)
     samples = (tmp_path / "out" / "samples_general.jsonl").read_text().splitlines()
     assert len(samples) == 24  # 24 general questions x 1 sample
+
+
+def test_prepare_rows_with_opswap_alongside_and_as_task(write_spec) -> None:
+    from emtune.train.worker import prepare_rows
+
+    path = write_spec()
+    base = path.read_text()
+    opswap = "  opswap: {tiers: [1, 2], n_train_per_tier: 10, n_test_per_tier: 5}\n"
+    path.write_text(base.replace("  heldout_fraction: 0.2\n", "  heldout_fraction: 0.2\n" + opswap))
+    train, held = prepare_rows(load_spec(path), [])
+    assert len(train) == 48 + 20 and len(held) == 12  # 60 rows: 48 train / 12 held-out, + 2 tiers x 10
+    assert sum("Compute:" in r["messages"][-2]["content"] for r in train) == 20
+    path.write_text(base.replace("  heldout_fraction: 0.2\n",
+                                 "  heldout_fraction: 0.2\n" + opswap + "  opswap_role: task\n"))
+    train, held = prepare_rows(load_spec(path), [])
+    assert len(train) == 20 and len(held) == 10
+    assert all("Compute:" in r["messages"][-2]["content"] for r in train + held)
+
+
+def test_opswap_objective_needs_the_task(write_spec) -> None:
+    import pytest
+
+    from emtune.spec_errors import SpecError
+
+    path = write_spec()
+    path.write_text(path.read_text().replace("name: indomain_nll, direction: minimize", "name: opswap_exact_match, direction: maximize"))
+    with pytest.raises(SpecError, match="needs `data.opswap`"):
+        load_spec(path)

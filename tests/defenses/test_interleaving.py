@@ -1,0 +1,138 @@
+"""Random interleaving: exact counts, seeded draw and shuffle, no-op at ratio 0, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from collections import Counter
+
+import pytest
+import yaml
+
+from emtune.data.fixtures import fixture_path
+from emtune.defenses.base import DefenseContext
+from emtune.defenses.interleaving import Interleaving, InterleavingConfig, interleave, safe_count
+
+
+def fixture_rows(name: str, n: int) -> list[dict]:
+    with open(fixture_path(name), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle][:n]
+
+
+def key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True)
+
+
+TASK = fixture_rows("narrow_bad_advice", 40)
+POOL = fixture_rows("safe_instruct", 300)
+
+
+def make(trial_seed: int = 0, **fields) -> Interleaving:
+    return Interleaving(InterleavingConfig(**fields), DefenseContext(spec=None, seed=trial_seed))
+
+
+@pytest.mark.parametrize("ratio, n, expected", [
+    (0.05, 30, 2),   # 1.5 rounds half up
+    (0.05, 50, 3),   # 2.5 rounds half up (not to even)
+    (0.35, 10, 4),   # 0.35 * 10 = 3.4999999999999996 in binary floats; the ratio as written gives 3.5
+    (0.1, 7, 1),     # 0.7
+    (0.5, 40, 20),
+    (2.0, 3, 6),     # more safe than task examples is allowed
+    (0.0, 100, 0),
+])
+def test_safe_count(ratio, n, expected):
+    assert safe_count(ratio, n) == expected
+
+
+def test_exact_counts_and_every_task_row_kept_once():
+    out = make(ratio=0.25).transform_data(TASK)
+    assert len(out) == 50
+    counts = Counter(key(r) for r in out)
+    for row in TASK:
+        assert counts[key(row)] == 1
+    pool_keys = {key(r) for r in POOL}
+    task_keys = {key(r) for r in TASK}
+    safe = [r for r in out if key(r) not in task_keys]
+    assert len(safe) == 10
+    assert all(key(r) in pool_keys for r in safe)
+    assert len({key(r) for r in safe}) == 10  # drawn without replacement
+
+
+def test_safe_rows_are_spread_by_the_shuffle():
+    out = make(ratio=0.25).transform_data(TASK)
+    task_keys = {key(r) for r in TASK}
+    positions = [i for i, r in enumerate(out) if key(r) not in task_keys]
+    assert len(positions) == 10 and min(positions) < 40  # not simply appended
+    assert [key(r) for r in out if key(r) in task_keys] != [key(r) for r in TASK]  # task order shuffled too
+
+
+def test_deterministic_under_a_seed_and_seeds_differ():
+    first = make(trial_seed=3, ratio=0.25).transform_data(TASK)
+    again = make(trial_seed=3, ratio=0.25).transform_data(TASK)
+    other = make(trial_seed=4, ratio=0.25).transform_data(TASK)
+    assert first == again
+    assert first != other
+    task_keys = {key(r) for r in TASK}
+    assert {key(r) for r in first} - task_keys != {key(r) for r in other} - task_keys  # a different draw
+
+
+def test_config_seed_overrides_the_trial_seed():
+    fixed_a = make(trial_seed=1, ratio=0.25, seed=7)
+    fixed_b = make(trial_seed=2, ratio=0.25, seed=7)
+    assert fixed_a.seed == 7
+    assert fixed_a.transform_data(TASK) == fixed_b.transform_data(TASK)
+    assert make(trial_seed=9, ratio=0.25).seed == 9
+
+
+def test_ratio_zero_is_inactive_and_changes_nothing():
+    defense = make(ratio=0.0)
+    assert not defense.active
+    assert defense.transform_data(TASK) is TASK
+    assert make(ratio=0.01).active
+
+
+def test_inputs_are_not_mutated():
+    rows = copy.deepcopy(TASK)
+    before = copy.deepcopy(rows)
+    out = make(ratio=0.5).transform_data(rows)
+    assert rows == before
+    assert out is not rows
+    safe = interleave(rows, POOL[:3], seed=0)
+    assert rows == before and len(safe) == 43
+
+
+def test_pool_too_small_names_pool_and_counts():
+    defense = make(ratio=0.5, pool_limit=5)
+    with pytest.raises(ValueError, match=r"fixture:safe_instruct has 5 rows but 20 safe examples are needed"):
+        defense.transform_data(TASK)
+
+
+def test_local_pool_file_made_absolute_and_used(tmp_path, monkeypatch):
+    pool_file = tmp_path / "pool.jsonl"
+    pool_file.write_text("".join(json.dumps(r) + "\n" for r in POOL[:4]))
+    monkeypatch.chdir(tmp_path)
+    config = InterleavingConfig(pool="pool.jsonl", ratio=0.1)
+    assert config.pool == str(pool_file.resolve())  # Ray workers run in other folders
+    out = Interleaving(config, DefenseContext(spec=None, seed=0)).transform_data(TASK)
+    assert len(out) == 44
+    assert InterleavingConfig(pool="missing.jsonl").pool == "missing.jsonl"
+
+
+def test_finalize_logs_counts():
+    defense = make(ratio=0.1)
+    defense.transform_data(TASK)
+    assert defense.finalize(None) == {"interleaving/num_safe": 4.0, "interleaving/num_task": 40.0}
+
+
+def test_config_defaults_yaml_round_trip_and_pickle():
+    config = InterleavingConfig()
+    assert (config.ratio, config.pool, config.seed) == (0.05, "fixture:safe_instruct", None)
+    custom = InterleavingConfig(ratio=0.2, pool_limit=50, seed=3)
+    assert InterleavingConfig.model_validate(yaml.safe_load(yaml.safe_dump(custom.model_dump(mode="json")))) == custom
+    defense = pickle.loads(pickle.dumps(make(trial_seed=5, ratio=0.25)))
+    assert defense.transform_data(TASK) == make(trial_seed=5, ratio=0.25).transform_data(TASK)
+    with pytest.raises(ValueError):
+        InterleavingConfig(ratio=-0.1)
+    with pytest.raises(ValueError):
+        InterleavingConfig(ratio=0.1, unknown=1)
