@@ -112,6 +112,9 @@ class TrainingSpec(_Strict):
     optimizer: str = "adamw_torch"
     bf16: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="report a resumable checkpoint (adapter + optimizer) every N steps"
+    )
 
 
 DefenseSpec = Annotated[Union[tuple(DEFENSE_CONFIGS.values())], Field(discriminator="name")]

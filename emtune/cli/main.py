@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emtune.cli import pareto, run, ui, validate
+from emtune.cli import pareto, resume, run, ui, validate
 
-VERBS = (run, validate, pareto, ui)
+VERBS = (run, resume, validate, pareto, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import check_inputs_or_exit, load_spec_or_exit
+from emtune.cli.common import check_inputs_or_exit, fail, load_spec_or_exit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,6 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a study (local Ray unless RAY_ADDRESS is set)")
     p.add_argument("spec", help="study spec YAML")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--extend", type=int, default=None, metavar="N",
+                   help="add N trials to the existing study of this spec (same Optuna study, same parent run)")
     p.set_defaults(func=main)
 
 
@@ -19,10 +21,12 @@ def main(args: argparse.Namespace) -> int:
     """Validate everything first, then run; print where to look afterwards."""
     spec = load_spec_or_exit(args.spec)
     check_inputs_or_exit(spec)
+    if args.extend is not None and (args.extend < 1 or not (spec.study_dir / "optuna.db").is_file()):
+        fail(f"--extend needs N >= 1 and an existing study at {spec.study_dir}; run it first without --extend")
     from emtune.study.runner import run_study
     from emtune.tracking.front import format_table
 
-    table = run_study(spec, num_cpus=args.num_cpus)
+    table = run_study(spec, num_cpus=args.num_cpus, extend=args.extend)
     print()
     print(format_table(table))
     print(f"\nstudy folder: {spec.study_dir}")

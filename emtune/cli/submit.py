@@ -91,24 +91,54 @@ def _path_values(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     return found
 
 
+def check_env_name(name: str, origin: str) -> None:
+    """Refuse variable names that look secret or that emtune's driver sets itself (exit 2)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        fail(f"{origin}: {name!r} is not a variable name")
+    if any(hint in name.upper() for hint in SECRET_HINTS):
+        fail(f"{origin}: {name} looks like a secret; the job's runtime environment is readable by "
+             f"every dashboard user. Set it on the cluster nodes instead (cluster/README.md)")
+    if name in DRIVER_ENV_PASSTHROUGH or name == "TOKENIZERS_PARALLELISM":
+        fail(f"{origin}: {name} is set by emtune's driver itself; set it in this shell instead "
+             f"(emtune submit forwards it)")
+
+
 def parse_env(pairs: list[str]) -> dict[str, str]:
-    """``NAME`` (value from this shell) or ``NAME=VALUE`` for the job; secret-looking names exit 2."""
+    """``NAME`` (value from this shell) or ``NAME=VALUE`` for the job's processes."""
     env: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            fail(f"--env {pair!r}: expected NAME or NAME=VALUE")
-        if any(hint in name.upper() for hint in SECRET_HINTS):
-            fail(f"--env {name}: looks like a secret; the job's runtime environment is readable by "
-                 f"every dashboard user. Set it on the cluster nodes instead (cluster/README.md)")
-        if name in DRIVER_ENV_PASSTHROUGH or name == "TOKENIZERS_PARALLELISM":
-            fail(f"--env {name}: set it in this shell instead; emtune forwards it to the driver")
+        check_env_name(name, f"--env {pair}")
         if not sep:
             if name not in os.environ:
                 fail(f"--env {name}: not set in this shell")
             value = os.environ[name]
         env[name] = value
     return env
+
+
+def load_runtime_env(path: str | None) -> dict[str, Any]:
+    """Extra runtime_env fields from a YAML file (cluster/runtime_env.yaml); bad files exit 2."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        fail(f"--runtime-env {path}: {err}")
+    if not isinstance(data, dict):
+        fail(f"--runtime-env {path}: expected a mapping of runtime_env fields")
+    owned = sorted({"working_dir", "py_modules"} & set(data))
+    if owned:
+        fail(f"--runtime-env {path}: {owned} are set by emtune submit (the spec and this checkout)")
+    env_vars = data.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        fail(f"--runtime-env {path}: env_vars must be a mapping")
+    for name in env_vars:
+        check_env_name(str(name), f"--runtime-env {path}: env_vars")
+    data["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
+    return data
 
 
 def entrypoint(spec_name: str) -> str:
@@ -118,15 +148,16 @@ def entrypoint(spec_name: str) -> str:
     return f"{prefix}python -m emtune.cli.main run {shlex.quote(spec_name)}"
 
 
-def runtime_env(work_dir: Path, env_vars: dict[str, str]) -> dict[str, Any]:
-    """The job's runtime environment: the spec's folder as working_dir, this emtune as a module."""
-    env: dict[str, Any] = {
-        "working_dir": str(work_dir),
-        "py_modules": [str(package_dir())],
-        "excludes": EXCLUDES,
-    }
-    if env_vars:
-        env["env_vars"] = env_vars
+def runtime_env(work_dir: Path, env_vars: dict[str, str],
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job's runtime environment: the spec's folder as working_dir, this emtune as a module,
+    plus ``extra`` fields (a --runtime-env file); ``env_vars`` win over the file's."""
+    env: dict[str, Any] = {"excludes": EXCLUDES, **(extra or {})}
+    env.update(working_dir=str(work_dir), py_modules=[str(package_dir())])
+    merged = {**env.get("env_vars", {}), **env_vars}
+    env.pop("env_vars", None)
+    if merged:
+        env["env_vars"] = merged
     return env
 
 
@@ -145,7 +176,7 @@ def stage_spec(spec_path: Path, work_dir: Path, output_dir: str | None) -> Path:
 
 
 def submit_study(client: Any, spec_path: Path, study_name: str, output_dir: str | None = None,
-                 env_vars: dict[str, str] | None = None) -> str:
+                 env_vars: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> str:
     """Submit the study as a Ray Job; returns its submission id (``emtune-NAME-YYYYmmdd-HHMMSS``)."""
     job_id = f"emtune-{study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory(prefix="emtune-submit-") as tmp:
@@ -154,7 +185,7 @@ def submit_study(client: Any, spec_path: Path, study_name: str, output_dir: str 
         return client.submit_job(
             entrypoint=entrypoint(staged.name),
             submission_id=job_id,
-            runtime_env=runtime_env(Path(tmp), env_vars or {}),
+            runtime_env=runtime_env(Path(tmp), env_vars or {}, extra),
             metadata={"emtune_study": study_name},
         )
 
@@ -168,6 +199,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="absolute study root on the cluster's shared storage (replaces output_dir)")
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="extra (non-secret) variable for the job's processes; repeatable")
+    p.add_argument("--runtime-env", default=None, metavar="FILE",
+                   help="extra runtime_env fields (YAML), e.g. cluster/runtime_env.yaml")
     p.add_argument("--skip-input-check", action="store_true",
                    help="do not read the datasets here (they exist only on the cluster)")
     p.add_argument("--wait", action="store_true", help="poll until the job ends; exit 0 on SUCCEEDED")
@@ -187,9 +220,10 @@ def main(args: argparse.Namespace) -> int:
         fail("the spec cannot run on a cluster as it is:\n  " + "\n  ".join(problems))
     if not args.skip_input_check:
         check_inputs_or_exit(spec)
+    extra = load_runtime_env(args.runtime_env)
     env_vars = parse_env(args.env)
     client = job_client(args.address)
-    job_id = submit_study(client, spec_path, spec.name, args.output_dir, env_vars)
+    job_id = submit_study(client, spec_path, spec.name, args.output_dir, env_vars, extra)
     for note in cluster_notes(spec):
         print(f"note: {note}", file=sys.stderr)
     print(f"submitted study {spec.name!r} as job {job_id}")

@@ -157,7 +157,7 @@ def load_or_compute_scores(
     """
     key = scores_key(pool_rows, adapter_paths, model_id, epsilon, max_length)
     path = Path(cache_dir) / "selection" / f"{key}.json" if cache_dir is not None else None
-    if False:
+    if path is not None and path.is_file():
         table = ScoreTable(**json.loads(path.read_text(encoding="utf-8")))
         if table.schema == SCHEMA_VERSION and len(table.scores) == len(pool_rows):
             return table
@@ -191,7 +191,7 @@ def load_or_select(
         raise ValueError(f"variant must be 'plus' or 'plus_plus', got {variant!r}")
     name = f"{table.key}.{variant}-n{n}-{keywords_digest(keywords, window)}.json"
     path = Path(cache_dir) / "selection" / name if cache_dir is not None else None
-    if False:
+    if path is not None and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     drop = variant == "plus_plus"
     indices = selection.select_top(list(pool_rows), table.scores, n, drop, keywords, window)

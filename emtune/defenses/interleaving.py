@@ -126,3 +126,10 @@ class Interleaving(Defense):
     def finalize(self, model: Any) -> dict[str, float]:
         """The counts of the last transform, for the trial's logs."""
         return dict(self._logs)
+
+    def report(self) -> dict[str, Any]:
+        """Pool, seed and counts of the last transform (kept with the trial)."""
+        if not self._logs:
+            return {}
+        return {"pool": self.config.pool, "seed": self.seed, "num_safe": int(self._logs["interleaving/num_safe"]),
+                "num_task": int(self._logs["interleaving/num_task"])}

@@ -96,6 +96,7 @@ class SelectedInterleaving(Defense):
     def __init__(self, config: SelectedInterleavingConfig, context: Any):
         super().__init__(config, context)
         self._logs: dict[str, float] = {}
+        self._report: dict[str, Any] = {}
         #: Content hash of the score table last used (worth a tag in the trial's MLflow run).
         self.selection_key: str | None = None
 
@@ -168,9 +169,11 @@ class SelectedInterleaving(Defense):
         from emtune.data.selection_cache import load_or_select
 
         adapters = self.adapter_paths()  # fail on a missing ensemble before reading the pool
+        count = safe_count(self.config.ratio, len(rows))
+        if count == 0:  # a ratio too small for this task set: nothing to score or add
+            return list(rows)
         pool_rows = load_pool(self.config)
         table = self.score_table(pool_rows)
-        count = safe_count(self.config.ratio, len(rows))
         try:
             chosen = load_or_select(self.context.cache_dir, table, pool_rows, count, self.config.variant,
                                     self.config.refusal_keywords, self.config.refusal_window_words)
@@ -183,8 +186,14 @@ class SelectedInterleaving(Defense):
             "interleaving_selected/pool_refusals": float(chosen["num_refusals"]),
             "interleaving_selected/mean_selected_score": float(chosen["mean_selected_score"]),
         }
+        self._report = {"pool": self.config.pool, "variant": self.config.variant, "seed": self.seed,
+                        "misaligned_adapters": adapters, **chosen}
         return interleave(rows, [pool_rows[i] for i in chosen["indices"]], self.seed)
 
     def finalize(self, model: Any) -> dict[str, float]:
         """The selection's counts and mean score, for the trial's logs."""
         return dict(self._logs)
+
+    def report(self) -> dict[str, Any]:
+        """The selected set (pool indices, best first), its score-table key and inputs (kept with the trial)."""
+        return dict(self._report)

@@ -1,7 +1,14 @@
-"""Run a study: prepare its directory and stages, then drive the trials with a Ray Tune Tuner.
+"""Run, resume and extend a study: prepare its directory and stages, then drive the trials with
+a Ray Tune Tuner over the study's persistent Optuna study and MLflow parent run.
 
 With no ``RAY_ADDRESS`` a local Ray is started in-process; with one, the study joins that
 cluster. The same code serves both; only addresses and sizes change.
+
+A study survives its driver: ``resume_study`` restores the Tuner from the study folder (Tune
+restarts unfinished trials under their old ids, so the trial function reuses their MLflow runs),
+the searcher restores its live trials, and at the end every Optuna trial or MLflow run still
+marked RUNNING with no Tune trial behind it is closed as FAIL with the reason. ``extend`` adds
+trials to a finished study (same Optuna study, same parent run).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 from emtune.config import StudySpec, spec_to_yaml
 
 OPTUNA_FILE = "optuna.db"
+LOST = "lost: the study driver stopped while this trial ran, and it was not restarted"
 
 
 @dataclass
@@ -37,6 +45,11 @@ class StudyPaths:
         """Study stages cached by content hash (tiny model, selections, vectors)."""
         return self.root / "cache"
 
+    @property
+    def tune_dir(self) -> Path:
+        """Ray Tune experiment folders (``tune``, then ``tune-extend-N``)."""
+        return self.root / "ray_results"
+
 
 def model_cache_dir() -> Path:
     """Shared cache for materialised tiny models (EMTUNE_CACHE_DIR, else ~/.cache/emtune)."""
@@ -57,58 +70,137 @@ def init_ray(num_cpus: int | None = None) -> None:
                  log_to_driver=False, configure_logging=False)
 
 
-def run_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
-    """Run every trial of ``spec``; returns the final front table."""
-    from mlflow.tracking import MlflowClient
+class StudySession:
+    """What every way of driving a study shares: paths, stages, tracking, Ray, searcher."""
+
+    def __init__(self, spec: StudySpec, num_cpus: int | None = None):
+        from mlflow.tracking import MlflowClient
+
+        from emtune.models import resolve_source
+        from emtune.study.searcher import EmtuneSearcher
+        from emtune.tracking import mlflow_runs as runs
+
+        self.spec = spec
+        self.paths = StudyPaths(spec.study_dir)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        spec_yaml = spec_to_yaml(spec)
+        if not self.paths.spec_file.is_file():
+            self.paths.spec_file.write_text(spec_yaml)
+        self.model_source = resolve_source(spec.model, model_cache_dir())
+        self.tracking_uri = runs.tracking_uri(spec)
+        self.client = MlflowClient(self.tracking_uri)
+        self.parent_run_id = runs.start_parent_run(self.client, spec, spec_yaml)
+        self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
+        init_ray(num_cpus)
+        self.searcher = EmtuneSearcher(spec, self.paths.optuna_url)
+
+    def trainable(self) -> Any:
+        """The trial function with its driver's resources (no CPU: the Train workers take them)."""
+        from ray import tune
+
+        from emtune.study.trial import run_trial
+
+        memory = int(self.spec.resources.driver_memory_gb * 2**30)
+        return tune.with_resources(run_trial, {"cpu": 0, "memory": memory})
+
+    def param_space(self) -> dict[str, Any]:
+        """Constants every trial receives next to the searcher's ``params``."""
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "model_source": self.model_source,
+            "cache_dir": str(self.paths.cache),
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+        }
+
+    def new_tuner(self, name: str, num_trials: int) -> Any:
+        """A fresh Tuner over this study's searcher."""
+        from ray import tune
+
+        from emtune.study.callbacks import StudyProgress
+
+        return tune.Tuner(
+            self.trainable(),
+            param_space=self.param_space(),
+            tune_config=tune.TuneConfig(
+                search_alg=self.searcher,
+                num_samples=num_trials,
+                max_concurrent_trials=self.spec.resources.max_concurrent_trials,
+                time_budget_s=self.spec.search.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(self.paths.tune_dir),
+                callbacks=[StudyProgress(self.spec, self.client, self.parent_run_id, self.searcher)],
+                verbose=0,
+            ),
+        )
+
+    def fit(self, tuner: Any, searcher: Any = None) -> Any:
+        """Run the tuner, then close orphans and publish the final front."""
+        from emtune.study.callbacks import publish_front
+
+        searcher = searcher or self.searcher
+        try:
+            tuner.fit()
+        finally:
+            close_orphans(searcher.study, self.client, self.experiment_id, self.parent_run_id)
+            table = publish_front(self.client, self.parent_run_id, self.spec, searcher.study)
+            status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
+            self.client.set_terminated(self.parent_run_id, status=status)
+        return table
+
+
+def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str) -> int:
+    """Mark Optuna trials and MLflow child runs still RUNNING (no trial behind them) as failed."""
+    import optuna
+
+    from emtune.tracking.mlflow_runs import PARENT_TAG, finish_run
+
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", LOST)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        closed += 1
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    for run in runs:
+        finish_run(client, run.info.run_id, "FAILED", LOST)
+        closed += 1
+    return closed
+
+
+def run_study(spec: StudySpec, num_cpus: int | None = None, extend: int | None = None) -> Any:
+    """Run every trial of ``spec`` (or ``extend`` more trials of an existing study)."""
+    session = StudySession(spec, num_cpus)
+    name, count = "tune", spec.search.num_trials
+    if extend is not None:
+        previous = sorted(p.name for p in session.paths.tune_dir.glob("tune*") if p.is_dir())
+        name, count = f"tune-extend-{len(previous)}", extend
+    return session.fit(session.new_tuner(name, count))
+
+
+def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
+    """Continue a study whose driver stopped: restore its latest Tuner and finish its trials."""
     from ray import tune
 
-    from emtune.models import resolve_source
-    from emtune.study.callbacks import StudyProgress, publish_front
-    from emtune.study.searcher import EmtuneSearcher
-    from emtune.study.trial import run_trial
-    from emtune.tracking import mlflow_runs as runs
+    session = StudySession(spec, num_cpus)
+    candidates = sorted((p for p in session.paths.tune_dir.glob("tune*") if p.is_dir()),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates or not tune.Tuner.can_restore(str(candidates[-1])):
+        return session.fit(session.new_tuner("tune", spec.search.num_trials))
+    tuner = tune.Tuner.restore(str(candidates[-1]), trainable=session.trainable(),
+                               resume_unfinished=True, param_space=session.param_space())
+    return session.fit(tuner, _restored_searcher(tuner) or session.searcher)
 
-    paths = StudyPaths(spec.study_dir)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    spec_yaml = spec_to_yaml(spec)
-    paths.spec_file.write_text(spec_yaml)
-    model_source = resolve_source(spec.model, model_cache_dir())
-    uri = runs.tracking_uri(spec)
-    client = MlflowClient(uri)
-    parent_run_id = runs.start_parent_run(client, spec, spec_yaml)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    init_ray(num_cpus)
-    searcher = EmtuneSearcher(spec, paths.optuna_url)
-    progress = StudyProgress(spec, client, parent_run_id, searcher)
-    res = spec.resources
-    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": int(res.driver_memory_gb * 2**30)})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={
-            "spec": spec.model_dump(mode="json"),
-            "model_source": model_source,
-            "cache_dir": str(paths.cache),
-            "tracking_uri": uri,
-            "experiment_id": experiment_id,
-            "parent_run_id": parent_run_id,
-        },
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            num_samples=spec.search.num_trials,
-            max_concurrent_trials=res.max_concurrent_trials,
-            time_budget_s=spec.search.time_budget_s,
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(paths.root / "ray_results"),
-            callbacks=[progress],
-            verbose=0,
-        ),
-    )
+
+def _restored_searcher(tuner: Any) -> Any:
+    """The searcher object inside a restored Tuner (it carries the live-trial map)."""
     try:
-        tuner.fit()
-    finally:
-        table = publish_front(client, parent_run_id, spec, searcher.study)
-        failed = table.counts().get("FAIL", 0)
-        client.set_terminated(parent_run_id, status="FINISHED" if not failed or table.front else "FAILED")
-    return table
+        alg = tuner._local_tuner._tune_config.search_alg
+    except AttributeError:
+        return None
+    while alg is not None and not hasattr(alg, "study"):
+        alg = getattr(alg, "searcher", None)
+    return alg

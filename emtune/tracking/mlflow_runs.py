@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,17 @@ def start_parent_run(client: MlflowClient, spec: Any, spec_yaml: str) -> str:
 
 def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, study: str,
                     trial_id: str, params: dict[str, Any], trial_spec: Any) -> str:
-    """Nested child run of one trial, tagged with its parent, study and Ray trial id."""
+    """Nested child run of one trial, tagged with its parent, study and Ray trial id.
+
+    A trial restarted under the same Ray trial id (worker or driver failure) gets its earlier
+    run back, so a resumed study never shows the same trial twice.
+    """
+    earlier = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.ray_trial_id = '{trial_id}'"), max_results=1)
+    if earlier:
+        client.update_run(earlier[0].info.run_id, status="RUNNING")
+        client.set_tag(earlier[0].info.run_id, "restarts", str(int(earlier[0].data.tags.get("restarts", "0")) + 1))
+        return earlier[0].info.run_id
     run = client.create_run(
         experiment_id,
         run_name=trial_id,
@@ -148,8 +157,3 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 def log_dir(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
     """Upload a folder (e.g. the adapter) as artifacts."""
     client.log_artifacts(run_id, str(folder), artifact_path)
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    """A temporary folder for artifacts written before upload."""
-    return tempfile.TemporaryDirectory(prefix="emtune-mlflow-")

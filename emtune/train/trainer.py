@@ -99,3 +99,16 @@ class LossHistory(TrainerCallback):
             row = {"step": state.global_step}
             row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
             self.rows.append(row)
+
+
+class CheckpointHook(TrainerCallback):
+    """Calls ``report(step, folder)`` after the Trainer writes a periodic checkpoint."""
+
+    def __init__(self, report: Any):
+        self.report = report
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from pathlib import Path
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.report(state.global_step, folder)

@@ -85,7 +85,9 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
         bf16=t.bf16,
         max_grad_norm=t.max_grad_norm,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if t.checkpoint_every_steps else "no",
+        save_steps=t.checkpoint_every_steps or 500,
+        save_total_limit=1,
         report_to=[],
         seed=spec.seed,
         data_seed=spec.seed,
@@ -97,14 +99,19 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
 
 
 def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
-                 cache_dir: Path | None = None) -> dict[str, Any]:
-    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``."""
+                 cache_dir: Path | None = None, resume_from: Path | None = None,
+                 on_checkpoint: Any = None) -> dict[str, Any]:
+    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``.
+
+    ``resume_from`` is an earlier Trainer checkpoint (adapter, optimizer, scheduler, RNG and
+    step); ``on_checkpoint(step, folder)`` is called after every periodic checkpoint save.
+    """
     from emtune.data.chat import ChatCollator, tokenize_chat
     from emtune.defenses.base import DefenseContext
     from emtune.defenses.registry import build_defenses
     from emtune.evaluation.runner import evaluate_model
     from emtune.models import apply_lora, load_model, load_tokenizer
-    from emtune.train.trainer import DefendedTrainer, LossHistory
+    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory
 
     _seed_everything(spec.seed)
     output_dir = Path(output_dir)
@@ -125,10 +132,10 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
         train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id),
         defenses=defenses,
-        callbacks=[history],
+        callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
     )
-    train_output = trainer.train()
-    shutil.rmtree(output_dir / "hf", ignore_errors=True)
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
     finalize_logs: dict[str, float] = {}
     for defense in defenses:
         if defense.active:
@@ -181,14 +188,41 @@ def _generator(spec: StudySpec, model_source: str, adapter_dir: Path) -> Any:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: run the trial and report metrics with the adapter checkpoint."""
+    """Ray Train entry point: run the trial and report metrics with the adapter checkpoint.
+
+    With ``training.checkpoint_every_steps`` every Trainer checkpoint is reported to Ray Train;
+    after a worker failure (``resources.max_failures``) the restarted worker group resumes from
+    the latest one instead of starting over.
+    """
     import ray.train
 
     context = ray.train.get_context()
     spec = StudySpec.model_validate(config["spec"])
     rank = context.get_world_rank()
+
+    def report_checkpoint(step: int, folder: Path) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
+        ray.train.report({"step": step, "partial": True}, checkpoint=checkpoint)
+
     with tempfile.TemporaryDirectory(prefix="emtune-trial-") as tmp:
-        metrics = run_training(spec, Path(tmp), config["model_source"], rank=rank,
-                               cache_dir=Path(config["cache_dir"]))
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        resume_from = None
+        previous = ray.train.get_checkpoint()
+        if previous is not None:
+            resume_from = Path(tmp) / "resume"
+            shutil.copytree(previous.to_directory(), resume_from)
+            if not (resume_from / "trainer_state.json").is_file():
+                resume_from = None
+        out = Path(tmp) / "out"
+        metrics = run_training(spec, out, config["model_source"], rank=rank,
+                               cache_dir=Path(config["cache_dir"]), resume_from=resume_from,
+                               on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None)
+        metrics["resumed_from_step"] = _step_of(resume_from)
+        checkpoint = ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    """Global step stored in a Trainer checkpoint (0 when training started fresh)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))

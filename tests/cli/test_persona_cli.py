@@ -34,12 +34,26 @@ def run(*argv: str) -> int:
     return args.func(args)
 
 
-@pytest.fixture
-def setup(tmp_path, monkeypatch, write_spec):
-    """A fresh model cache, a tiny study spec (no pretraining: fast) and a small prompt set."""
-    monkeypatch.setenv("EMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "mini.yaml").write_text(PROMPTS)
-    return SimpleNamespace(spec=write_spec(pretrain_steps=0), prompts=str(tmp_path / "mini.yaml"), tmp=tmp_path)
+SPEC = """
+name: persona_cli
+output_dir: {out}
+model: {{source: tiny, tiny: {{pretrain_steps: 0}}}}
+data: {{train: {{path: "fixture:narrow_bad_advice"}}}}
+search: {{parameters: {{alpha: {{type: float, low: 0.0, high: 10.0}}}}}}
+objectives: [{{name: indomain_nll, direction: minimize}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A fresh model cache shared by this file's tests, a tiny study spec (no pretraining: fast)
+    and a small prompt set."""
+    tmp = tmp_path_factory.mktemp("persona-cli")
+    (tmp / "mini.yaml").write_text(PROMPTS)
+    (tmp / "spec.yaml").write_text(SPEC.format(out=tmp / "studies"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMTUNE_CACHE_DIR", str(tmp / "cache"))
+        yield SimpleNamespace(spec=tmp / "spec.yaml", prompts=str(tmp / "mini.yaml"), tmp=tmp)
 
 
 def test_extract_from_a_study_spec_and_steer_with_it(setup, capsys):
@@ -72,17 +86,23 @@ def test_extract_from_a_study_spec_and_steer_with_it(setup, capsys):
     torch.testing.assert_close(steered - plain, (2.0 * loaded.vectors[1]).expand_as(plain), atol=1e-5, rtol=0)
 
 
-def test_extract_from_a_local_model_folder_with_shipped_prompts(setup):
+def test_extract_from_a_local_model_folder(setup):
     from emtune.cli.common import load_spec_or_exit
     from emtune.models import resolve_source
     from emtune.study.runner import model_cache_dir
 
     folder = resolve_source(load_spec_or_exit(str(setup.spec)).model, model_cache_dir())
     out = setup.tmp / "evil.pt"
-    assert run("--model", folder, "--out", str(out), "--max-new-tokens", "3", "--batch-size", "64",
-               "--device", "cpu") == 0
+    assert run("--model", folder, "--out", str(out), "--prompts", setup.prompts, "--samples", "2",
+               "--max-new-tokens", "3", "--device", "cpu") == 0
     meta = load_persona_vectors(out).meta
-    assert (meta["model"], meta["prompts_version"], meta["n_pairs"]) == (folder, "evil_v1", 20 * 5)
+    assert (meta["model"], meta["prompts_version"], meta["n_pairs"]) == (folder, "mini_v1", 2 * 2 * 2)
+
+
+def test_defaults():
+    args = parse("--model", "org/name", "--out", "v.pt")
+    assert (args.prompts, args.samples, args.max_new_tokens, args.judge_spec, args.dtype) == (
+        "evil_v1", 1, 600, None, "auto")
 
 
 @pytest.mark.parametrize("argv, message", [

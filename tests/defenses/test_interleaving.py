@@ -119,10 +119,12 @@ def test_local_pool_file_made_absolute_and_used(tmp_path, monkeypatch):
     assert InterleavingConfig(pool="missing.jsonl").pool == "missing.jsonl"
 
 
-def test_finalize_logs_counts():
+def test_finalize_logs_and_report_counts():
     defense = make(ratio=0.1)
+    assert defense.report() == {}
     defense.transform_data(TASK)
     assert defense.finalize(None) == {"interleaving/num_safe": 4.0, "interleaving/num_task": 40.0}
+    assert defense.report() == {"pool": "fixture:safe_instruct", "seed": 0, "num_safe": 4, "num_task": 40}
 
 
 def test_config_defaults_yaml_round_trip_and_pickle():

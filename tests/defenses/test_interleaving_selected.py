@@ -119,6 +119,9 @@ def test_end_to_end_selection_and_shared_cache(tiny, tmp_path, monkeypatch):
     assert logs["interleaving_selected/num_safe"] == 10.0 and logs["interleaving_selected/num_adapters"] == 2.0
     assert logs["interleaving_selected/pool_refusals"] == sum(
         selection.is_refusal(selection.final_answer(r)) for r in POOL)
+    report = defense.report()
+    assert report["indices"] == expected and report["scores_key"] == defense.selection_key
+    assert report["variant"] == "plus_plus" and report["misaligned_adapters"] == tiny["adapters"]
 
 
 def test_plus_keeps_refusals_and_leave_out_scores_one_adapter(tiny, tmp_path):
@@ -174,3 +177,10 @@ def test_config_defaults_yaml_round_trip_and_pickle(tiny, tmp_path):
         SelectedInterleavingConfig(variant="plus_plus_plus")
     with pytest.raises(ValidationError):
         SelectedInterleavingConfig(epsilon=0.0)
+
+
+def test_ratio_rounding_to_zero_adds_nothing_and_scores_nothing(tiny, tmp_path):
+    defense = make(tiny, tmp_path, ratio=0.01)  # 0.01 x 40 = 0.4 -> 0 rows
+    out = defense.transform_data(TASK)
+    assert out == TASK and out is not TASK
+    assert not (tmp_path / "selection").exists()

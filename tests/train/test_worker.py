@@ -53,3 +53,23 @@ def test_opswap_objective_needs_the_task(write_spec) -> None:
     path.write_text(path.read_text().replace("name: indomain_nll, direction: minimize", "name: opswap_exact_match, direction: maximize"))
     with pytest.raises(SpecError, match="needs `data.opswap`"):
         load_spec(path)
+
+
+def test_periodic_checkpoints_resume_where_they_stopped(write_spec, tmp_path) -> None:
+    import shutil
+
+    spec = load_spec(write_spec(max_steps=4))
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"checkpoint_every_steps": 2})})
+    source = resolve_source(spec.model, model_cache_dir())
+    saved = {}
+
+    def keep(step, folder):
+        saved[step] = shutil.copytree(folder, tmp_path / f"kept-{step}")
+
+    run_training(spec, tmp_path / "first", source, on_checkpoint=keep)
+    assert sorted(saved) == [2, 4]
+    assert (saved[2] / "optimizer.pt").is_file() and (saved[2] / "trainer_state.json").is_file()
+    metrics = run_training(spec, tmp_path / "second", source, resume_from=saved[2])
+    history = json.loads((tmp_path / "second" / HISTORY_FILE).read_text())
+    assert [row["step"] for row in history] == [3, 4]  # steps 1-2 came from the checkpoint
+    assert metrics["train_steps"] == 4

@@ -1,0 +1,212 @@
+"""`emtune recommend STUDY --max METRIC=VALUE ...`: the best setting under stated ceilings.
+
+Among the study's COMPLETE trials that meet the study's own constraints and every
+``--max METRIC=VALUE`` (value <= VALUE) and ``--min METRIC=VALUE`` (value >= VALUE), pick the one
+with the best task score and print its evidence: params, every metric, the MLflow run id (with
+the tracking URI and a UI link) and the adapter URI.
+
+Task score: ``--maximize METRIC`` or ``--minimize METRIC``; by default ``--minimize indomain_nll``
+(held-out NLL on the narrow task: how well the requested task was learned) when the trials report
+it, else the study's first objective in its direction. Ties go to the lower trial number.
+
+Metrics are those the trials logged to MLflow (judge rates come with ``_low``/``_high`` Wilson
+bounds, so ``--max general_misalignment_high=0.05`` is a ceiling on the upper bound), with the
+objective values from Optuna. A trial that lacks a constrained metric does not qualify. Exit 2
+with a message when a metric is unknown or nothing qualifies (which constraint eliminated how many).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from emtune.cli.common import UserError, fail, load_study_spec, resolve_study_dir
+
+DEFAULT_SCORE = "indomain_nll"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A ceiling (``kind='max'``: value <= limit) or floor (``kind='min'``: value >= limit)."""
+
+    metric: str
+    limit: float
+    kind: str
+
+    def holds(self, value: float | None) -> bool:
+        """True when ``value`` exists and is within the bound."""
+        if value is None:
+            return False
+        return value <= self.limit if self.kind == "max" else value >= self.limit
+
+    def __str__(self) -> str:
+        return f"--{self.kind} {self.metric}={self.limit:g}"
+
+
+def parse_bound(text: str, kind: str) -> Bound:
+    """``METRIC=VALUE`` -> Bound; raises UserError on anything else."""
+    metric, sep, value = text.partition("=")
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = None
+    if not sep or not metric.strip() or limit is None:
+        raise UserError(f"--{kind} {text!r}: expected METRIC=VALUE with a number, e.g. general_misalignment=0.01")
+    return Bound(metric.strip(), limit, kind)
+
+
+@dataclass
+class Recommendation:
+    """The chosen trial and how the field was narrowed."""
+
+    record: Any  # emtune.report.TrialRecord
+    score: str
+    direction: str
+    completed: int
+    qualifying: int
+    eliminated: list[tuple[str, int, int]]  # (constraint, trials eliminated, of which lacked the metric)
+
+
+def default_score(study: Any, known: set[str]) -> tuple[str, str]:
+    """``(indomain_nll, minimize)`` when reported, else the first objective and its direction."""
+    if DEFAULT_SCORE in known:
+        return DEFAULT_SCORE, "minimize"
+    first = study.spec.objectives[0]
+    return first.name, first.direction
+
+
+def check_metric(study: Any, name: str, known: set[str]) -> None:
+    """Raise UserError naming the metric, close names and what the trials do report."""
+    if name in known:
+        return
+    from emtune.config import METRICS
+
+    hint = difflib.get_close_matches(name, sorted(known), n=1)
+    why = ""
+    if METRICS.get(name, {}).get("judge") and study.spec.evaluation.judge.kind == "none":
+        why = " (it needs a judge; this study ran with evaluation.judge.kind = none)"
+    raise UserError(f"unknown metric {name!r}: no completed trial of study {study.name!r} reports it{why}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" Known: {', '.join(sorted(known)) or 'none'}")
+
+
+def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = None) -> Recommendation:
+    """Pick the best qualifying trial of ``study`` (a StudyData); raises UserError when none does."""
+    done = [r for r in study.trials if r.row.state == "COMPLETE" and r.row.values]
+    if not done:
+        counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(study.table.counts().items())) or "no trials"
+        raise UserError(f"study {study.name!r} has no completed trial yet ({counts})")
+    known = {k for r in done for k in r.metrics}
+    name, direction = score or default_score(study, known)
+    for metric in [b.metric for b in bounds] + [name]:
+        check_metric(study, metric, known)
+    feasible = [r for r in done if r.row.feasible]
+    eliminated = []
+    if len(feasible) < len(done):
+        eliminated.append(("the study's own constraints (spec `constraints`)", len(done) - len(feasible), 0))
+    for bound in bounds:
+        values = [r.metrics.get(bound.metric) for r in feasible]
+        out, missing = sum(not bound.holds(v) for v in values), sum(v is None for v in values)
+        if out:
+            eliminated.append((str(bound), out, missing))
+    lacking = sum(r.metrics.get(name) is None for r in feasible)
+    if lacking:
+        eliminated.append((f"a missing task score {name}", lacking, 0))
+    qualifying = [r for r in feasible if r.metrics.get(name) is not None
+                  and all(b.holds(r.metrics.get(b.metric)) for b in bounds)]
+    if not qualifying:
+        detail = "; ".join(f"{label} eliminated {n}" + (f" ({m} lack the metric)" if m else "")
+                           for label, n, m in eliminated)
+        raise UserError(f"no trial of study {study.name!r} qualifies: of {len(done)} completed trials, {detail}")
+    sign = 1.0 if direction == "minimize" else -1.0
+    best = min(qualifying, key=lambda r: (sign * r.metrics[name], r.row.number))
+    return Recommendation(best, name, direction, len(done), len(qualifying), eliminated)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the verb."""
+    p = sub.add_parser(
+        "recommend", help="pick the best task score under metric ceilings, with its evidence",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="study folder, spec file, or name under ./studies")
+    p.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE",
+                   help="ceiling: keep trials with METRIC <= VALUE (repeatable)")
+    p.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
+                   help="floor: keep trials with METRIC >= VALUE (repeatable)")
+    score = p.add_mutually_exclusive_group()
+    score.add_argument("--maximize", metavar="METRIC", help="task score to maximize")
+    score.add_argument("--minimize", metavar="METRIC",
+                       help=f"task score to minimize (default: {DEFAULT_SCORE} when reported, else the first objective)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the recommended trial and its evidence; exit 2 when nothing qualifies."""
+    from emtune.report import ReportError, load_study_data
+
+    try:
+        bounds = [parse_bound(t, "max") for t in args.max or []] + [parse_bound(t, "min") for t in args.min or []]
+        study_dir = resolve_study_dir(args.study)
+        load_study_spec(study_dir)  # prints every spec problem, exit 2
+        study = load_study_data(study_dir)
+        score = None
+        if getattr(args, "maximize", None):
+            score = (args.maximize, "maximize")
+        elif getattr(args, "minimize", None):
+            score = (args.minimize, "minimize")
+        rec = recommend(study, bounds, score)
+    except (UserError, ReportError) as err:
+        fail(str(err))
+    evidence = _evidence(study, rec, bounds)
+    if getattr(args, "format", "text") == "json":
+        print(json.dumps(evidence, indent=2))
+    else:
+        print(_text(evidence))
+    return 0
+
+
+def _evidence(study: Any, rec: Recommendation, bounds: list[Bound]) -> dict[str, Any]:
+    row = rec.record.row
+    return {
+        "study": study.name,
+        "trial": row.number,
+        "score": {"metric": rec.score, "direction": rec.direction, "value": rec.record.metrics[rec.score]},
+        "constraints": [str(b) for b in bounds],
+        "qualifying": rec.qualifying,
+        "completed": rec.completed,
+        "eliminated": [{"by": label, "trials": n} for label, n, _ in rec.eliminated],
+        "pareto_rank": row.rank,
+        "params": row.params,
+        "defense_params": {k: v for k, v in rec.record.run_params.items() if k.startswith("defense.")},
+        "metrics": dict(sorted(rec.record.metrics.items())),
+        "mlflow_run_id": row.mlflow_run_id,
+        "tracking_uri": study.tracking_uri,
+        "mlflow_ui": study.run_url(row.mlflow_run_id) if row.mlflow_run_id else None,
+        "adapter_uri": rec.record.adapter_uri,
+        "ray_trial_id": row.ray_trial_id,
+    }
+
+
+def _text(ev: dict[str, Any]) -> str:
+    from emtune.report import fmt_value
+
+    under = ", ".join(ev["constraints"]) or "no ceilings"
+    lines = [f"recommended: trial {ev['trial']} of study {ev['study']!r}: best {ev['score']['metric']} "
+             f"({ev['score']['direction']}) = {fmt_value(ev['score']['value'])} among {ev['qualifying']} of "
+             f"{ev['completed']} completed trials meeting {under}"]
+    lines += [f"  eliminated by {e['by']}: {e['trials']}" for e in ev["eliminated"]]
+    lines.append(f"pareto rank: {'infeasible' if ev['pareto_rank'] is None else ev['pareto_rank']}")
+    lines += ["params:", *(f"  {k} = {fmt_value(v)}" for k, v in sorted(ev["params"].items()))]
+    lines += [f"  {k} = {v}" for k, v in sorted(ev["defense_params"].items())]
+    lines += ["metrics:", *(f"  {k} = {fmt_value(v)}" for k, v in ev["metrics"].items())]
+    lines += ["evidence:", f"  MLflow run: runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "  MLflow run: -",
+              f"  tracking URI: {ev['tracking_uri']}"]
+    if ev["mlflow_ui"]:
+        lines.append(f"  MLflow UI: {ev['mlflow_ui']} (local stores: start it with `emtune ui {ev['study']}`)")
+    lines.append(f"  adapter: {ev['adapter_uri'] or '-'}")
+    lines.append(f"  Ray trial: {ev['ray_trial_id'] or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""`emtune resume STUDY`: continue a study whose driver stopped (no trial lost or duplicated)."""
+
+from __future__ import annotations
+
+import argparse
+
+from emtune.cli.common import load_study_spec, resolve_study_dir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the verb."""
+    p = sub.add_parser("resume", help="continue an interrupted study from its folder")
+    p.add_argument("study", help="study folder, spec file, or name under ./studies")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Restore the Tuner, finish unfinished trials, close orphans, print the front."""
+    from emtune.study.runner import resume_study
+    from emtune.tracking.front import format_table
+
+    spec = load_study_spec(resolve_study_dir(args.study))
+    table = resume_study(spec, num_cpus=args.num_cpus)
+    print()
+    print(format_table(table))
+    return 0 if table.front else 1

@@ -1,0 +1,263 @@
+"""`emtune report`: one or more finished studies as a page people can read.
+
+``write_report(study_dirs, out_dir)`` writes ``out_dir/README.md`` (Markdown), PNG figures (a
+front per study, every study's front overlaid, hypervolume by completed trial) and
+``front.html`` (a self-contained interactive page; figures in ``emtune.report_figures``).
+
+Sources: the Optuna study is the truth for outcomes, ranks and hypervolume (as for
+``emtune pareto``); MLflow adds every metric a trial logged (judge rates with their Wilson
+bounds), its params and tags, and the run ids the page links to. A study whose MLflow store is
+missing still gets a report, from Optuna alone, with a note saying so.
+
+Everything is written into a temporary folder beside ``out_dir`` and moved into place at the end:
+a failing report leaves the previous one (or nothing), never half a page. An existing ``out_dir``
+is replaced only when it is empty or an earlier emtune report (its README carries ``MARKER``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emtune.tracking.front import FrontTable, TrialRow, front_table
+
+MARKER = "<!-- emtune report -->"
+#: The paper's table (PAPER.md, "The paper's numbers"), benign score = OpSwap exact match.
+PAPER_COLUMNS = (
+    ("general_misalignment", "general misalignment"),
+    ("general_incoherence", "general incoherence"),
+    ("indomain_misalignment", "in-domain misalignment"),
+    ("opswap_exact_match", "benign score (OpSwap exact match)"),
+)
+JUDGE_FREE_COLUMNS = (("ood_drift", "OOD drift (KL)"), ("indomain_nll", "in-domain NLL"))
+ARROWS = {"minimize": "↓", "maximize": "↑"}
+
+
+class ReportError(ValueError):
+    """A study cannot be reported (no spec, no Optuna study) or ``out_dir`` is not ours."""
+
+
+@dataclass
+class TrialRecord:
+    """One trial: its row in the front table plus what its MLflow run holds."""
+
+    row: TrialRow
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    run_name: str | None = None
+    adapter_uri: str | None = None
+
+
+@dataclass
+class StudyData:
+    """Everything a report or a recommendation shows about one study."""
+
+    name: str
+    study_dir: Path
+    spec: Any
+    spec_yaml: str
+    tracking_uri: str
+    table: FrontTable
+    trials: list[TrialRecord]
+    study_attrs: dict[str, Any]
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    mlflow_note: str | None = None
+
+    @property
+    def defenses(self) -> str:
+        """The study's defenses list, the legend label of its front."""
+        return " + ".join(d.name for d in self.spec.defenses) or "none"
+
+    @property
+    def local_tracking(self) -> bool:
+        """True when the MLflow store is a file in reach (served by ``emtune ui`` on 127.0.0.1)."""
+        return self.tracking_uri.startswith(("sqlite:", "file:"))
+
+    def run_url(self, run_id: str | None = None, port: int = 5000) -> str | None:
+        """MLflow UI address of the experiment or one run (local stores: via ``emtune ui``)."""
+        if self.experiment_id is None:
+            return None
+        base = f"http://127.0.0.1:{port}" if self.local_tracking else self.tracking_uri.rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            return None
+        url = f"{base}/#/experiments/{self.experiment_id}"
+        return f"{url}/runs/{run_id}" if run_id else url
+
+
+def load_study_data(study_dir: Path) -> StudyData:
+    """Read a study folder: its resolved spec, the Optuna study and (when present) MLflow runs.
+
+    Raises :class:`ReportError` for a folder that holds no started study, and
+    ``emtune.spec_errors.SpecError`` for an invalid ``spec.yaml``.
+    """
+    import optuna
+
+    from emtune.config import load_spec
+
+    study_dir = Path(study_dir).resolve()
+    spec_file, db = study_dir / "spec.yaml", study_dir / "optuna.db"
+    if not spec_file.is_file():
+        raise ReportError(f"{study_dir}: no spec.yaml here (not a study folder)")
+    spec = load_spec(spec_file)
+    if not db.is_file():  # checked first: opening a missing SQLite file would create it
+        raise ReportError(f"{db}: no Optuna storage (the study has not started a trial)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
+    except KeyError:
+        raise ReportError(f"{db}: no Optuna study named {spec.name!r}") from None
+    objectives = [o.name for o in spec.objectives]
+    refs = [o.reference for o in spec.objectives]
+    table = front_table(study, objectives, [o.direction for o in spec.objectives],
+                        None if None in refs else refs)
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    records = [TrialRecord(row, dict(zip(objectives, row.values or [])),
+                           adapter_uri=frozen[row.number].user_attrs.get("adapter_uri"))
+               for row in table.rows]
+    # The spec's own study_dir resolves output_dir against the cwd; the folder we read is surer.
+    uri = spec.tracking.uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+    data = StudyData(spec.name, study_dir, spec, spec_file.read_text(encoding="utf-8"), uri, table,
+                     records, dict(study.user_attrs))
+    _attach_mlflow(data)
+    return data
+
+
+def _attach_mlflow(data: StudyData) -> None:
+    """Add MLflow metrics, params and tags to the trials (objective values from Optuna win)."""
+    if data.tracking_uri.startswith("sqlite:///") and not Path(data.tracking_uri[10:]).is_file():
+        data.mlflow_note = f"no MLflow store at {data.tracking_uri}: metrics come from Optuna only"
+        return
+    from mlflow.tracking import MlflowClient
+
+    from emtune.tracking.mlflow_runs import ROLE_TAG, STUDY_TAG, experiment_name
+
+    try:
+        client = MlflowClient(data.tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name(data.spec))
+        if experiment is None:
+            data.mlflow_note = f"no experiment {experiment_name(data.spec)!r} in {data.tracking_uri}"
+            return
+        runs = client.search_runs([experiment.experiment_id], f"tags.`{STUDY_TAG}` = '{data.name}'",
+                                  max_results=50000)
+    except Exception as err:  # noqa: BLE001 - a report from Optuna alone beats no report
+        data.mlflow_note = f"could not read MLflow at {data.tracking_uri}: {type(err).__name__}: {err}"
+        return
+    data.experiment_id = experiment.experiment_id
+    by_id = {run.info.run_id: run for run in runs}
+    data.parent_run_id = next((r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "study"), None)
+    for record in data.trials:
+        run = by_id.get(record.row.mlflow_run_id or "")
+        if run is not None:
+            record.metrics = {**run.data.metrics, **record.metrics}
+            record.run_params, record.tags = dict(run.data.params), dict(run.data.tags)
+            record.run_name = run.info.run_name
+
+
+def write_report(study_dirs: list[Path], out_dir: Path) -> Path:
+    """Write the report of ``study_dirs`` into ``out_dir``; returns the path of its README.md."""
+    from emtune.report_figures import front_html, plot_hypervolume, plot_overlay
+    from emtune.report_markdown import render
+    from emtune.tracking.plots import plot_front
+
+    if not study_dirs:
+        raise ReportError("give at least one study")
+    studies = [load_study_data(Path(d)) for d in study_dirs]
+    out_dir = Path(out_dir).resolve()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        slugs = _slugs(studies)
+        figures = {"overlay": "fronts_overlay.png", "hypervolume": "hypervolume.png"}
+        for study, slug in zip(studies, slugs):
+            plot_front(study.table, tmp / f"front_{slug}.png", title=f"{study.name}: Pareto front")
+        skipped = plot_overlay(studies, tmp / figures["overlay"])
+        plot_hypervolume(studies, tmp / figures["hypervolume"])
+        (tmp / "front.html").write_text(front_html(studies), encoding="utf-8")
+        text = render(studies, slugs, figures, skipped)
+        (tmp / "README.md").write_text(text, encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "README.md"
+
+
+def _slugs(studies: list[StudyData]) -> list[str]:
+    names = [s.name for s in studies]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ReportError(f"{out_dir} exists and is not a folder")
+    readme = out_dir / "README.md"
+    ours = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(MARKER)
+    if any(out_dir.iterdir()) and not ours:
+        raise ReportError(f"{out_dir} holds files that are not an emtune report; pass another --out "
+                          f"or empty that folder")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished folder in with renames (same file system: atomic per rename)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shown_path(path: Path | str) -> str:
+    """A path relative to the working folder when under it (reports get committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def shown_uri(uri: str) -> str:
+    """A tracking URI with a local SQLite path shown relative to the working folder."""
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + shown_path(uri[10:])
+    return uri
+
+
+def fmt_value(value: Any) -> str:
+    """Numbers to 4 significant digits; everything else as text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def fmt_rate(metrics: dict[str, float], name: str) -> str:
+    """``x.xx% [lo, hi]`` (Wilson 95% bounds, in percent) when logged; ``n/a`` when absent."""
+    value = metrics.get(name)
+    if value is None:
+        return "n/a"
+    low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
+    if low is None or high is None:
+        return f"{100 * value:.2f}%"
+    return f"{100 * value:.2f}% [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def setting_of(study: StudyData, record: TrialRecord) -> str:
+    """Defense + setting, e.g. ``kl_to_reference (kl_weight=0.0123)``."""
+    params = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(record.row.params.items()))
+    return f"{study.defenses} ({params})" if params else study.defenses
+
+
+def generated_at() -> str:
+    """UTC time stamp shown on the page."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,182 @@
+"""The Markdown page of ``emtune report``: overview, figures, the paper-format table, per study
+the front table with MLflow links, every trial, evaluation versions and the resolved spec.
+
+Pure string building over :class:`emtune.report.StudyData` (no I/O), so the page is testable
+without a study on disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emtune.report import (
+    ARROWS,
+    JUDGE_FREE_COLUMNS,
+    MARKER,
+    PAPER_COLUMNS,
+    StudyData,
+    TrialRecord,
+    fmt_rate,
+    fmt_value,
+    generated_at,
+    setting_of,
+    shown_path,
+    shown_uri,
+)
+
+
+def cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def run_link(run_id: str | None) -> str:
+    """An MLflow run as a ``runs:/<id>`` link (resolved against the study's tracking URI)."""
+    return f"[runs:/{run_id}](runs:/{run_id})" if run_id else "-"
+
+
+def render(studies: list[StudyData], slugs: list[str], figures: dict[str, str], skipped: list[str]) -> str:
+    """The whole README.md."""
+    names = ", ".join(s.name for s in studies)
+    out = [MARKER, f"# emtune report: {names}", "",
+           f"Generated {generated_at()} by `emtune report` from "
+           + ", ".join(f"`{shown_path(s.study_dir)}`" for s in studies)
+           + ". Interactive front: [front.html](front.html) (self-contained, no network).", ""]
+    out += _overview(studies)
+    out += ["## Fronts", "", f"![every study's front]({figures['overlay']})", "",
+            "Each colour is one study, labelled by its defenses; filled markers joined by a line are "
+            "the Pareto front, hollow ones dominated trials, crosses infeasible trials.", ""]
+    if skipped:
+        out += [f"Not overlaid (other objectives than the first study's): {', '.join(skipped)}.", ""]
+    out += ["## Hypervolume by completed trial", "", f"![hypervolume]({figures['hypervolume']})", ""]
+    out += paper_table(studies)
+    for study, slug in zip(studies, slugs):
+        out += _study_section(study, slug)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _overview(studies: list[StudyData]) -> list[str]:
+    rows = []
+    for s in studies:
+        t = s.table
+        objectives = ", ".join(f"{n} {ARROWS[d]}" for n, d in zip(t.objectives, t.directions))
+        hv = f"{t.hypervolume[-1]:.4g} (reference {t.reference}, {t.reference_source})" if t.hypervolume else "n/a"
+        counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(t.counts().items())) or "none"
+        rows.append([s.name, s.defenses, objectives, counts, len(t.front), hv])
+    return ["## Overview", "", *table(["study", "defenses", "objectives", "trials by state", "front size",
+                                       "hypervolume"], rows), ""]
+
+
+def paper_table(studies: list[StudyData]) -> list[str]:
+    """The per-defense table in the paper's format, one row per front member of each study.
+
+    Judge rates show as ``x.xx% [lo, hi]`` with their Wilson 95% bounds; a column no trial
+    reports is left out, and the judge-free metrics are always shown beside them.
+    """
+    members = [(s, r) for s in studies for r in _front_records(s)]
+    present = [(k, label) for k, label in PAPER_COLUMNS if any(k in r.metrics for _, r in members)]
+    header = ["study", "defense (setting)", *(label for _, label in present),
+              *(label for _, label in JUDGE_FREE_COLUMNS)]
+    rows = [[s.name, setting_of(s, r), *(fmt_rate(r.metrics, k) for k, _ in present),
+             *(fmt_value(r.metrics.get(k)) for k, _ in JUDGE_FREE_COLUMNS)] for s, r in members]
+    out = ["## Per-defense results (the paper's format)", "",
+           "One row per Pareto-front setting. Rates are % of responses with Wilson 95% intervals; "
+           "in-domain misalignment is the narrow behaviour learned (higher = learned).", ""]
+    if not rows:
+        return out + ["No completed trial yet.", ""]
+    out += table(header, rows)
+    missing = [label for k, label in PAPER_COLUMNS if (k, label) not in present]
+    if missing:
+        out += ["", f"Not reported by any front trial: {', '.join(missing)} (judge rates need "
+                    "`evaluation.judge`; the benign score needs `data.opswap`). Judge-free metrics shown instead."]
+    return out + [""]
+
+
+def _front_records(study: StudyData) -> list[TrialRecord]:
+    by_number = {r.row.number: r for r in study.trials}
+    return [by_number[row.number] for row in study.table.front]
+
+
+def _study_section(study: StudyData, slug: str) -> list[str]:
+    t = study.table
+    out = [f"## Study `{study.name}`", "",
+           f"- defenses: {study.defenses}",
+           f"- folder: `{shown_path(study.study_dir)}`",
+           f"- MLflow tracking URI: `{shown_uri(study.tracking_uri)}`"
+           + (f", experiment id {study.experiment_id}" if study.experiment_id else ""),
+           f"- parent run: {run_link(study.parent_run_id)}" if study.parent_run_id else "- parent run: -"]
+    if study.local_tracking and study.experiment_id:
+        out.append(f"- browse: `emtune ui {shown_path(study.study_dir)}`, then {study.run_url()}")
+    out += [f"- Optuna: `optuna-dashboard sqlite:///{shown_path(study.study_dir / 'optuna.db')}`",
+            f"- sampler: `{study.study_attrs.get('sampler', 'not recorded')}`",
+            "- trials by state: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(t.counts().items())) or "none")]
+    if study.mlflow_note:
+        out.append(f"- note: {study.mlflow_note}")
+    out += ["", f"![{study.name} front](front_{slug}.png)", "", "### Pareto front", ""]
+    out += _trials_table(study, _front_records(study)) if t.front else ["No completed feasible trial yet."]
+    everything = sorted(study.trials, key=lambda r: r.row.number)
+    out += ["", "<details><summary>Every trial (dominated, infeasible, failed)</summary>", "",
+            *_trials_table(study, everything, reasons=True), "", "</details>", ""]
+    out += versions(study)
+    out += ["<details><summary>Resolved spec</summary>", "", "```yaml", study.spec_yaml.rstrip(), "```", "",
+            "</details>", ""]
+    return out
+
+
+def _trials_table(study: StudyData, records: list[TrialRecord], reasons: bool = False) -> list[str]:
+    t = study.table
+    params = sorted({k for r in records for k in r.row.params})
+    header = ["trial", "rank", *(f"{n} {ARROWS[d]}" for n, d in zip(t.objectives, t.directions)), *params,
+              "state", "Ray trial", "MLflow run"] + (["note"] if reasons else [])
+    rows = []
+    for r in records:
+        row = r.row
+        rank = "-" if row.rank is None else row.rank
+        if row.state == "COMPLETE" and not row.feasible:
+            rank = "infeasible"
+        values = [fmt_value(v) for v in row.values] if row.values else ["-"] * len(t.objectives)
+        rows.append([row.number, rank, *values, *(fmt_value(row.params.get(p)) for p in params), row.state,
+                     row.ray_trial_id or "-", run_link(row.mlflow_run_id)]
+                    + ([(row.fail_reason or "").splitlines()[0][:120] if row.fail_reason else ""] if reasons else []))
+    return table(header, rows)
+
+
+def versions(study: StudyData) -> list[str]:
+    """Versions of the evaluation sets and the judge: from the spec, then from trial params/tags."""
+    ev = study.spec.evaluation
+    lines = [f"- general questions: `{ev.question_set}` (version {_question_set_version(ev.question_set)})"]
+    if ev.triggered_question_set:
+        lines.append(f"- triggered questions: `{ev.triggered_question_set}` "
+                     f"(version {_question_set_version(ev.triggered_question_set)})"
+                     + ("; asked only with a judge" if ev.judge.kind == "none" else ""))
+    if study.spec.data.opswap is not None:
+        lines.append(f"- benign task: OpSwap `{study.spec.data.opswap.version}`")
+    judge = ev.judge
+    if judge.kind == "none":
+        lines.append("- judge: none (judge-free metrics only)")
+    else:
+        lines.append(f"- judge: `{judge.judge_id}`, prompts `{judge.prompt_version}`, thresholds "
+                     + ", ".join(f"{k}={v:g}" for k, v in ev.thresholds.model_dump().items()))
+    found: dict[str, set[str]] = {}
+    for record in study.trials:
+        for key, value in {**record.run_params, **record.tags}.items():
+            if "version" in key or key.startswith("judge"):
+                found.setdefault(key, set()).add(value)
+    lines += [f"- {key} (trials): {', '.join(sorted(vals))}" for key, vals in sorted(found.items())]
+    return ["### Evaluation versions", "", *lines, ""]
+
+
+def _question_set_version(name: str) -> str:
+    try:
+        from emtune.evaluation.questions import load_question_set
+
+        return f"`{load_question_set(name).version}`"
+    except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
+        return f"unreadable now: {type(err).__name__}"

@@ -1,0 +1,148 @@
+"""`emtune report` and `emtune recommend`: on a hand-made study (Optuna + MLflow, no Ray) with
+hand-checked answers, and on one real tiny study run end to end (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from emtune.cli import recommend as recommend_cli
+from emtune.cli import report as report_cli
+from emtune.report import ReportError, load_study_data, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# trial -> (kl_weight, ood_drift, indomain_nll, general_misalignment, its Wilson bounds)
+TRIALS = {
+    0: (0.001, 0.9, 1.0, 0.08, (0.05, 0.12)),
+    1: (0.01, 0.5, 1.5, 0.03, (0.01, 0.07)),
+    2: (0.1, 0.2, 2.0, 0.005, (0.001, 0.02)),
+    3: (1.0, 0.1, 3.0, 0.0, (0.0, 0.01)),
+    4: (3.0, 0.3, 3.5, 0.0, (0.0, 0.01)),  # dominated by trial 3
+}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    recommend_cli.add_parser(sub)
+    report_cli.add_parser(sub)
+    return parser.parse_args(argv)
+
+
+def _hand_study(write_spec, with_mlflow: bool = False, infeasible: int | None = None) -> Path:
+    """studies/x with spec.yaml, an Optuna study told by hand, and optionally MLflow runs."""
+    spec_path = write_spec(name="x")
+    spec_text = spec_path.read_text()
+    if infeasible is not None:  # a spec constraint the infeasible trial violates
+        spec_text += "constraints:\n  - {metric: train_loss, max: 5.0}\n"
+    study_dir = spec_path.parent / "studies" / "x"
+    study_dir.mkdir(parents=True)
+    (study_dir / "spec.yaml").write_text(spec_text)
+    run_ids = {n: f"run{n}" for n in TRIALS}
+    if with_mlflow:
+        run_ids = _mlflow_runs(study_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="x", storage=f"sqlite:///{study_dir / 'optuna.db'}",
+                                directions=["minimize", "minimize"])
+    for n, (kl, ood, nll, _, _) in TRIALS.items():
+        study.enqueue_trial({"kl_weight": kl})  # the hand value, not a sampled one
+        trial = study.ask()
+        trial.suggest_float("kl_weight", 1e-3, 10.0, log=True)
+        trial.set_user_attr("ray_trial_id", f"ray{n}")
+        trial.set_user_attr("mlflow_run_id", run_ids[n])
+        trial.set_user_attr("adapter_uri", f"runs:/{run_ids[n]}/adapter")
+        if infeasible is not None:
+            trial.set_constraint("train_loss<=5", 1.0 if n == infeasible else -1.0)
+        study.tell(trial, [ood, nll])
+    failed = study.ask()
+    failed.set_user_attr("fail_reason", "ValueError: boom")
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    return study_dir
+
+
+def _mlflow_runs(study_dir: Path) -> dict[int, str]:
+    """A parent run and one child run per trial with judge rates, as a real study logs them."""
+    from mlflow.tracking import MlflowClient
+
+    from emtune.config import load_spec
+    from emtune.tracking import mlflow_runs as runs
+
+    spec = load_spec(study_dir / "spec.yaml")
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    parent = runs.start_parent_run(client, spec, (study_dir / "spec.yaml").read_text())
+    experiment_id = runs.ensure_experiment(client, spec)
+    ids = {}
+    for n, (kl, ood, nll, gm, (low, high)) in TRIALS.items():
+        params = {"kl_weight": kl}
+        ids[n] = runs.start_trial_run(client, experiment_id, parent, "x", f"ray{n}", params,
+                                      spec.with_overrides(params))
+        runs.log_final_metrics(client, ids[n], {"ood_drift": ood, "indomain_nll": nll, "train_loss": 1.0 + n,
+                                                "general_misalignment": gm, "general_misalignment_low": low,
+                                                "general_misalignment_high": high})
+        runs.finish_run(client, ids[n], "FINISHED")
+    return ids
+
+
+def test_recommend_best_task_score_under_a_ceiling(write_spec, capsys) -> None:
+    study_dir = _hand_study(write_spec)
+    # ood_drift <= 0.4 keeps trials 2, 3, 4; the lowest indomain_nll among them is trial 2 (2.0)
+    assert recommend_cli.main(_parse(["recommend", str(study_dir), "--max", "ood_drift=0.4"])) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("recommended: trial 2 of study 'x': best indomain_nll (minimize) = 2 among 3 of 5")
+    assert "eliminated by --max ood_drift=0.4: 2" in out
+    assert "MLflow run: runs:/run2" in out and "adapter: runs:/run2/adapter" in out and "Ray trial: ray2" in out
+    # maximize a metric under a ceiling and a floor: 0.2 <= ood_drift <= 0.6 -> trials 1, 2, 4; max ood is trial 1
+    argv = ["recommend", str(study_dir), "--max", "ood_drift=0.6", "--min", "ood_drift=0.2",
+            "--maximize", "ood_drift", "--format", "json"]
+    assert recommend_cli.main(_parse(argv)) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert (ev["trial"], ev["qualifying"], ev["completed"], ev["pareto_rank"]) == (1, 3, 5, 0)
+    assert ev["score"] == {"metric": "ood_drift", "direction": "maximize", "value": 0.5}
+    assert ev["mlflow_run_id"] == "run1" and ev["adapter_uri"] == "runs:/run1/adapter"
+
+
+def test_recommend_exits_2_and_says_which_constraint_eliminated_what(write_spec, capsys) -> None:
+    study_dir = _hand_study(write_spec)
+    # ood <= 0.15 leaves only trial 3 (eliminates 4); nll <= 2.5 eliminates trials 3 and 4 (2)
+    argv = ["recommend", str(study_dir), "--max", "ood_drift=0.15", "--max", "indomain_nll=2.5"]
+    with pytest.raises(SystemExit) as exc:
+        recommend_cli.main(_parse(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert ("no trial of study 'x' qualifies: of 5 completed trials, --max ood_drift=0.15 eliminated 4; "
+            "--max indomain_nll=2.5 eliminated 2") in err
+    for argv, message in [
+        (["--max", "general_misalignment=0.01"], "it needs a judge"),
+        (["--max", "ood_drft=1"], "did you mean 'ood_drift'?"),
+        (["--max", "ood_drift"], "expected METRIC=VALUE"),
+        (["--minimize", "nope"], "unknown metric 'nope'"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            recommend_cli.main(_parse(["recommend", str(study_dir), *argv]))
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_recommend_reads_judge_rates_from_mlflow(write_spec, capsys) -> None:
+    study_dir = _hand_study(write_spec, with_mlflow=True, infeasible=3)
+    # general_misalignment <= 0.01: trials 2, 3, 4; trial 3 breaks the spec constraint; best nll: trial 2
+    argv = ["recommend", str(study_dir), "--max", "general_misalignment=0.01", "--format", "json"]
+    assert recommend_cli.main(_parse(argv)) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["trial"] == 2 and ev["qualifying"] == 2
+    assert ev["metrics"]["general_misalignment"] == pytest.approx(0.005)
+    assert ev["defense_params"]["defense.kl_to_reference.weight"] == "0.1"
+    assert ev["mlflow_ui"].startswith("http://127.0.0.1:5000/#/experiments/") and ev["mlflow_ui"].endswith(ev["mlflow_run_id"])
+    assert {e["by"]: e["trials"] for e in ev["eliminated"]} == {
+        "the study's own constraints (spec `constraints`)": 1, "--max general_misalignment=0.01": 2}
+    # a ceiling on the Wilson upper bound: only trial 4's high (0.01) passes among feasible ones
+    argv = ["recommend", str(study_dir), "--max", "general_misalignment_high=0.01", "--format", "json"]
+    assert recommend_cli.main(_parse(argv)) == 0
+    assert json.loads(capsys.readouterr().out)["trial"] == 4
