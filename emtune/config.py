@@ -376,11 +376,20 @@ def _check_data_paths(spec: StudySpec) -> list[tuple[str, str]]:
             continue
         if not Path(dataset.path).expanduser().exists():
             problems.append((where, f"dataset file {dataset.path!r} not found (from {Path.cwd()}); fix the path"))
+    for i, defense in enumerate(spec.defenses):
+        path = getattr(defense, "vector_path", None)
+        if path and not Path(path).expanduser().is_file():
+            problems.append((f"defenses.{i}.vector_path",
+                             f"persona vector file {path!r} not found; create it with `emtune persona extract`"))
     return problems
 
 
 def _absolute_data_paths(raw: dict[str, Any]) -> None:
-    """Make local dataset paths absolute so Ray workers (other working folders) find them."""
+    """Make local dataset and file paths absolute so Ray workers (other working folders) find them."""
+    for defense in raw.get("defenses") or []:
+        if isinstance(defense, dict) and isinstance(defense.get("vector_path"), str):
+            if Path(defense["vector_path"]).expanduser().exists():
+                defense["vector_path"] = str(Path(defense["vector_path"]).expanduser().resolve())
     data = raw.get("data")
     if not isinstance(data, dict):
         return

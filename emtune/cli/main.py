@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emtune.cli import pareto, resume, run, ui, validate
+from emtune.cli import data, pareto, persona, resume, run, ui, validate
 
-VERBS = (run, resume, validate, pareto, ui)
+VERBS = (run, resume, validate, pareto, ui, data, persona)
 
 
 def build_parser() -> argparse.ArgumentParser:

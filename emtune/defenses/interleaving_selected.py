@@ -89,6 +89,18 @@ class SelectedInterleavingConfig(BaseModel):
                                  f"{list(self.misaligned_adapters)}; use an adapter's path or folder name")
         return self
 
+    def spec_problems(self, spec: Any) -> list[str]:
+        """Checked when the study spec loads: the misaligned ensemble must exist."""
+        from pathlib import Path
+
+        if self.ratio <= 0:
+            return []
+        if not self.misaligned_adapters:
+            return ["interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
+                    "undefended on EM datasets); train them first or run `emtune data select`"]
+        return [f"interleaving_selected: adapter folder {p!r} not found"
+                for p in self.misaligned_adapters if not Path(p).is_dir()]
+
 
 class SelectedInterleaving(Defense):
     """Mixes the round(ratio · |task|) best perplexity-gap-scored pool rows into the training rows."""

@@ -75,6 +75,8 @@ class EmtuneSearcher(Searcher):
             storage = self.study._storage
             trial = optuna.Trial(self.study, storage.get_trial_id_from_study_id_trial_number(
                 self.study._study_id, trial))
+        if self.study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            return  # told before the driver stopped; a restored Tuner reports it again
         state, values, reason = outcome(self._spec, result, error)
         for key in RESULT_ATTRS:
             if result and result.get(key):

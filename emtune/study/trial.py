@@ -64,6 +64,12 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(config["tracking_uri"])
     trial_spec = spec.with_overrides(config["params"])
+    done = runs.find_trial_run(client, config["experiment_id"], config["parent_run_id"], trial_id)
+    if done is not None and done.info.status == "FINISHED" and "tracked_result" in done.data.tags:
+        # Tune restarted a trial that had already finished before its driver stopped: report
+        # the tracked result again instead of training twice (no duplicate work or records).
+        tune.report(json.loads(done.data.tags["tracked_result"]))
+        return
     run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
                                   trial_id, config["params"], trial_spec)
     try:
@@ -91,6 +97,7 @@ def run_trial(config: dict[str, Any]) -> None:
         runs.log_final_metrics(client, run_id, metrics)
         metrics["mlflow_run_id"] = run_id
         error = metrics.get("error")
+        client.set_tag(run_id, "tracked_result", json.dumps(metrics, default=str)[:4900])
         runs.finish_run(client, run_id, FAILED if error else FINISHED, error)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"

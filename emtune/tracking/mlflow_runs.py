@@ -79,6 +79,13 @@ def start_parent_run(client: MlflowClient, spec: Any, spec_yaml: str) -> str:
     return run_id
 
 
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> Any:
+    """The child run of a Ray trial id under this parent, if one was started before."""
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.ray_trial_id = '{trial_id}'"), max_results=1)
+    return found[0] if found else None
+
+
 def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, study: str,
                     trial_id: str, params: dict[str, Any], trial_spec: Any) -> str:
     """Nested child run of one trial, tagged with its parent, study and Ray trial id.
@@ -86,12 +93,11 @@ def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str
     A trial restarted under the same Ray trial id (worker or driver failure) gets its earlier
     run back, so a resumed study never shows the same trial twice.
     """
-    earlier = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.ray_trial_id = '{trial_id}'"), max_results=1)
-    if earlier:
-        client.update_run(earlier[0].info.run_id, status="RUNNING")
-        client.set_tag(earlier[0].info.run_id, "restarts", str(int(earlier[0].data.tags.get("restarts", "0")) + 1))
-        return earlier[0].info.run_id
+    earlier = find_trial_run(client, experiment_id, parent_run_id, trial_id)
+    if earlier is not None:
+        client.update_run(earlier.info.run_id, status="RUNNING")
+        client.set_tag(earlier.info.run_id, "restarts", str(int(earlier.data.tags.get("restarts", "0")) + 1))
+        return earlier.info.run_id
     run = client.create_run(
         experiment_id,
         run_name=trial_id,

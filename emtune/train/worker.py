@@ -118,7 +118,8 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_source, spec.model)
     model = apply_lora(load_model(model_source, spec.model), spec.lora)
-    context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir)
+    context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir,
+                             extras={"model_source": model_source})
     defenses = build_defenses(spec.defenses, context)
     train_rows, heldout_rows = prepare_rows(spec, defenses)
     for defense in defenses:
