@@ -146,3 +146,135 @@ def test_recommend_reads_judge_rates_from_mlflow(write_spec, capsys) -> None:
     argv = ["recommend", str(study_dir), "--max", "general_misalignment_high=0.01", "--format", "json"]
     assert recommend_cli.main(_parse(argv)) == 0
     assert json.loads(capsys.readouterr().out)["trial"] == 4
+
+
+def _assert_report_files(out: Path, slugs: list[str]) -> str:
+    """Every file is there, PNGs are PNGs, the HTML reaches nothing but 127.0.0.1; returns README."""
+    names = {p.name for p in out.iterdir()}
+    assert names == {"README.md", "front.html", "fronts_overlay.png", "hypervolume.png",
+                     *(f"front_{s}.png" for s in slugs)}
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
+    page = (out / "front.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script src" not in page
+    urls = re.findall(r"https?://[^\s\"'<>]+", page)
+    assert all(u.startswith("http://127.0.0.1:") for u in urls), urls
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary folder left behind
+    return (out / "README.md").read_text()
+
+
+def test_report_of_hand_study_shows_front_rates_and_links(write_spec, tmp_path) -> None:
+    study_dir = _hand_study(write_spec, with_mlflow=True, infeasible=3)
+    readme = write_report([study_dir], tmp_path / "reports" / "x")
+    text = _assert_report_files(readme.parent, ["x"])
+    data = load_study_data(study_dir)
+    assert [r.number for r in data.table.front] == [2, 1, 0]  # trial 3 infeasible, 4 dominated by 2
+    # hypervolume vs the spec reference (5, 8): 0.3*6 + 0.4*6.5 + 4.1*7 = 33.1
+    assert "| x | kl_to_reference | ood_drift ↓, indomain_nll ↓ | complete 5, fail 1 | 3 | 33.1 (reference [5.0, 8.0], spec) |" in text
+    # the paper's table: one row per front member, rates with their Wilson bounds in percent
+    assert "| x | kl_to_reference (kl_weight=0.1) | 0.50% [0.10, 2.00] | 0.2 | 2 |" in text
+    assert "| x | kl_to_reference (kl_weight=0.01) | 3.00% [1.00, 7.00] | 0.5 | 1.5 |" in text
+    assert "general incoherence, in-domain misalignment, benign score" in text  # said to be missing
+    front_table = text.split("### Pareto front")[1].split("<details>")[0]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in front_table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["2", "1", "0"]
+    for n in (2, 1, 0):
+        assert f"[runs:/{data.trials[n].row.mlflow_run_id}](runs:/{data.trials[n].row.mlflow_run_id})" in front_table
+    assert "| 3 | infeasible | 0.1 | 3 |" in text and "ValueError: boom" in text
+    assert f"- MLflow tracking URI: `sqlite:///{study_dir / 'mlflow.db'}`, experiment id 1" in text
+    assert "- judge: none (judge-free metrics only)" in text and "`general_v1` (version `general_v1`)" in text
+    assert "```yaml\nname: x\n" in text and "optuna-dashboard sqlite:///" in text
+
+
+def test_report_is_all_or_nothing(write_spec, tmp_path, monkeypatch) -> None:
+    study_dir = _hand_study(write_spec)  # no MLflow store: Optuna alone, with a note
+    out = tmp_path / "reports" / "x"
+    text = _assert_report_files(write_report([study_dir], out).parent, ["x"])
+    assert "no MLflow store at" in text and "| x | kl_to_reference (kl_weight=0.1) | 0.2 | 2 |" in text
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import emtune.report_figures as figures
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(figures, "plot_hypervolume", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report([study_dir], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old report, untouched
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # and no temporary folder
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ReportError, match="not an emtune report"):
+        write_report([study_dir], foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ReportError, match="no spec.yaml"):
+        write_report([tmp_path], tmp_path / "r")
+
+
+REAL_SPEC = {
+    "name": "real", "seed": 0,
+    "model": {"source": "tiny", "tiny": {"pretrain_steps": 20}},
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"train": {"path": "fixture:narrow_bad_advice", "limit": 60}, "heldout_fraction": 0.2,
+             "max_length": 128},
+    "training": {"learning_rate": 1.0e-2, "max_steps": 2, "per_device_batch_size": 4,
+                 "gradient_accumulation_steps": 1, "warmup_steps": 0},
+    "defenses": [{"name": "kl_to_reference", "weight": 0.1}],
+    "search": {"parameters": {"kl_weight": {"type": "float", "target": "defenses.kl_to_reference.weight",
+                                            "low": 1.0e-3, "high": 10.0, "log": True}},
+               "num_trials": 2},
+    "objectives": [{"name": "ood_drift", "direction": "minimize", "reference": 5.0},
+                   {"name": "indomain_nll", "direction": "minimize", "reference": 8.0}],
+    "evaluation": {"samples_per_question": 1, "max_new_tokens": 6},
+    "resources": {"max_concurrent_trials": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 2-trial study on a local Ray with a real MLflow store (once for this module)."""
+    import ray
+
+    from emtune.cli.main import main
+
+    root = tmp_path_factory.mktemp("report")
+    spec_path = root / "real.yaml"
+    spec_path.write_text(yaml.safe_dump({**REAL_SPEC, "output_dir": str(root / "studies")}))
+    try:
+        assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
+    finally:
+        ray.shutdown()
+    return root / "studies" / "real"
+
+
+@pytest.mark.slow
+def test_report_cli_on_a_real_study(finished_study: Path, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(finished_study, tmp_path / "studies" / "real")  # found by name under ./studies
+    assert report_cli.main(_parse(["report", "real"])) == 0
+    out = tmp_path / "reports" / "real"
+    assert f"report of real written to {out}" in capsys.readouterr().out
+    text = _assert_report_files(out, ["real"])
+    study = optuna.load_study(study_name="real", storage=f"sqlite:///{finished_study / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    data = load_study_data(tmp_path / "studies" / "real")
+    front = [r.number for r in data.table.front]
+    assert 1 <= len(front) <= 2 and data.parent_run_id is not None
+    front_table = text.split("### Pareto front")[1].split("<details>")[0]
+    for t in trials:
+        run_id = t.user_attrs["mlflow_run_id"]
+        assert f"runs:/{run_id}" in text
+        assert (f"| {t.number} | 0 | {t.values[0]:.4g} | {t.values[1]:.4g} |" in front_table) == (t.number in front)
+        assert data.trials[t.number].metrics["train_loss"] > 0  # read back from MLflow
+    assert "ood_drift ↓" in text and "indomain_nll ↓" in text
+    assert "- MLflow tracking URI: `sqlite:///studies/real/mlflow.db`, experiment id" in text
+    assert f"[runs:/{data.parent_run_id}]" in text and "complete 2" in text
+    assert "| real | kl_to_reference (kl_weight=" in text
+    # `recommend` on the same study: the lowest indomain_nll among trials with ood_drift <= its max
+    best = min(trials, key=lambda t: (t.values[1], t.number))
+    assert recommend_cli.main(_parse(["recommend", "real", "--format", "json"])) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["trial"] == best.number and ev["adapter_uri"] == f"runs:/{best.user_attrs['mlflow_run_id']}/adapter"

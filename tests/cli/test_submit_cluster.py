@@ -96,7 +96,10 @@ def ray_cluster():
     head_cmd = [ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(dash), "--include-dashboard=true", "--num-cpus", "2",
                 "--temp-dir", temp_dir, "--ray-client-server-port", str(_free_port())]
-    worker_cmd = [ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1"]
+    # The worker's own temp dir: two nodes sharing one session folder share `runtime_resources`,
+    # and one node's runtime-env cleanup then deletes the job's working_dir under the other.
+    worker_cmd = [ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                  "--temp-dir", os.path.join(temp_dir, "w")]
     procs: list[subprocess.Popen] = []
     dashboard = f"http://127.0.0.1:{dash}"
     try:

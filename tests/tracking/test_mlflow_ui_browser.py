@@ -1,0 +1,156 @@
+"""The MLflow UI of a finished tiny study, in Debian's headless Chromium: the experiment's runs
+table shows the study's parent run and, expanded, its trial runs (named by Ray trial id).
+
+Starts a real lean ``mlflow server`` (``emtune.cli.ui.server_command``) on 127.0.0.1 on a free
+port and drives the browser with selenium through the system chromedriver (nothing downloaded).
+The screenshot lands in the test's tmp folder and, when ``EMTUNE_ARTIFACTS_DIR`` is set, is
+copied there. Skips when chromium or chromedriver is missing (``tests/install_browser.sh``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1000"]
+SPEC = {
+    "name": "uistudy", "seed": 0,
+    "model": {"source": "tiny", "tiny": {"pretrain_steps": 20}},
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"train": {"path": "fixture:narrow_bad_advice", "limit": 60}, "heldout_fraction": 0.2,
+             "max_length": 128},
+    "training": {"learning_rate": 1.0e-2, "max_steps": 2, "per_device_batch_size": 4,
+                 "gradient_accumulation_steps": 1, "warmup_steps": 0},
+    "defenses": [{"name": "kl_to_reference", "weight": 0.1}],
+    "search": {"parameters": {"kl_weight": {"type": "float", "target": "defenses.kl_to_reference.weight",
+                                            "low": 1.0e-3, "high": 10.0, "log": True}},
+               "num_trials": 2},
+    "objectives": [{"name": "ood_drift", "direction": "minimize", "reference": 5.0},
+                   {"name": "indomain_nll", "direction": "minimize", "reference": 8.0}],
+    "evaluation": {"samples_per_question": 1, "max_new_tokens": 6},
+    "resources": {"max_concurrent_trials": 2},
+}
+
+
+def _chromedriver() -> str | None:
+    return shutil.which("chromedriver") or next(
+        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-trial study run end to end on a local Ray (once for this module)."""
+    import ray
+
+    from emtune.cli.main import main
+
+    root = tmp_path_factory.mktemp("ui")
+    spec_path = root / "uistudy.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "output_dir": str(root / "studies")}))
+    try:
+        assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
+    finally:
+        ray.shutdown()
+    return root / "studies" / "uistudy"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: Path) -> None:
+    driver_path = _chromedriver()
+    if not os.path.exists(CHROMIUM) or driver_path is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (run tests/install_browser.sh as root)")
+    from mlflow.tracking import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from emtune.cli.ui import server_command
+
+    uri = f"sqlite:///{finished_study / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("emtune/uistudy").experiment_id
+    runs = client.search_runs([experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("emtune.role") == "study")
+    trial_names = sorted(r.info.run_name for r in runs if r.data.tags.get("emtune.role") == "trial")
+    assert parent.info.run_name == "uistudy" and len(trial_names) == 2
+
+    port, log = _free_port(), tmp_path / "mlflow-server.log"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = server_command(uri, str(finished_study / "mlartifacts"), "127.0.0.1", port)
+    driver = None
+    with open(log, "w") as log_handle:
+        server = subprocess.Popen(cmd, env=env, stdout=log_handle, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_ready(server, port, log)
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in CHROMIUM_ARGS + [f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        # MLflow 3 opens new experiments in its GenAI view: ask for the classic runs table.
+        driver.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+        row = f'div[row-id="{parent.info.run_id}"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        assert "uistudy" in body(driver)
+        for close in driver.find_elements(By.CSS_SELECTOR, '[data-component-id="mlflow.assistant.chat_panel.close"]'):
+            close.click()  # the assistant side panel hides the table's columns in a screenshot
+        # Trials are nested under the parent run: expand it (the "+" button in its name cell).
+        expand = driver.find_element(By.CSS_SELECTOR, f'{row} button[data-component-id*="runnamecellrenderer"]')
+        expand.click()
+        wait.until(lambda d: all(name in body(d) for name in trial_names))
+        text = body(driver)
+        assert "uistudy" in text and all(name in text for name in trial_names)
+        shot = tmp_path / "mlflow_ui.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("EMTUNE_ARTIFACTS_DIR"):
+            target = Path(os.environ["EMTUNE_ARTIFACTS_DIR"])
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, target / "mlflow_ui.png")
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)  # its own session: the server and its workers only
+            server.wait()
