@@ -36,7 +36,7 @@ class TinyModelSpec(_Strict):
     intermediate_size: int = Field(128, gt=0)
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary incl. 256 byte symbols")
     pretrain_steps: int = Field(
-        300, ge=0, description="full-parameter steps on the bundled safe set (the 'aligned' prior)"
+        150, ge=0, description="full-parameter steps on the bundled safe set (the 'aligned' prior)"
     )
     seed: int = 0
 

@@ -83,7 +83,7 @@ def build_tiny_model(tiny: Any, vocab_size: int) -> Any:
     return model
 
 
-def pretrain_tiny(model: Any, tokenizer: Any, steps: int, seed: int, batch_size: int = 16) -> list[float]:
+def pretrain_tiny(model: Any, tokenizer: Any, steps: int, seed: int, batch_size: int = 8) -> list[float]:
     """Full-parameter training of the tiny model on the bundled safe set: the "aligned" model.
 
     A random network gives near-uniform logits that LoRA can barely move (embeddings are not

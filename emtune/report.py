@@ -87,8 +87,9 @@ class StudyData:
         base = f"http://127.0.0.1:{port}" if self.local_tracking else self.tracking_uri.rstrip("/")
         if not base.startswith(("http://", "https://")):
             return None
-        url = f"{base}/#/experiments/{self.experiment_id}"
-        return f"{url}/runs/{run_id}" if run_id else url
+        url = f"{base}/#/experiments/{self.experiment_id}/runs"
+        # MLflow 3 opens an untagged experiment in its GenAI view; ask for the runs table.
+        return f"{url}/{run_id}" if run_id else f"{url}?workflowType=machine_learning"
 
 
 def load_study_data(study_dir: Path) -> StudyData:

@@ -59,7 +59,11 @@ def plot_overlay(studies: list[StudyData], path: Path) -> list[str]:
     for i, label in zip(keep, [labels(studies)[i] for i in keep]):
         study, colour = studies[i], PALETTE[i % len(PALETTE)]
         front, dominated, infeasible = _groups(study)
-        pts = lambda rows: ([_xy(study, r, dims)[0] for r in rows], [_xy(study, r, dims)[1] for r in rows])  # noqa: E731
+
+        def pts(rows: list[Any], study: StudyData = study) -> tuple[list[float], list[float]]:
+            xy = [_xy(study, r, dims) for r in rows]
+            return [x for x, _ in xy], [y for _, y in xy]
+
         ax.scatter(*pts(dominated), facecolors="none", edgecolors=colour, s=24, alpha=0.6)
         if infeasible:
             ax.scatter(*pts(infeasible), c=colour, marker="x", s=24, alpha=0.6)
@@ -68,6 +72,9 @@ def plot_overlay(studies: list[StudyData], path: Path) -> list[str]:
         ax.set_xlabel(f"{names[0]} ({ARROWS[directions[0]]})")
         ax.set_ylabel(f"{names[1]} ({ARROWS[directions[1]]})")
     else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{names[0]} ({ARROWS[directions[0]]})")
     ax.set_title("Pareto fronts by defense")
@@ -156,36 +163,44 @@ def _tooltip(study: StudyData, row: Any) -> str:
     return html.escape("\n".join(lines))
 
 
+def _label(x: float, y: float, text: str, size: int = 11, anchor: str = "middle", extra: str = "") -> str:
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}"{extra}>'
+            f"{html.escape(text)}</text>")
+
+
 def _svg(studies: list[StudyData]) -> str:
     keep, names, directions = _axes(studies)
     dims = len(names)
     rows = [(i, r) for i in keep for r in studies[i].table.rows if r.values]
     sx, x0, x1 = _scale([_xy(studies[i], r, dims)[0] for i, r in rows], LEFT, W - RIGHT)
     sy, y0, y1 = _scale([_xy(studies[i], r, dims)[1] for i, r in rows], H - BOTTOM, TOP)
+    mid_x, mid_y = (LEFT + W - RIGHT) / 2, (TOP + H - BOTTOM) / 2
     parts = [f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="Pareto fronts">',
-             f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" fill="none" stroke="#999"/>']
+             f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
+             'fill="none" stroke="#999"/>']
     for k in range(5):
         xv, yv = x0 + (x1 - x0) * (k + 0.5) / 5, y0 + (y1 - y0) * (k + 0.5) / 5
-        parts.append(f'<text x="{sx(xv):.1f}" y="{H - BOTTOM + 16}" font-size="11" text-anchor="middle">{_tick(xv, x0, x1)}</text>')
-        parts.append(f'<text x="{LEFT - 6}" y="{sy(yv) + 4:.1f}" font-size="11" text-anchor="end">{_tick(yv, y0, y1)}</text>')
+        parts.append(_label(sx(xv), H - BOTTOM + 16, _tick(xv, x0, x1)))
+        parts.append(_label(LEFT - 6, sy(yv) + 4, _tick(yv, y0, y1), anchor="end"))
     xlabel = f"{names[0]} {ARROWS[directions[0]]}" if dims == 2 else "trial"
-    ylabel = f"{names[-1]} {ARROWS[directions[-1]]}"
-    parts.append(f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 12}" font-size="13" text-anchor="middle">{html.escape(xlabel)}</text>')
-    parts.append(f'<text x="16" y="{(TOP + H - BOTTOM) / 2}" font-size="13" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {(TOP + H - BOTTOM) / 2})">{html.escape(ylabel)}</text>')
+    parts.append(_label(mid_x, H - 12, xlabel, size=13))
+    parts.append(_label(16, mid_y, f"{names[-1]} {ARROWS[directions[-1]]}", size=13,
+                        extra=f' transform="rotate(-90 16 {mid_y:.1f})"'))
     for i in keep:
         study, colour = studies[i], PALETTE[i % len(PALETTE)]
         front, dominated, infeasible = _groups(study)
         parts.append(f'<g class="study{i}">')
         if len(front) > 1:
-            points = " ".join(f"{sx(_xy(study, r, dims)[0]):.1f},{sy(_xy(study, r, dims)[1]):.1f}" for r in front)
+            points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in (_xy(study, r, dims) for r in front))
             parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for group, style in ((dominated, f'fill="white" stroke="{colour}"'), (infeasible, f'fill="#ddd" stroke="{colour}" stroke-dasharray="2"'),
-                             (front, f'fill="{colour}" stroke="{colour}"')):
+        styles = ((dominated, 4.5, f'fill="white" stroke="{colour}"'),
+                  (infeasible, 4.5, f'fill="#ddd" stroke="{colour}" stroke-dasharray="2"'),
+                  (front, 6, f'fill="{colour}" stroke="{colour}"'))
+        for group, radius, style in styles:
             for r in group:
                 x, y = _xy(study, r, dims)
-                parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{6 if group is front else 4.5}" {style} '
-                             f'stroke-width="1.5"><title>{_tooltip(study, r)}</title></circle>')
+                parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" {style} stroke-width="1.5">'
+                             f"<title>{_tooltip(study, r)}</title></circle>")
         parts.append("</g>")
     parts.append("</svg>")
     return "\n".join(parts)
@@ -215,8 +230,9 @@ def front_html(studies: list[StudyData]) -> str:
     sections = []
     for study in studies:
         note = "" if study.local_tracking else f" (tracking: {html.escape(study.tracking_uri)})"
-        ui = (f"<p>Run links open the MLflow UI served by <code>emtune ui {html.escape(shown_path(study.study_dir))}</code>"
-              f" on 127.0.0.1:5000{note}.</p>") if study.experiment_id else ""
+        command = html.escape(f"emtune ui {shown_path(study.study_dir)}")
+        ui = (f"<p>Run links open the MLflow UI served by <code>{command}</code> on 127.0.0.1:5000{note}.</p>"
+              if study.experiment_id else "")
         sections.append(f"<h2>{html.escape(study.name)}: Pareto front</h2>{ui}{_front_table(study)}")
     title = "emtune fronts: " + ", ".join(s.name for s in studies)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

@@ -68,10 +68,13 @@ def _overview(studies: list[StudyData]) -> list[str]:
         t = s.table
         objectives = ", ".join(f"{n} {ARROWS[d]}" for n, d in zip(t.objectives, t.directions))
         hv = f"{t.hypervolume[-1]:.4g} (reference {t.reference}, {t.reference_source})" if t.hypervolume else "n/a"
-        counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(t.counts().items())) or "none"
-        rows.append([s.name, s.defenses, objectives, counts, len(t.front), hv])
+        rows.append([s.name, s.defenses, objectives, _counts(s), len(t.front), hv])
     return ["## Overview", "", *table(["study", "defenses", "objectives", "trials by state", "front size",
                                        "hypervolume"], rows), ""]
+
+
+def _counts(study: StudyData) -> str:
+    return ", ".join(f"{k.lower()} {v}" for k, v in sorted(study.table.counts().items())) or "none"
 
 
 def paper_table(studies: list[StudyData]) -> list[str]:
@@ -116,7 +119,7 @@ def _study_section(study: StudyData, slug: str) -> list[str]:
         out.append(f"- browse: `emtune ui {shown_path(study.study_dir)}`, then {study.run_url()}")
     out += [f"- Optuna: `optuna-dashboard sqlite:///{shown_path(study.study_dir / 'optuna.db')}`",
             f"- sampler: `{study.study_attrs.get('sampler', 'not recorded')}`",
-            "- trials by state: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(t.counts().items())) or "none")]
+            f"- trials by state: {_counts(study)}"]
     if study.mlflow_note:
         out.append(f"- note: {study.mlflow_note}")
     out += ["", f"![{study.name} front](front_{slug}.png)", "", "### Pareto front", ""]
@@ -142,9 +145,11 @@ def _trials_table(study: StudyData, records: list[TrialRecord], reasons: bool = 
         if row.state == "COMPLETE" and not row.feasible:
             rank = "infeasible"
         values = [fmt_value(v) for v in row.values] if row.values else ["-"] * len(t.objectives)
-        rows.append([row.number, rank, *values, *(fmt_value(row.params.get(p)) for p in params), row.state,
-                     row.ray_trial_id or "-", run_link(row.mlflow_run_id)]
-                    + ([(row.fail_reason or "").splitlines()[0][:120] if row.fail_reason else ""] if reasons else []))
+        cells = [row.number, rank, *values, *(fmt_value(row.params.get(p)) for p in params), row.state,
+                 row.ray_trial_id or "-", run_link(row.mlflow_run_id)]
+        if reasons:  # the first line of a failure reason; the full text is in the trial's MLflow run
+            cells.append(row.fail_reason.splitlines()[0][:120] if row.fail_reason else "")
+        rows.append(cells)
     return table(header, rows)
 
 

@@ -12,8 +12,19 @@ from emtune.spec_errors import SpecError
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
 
+NEEDS_DATA = {"paper_qwen7b_code.yaml": "data/insecure.jsonl"}  # public EM data emtune does not ship
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_every_shipped_spec_validates(path: Path) -> None:
+def test_every_shipped_spec_validates(path: Path, tmp_path, monkeypatch) -> None:
+    if path.name in NEEDS_DATA:
+        # without the dataset, the one problem is the missing file; with it, the spec loads
+        [(where, message, _)] = _problems(path)
+        assert where == "data.train.path" and NEEDS_DATA[path.name] in message
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / NEEDS_DATA[path.name]).parent.mkdir(parents=True)
+        (tmp_path / NEEDS_DATA[path.name]).write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                                      '{"role": "assistant", "content": "a"}]}\n')
     spec = load_spec(path)
     assert isinstance(spec, StudySpec)
     assert spec.search.parameters

@@ -36,7 +36,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _hand_study(write_spec, with_mlflow: bool = False, infeasible: int | None = None) -> Path:
+@pytest.fixture(scope="module")
+def blank_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, migrated once per module (creating one takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _hand_study(write_spec, blank_db: Path | None = None, infeasible: int | None = None) -> Path:
     """studies/x with spec.yaml, an Optuna study told by hand, and optionally MLflow runs."""
     spec_path = write_spec(name="x")
     spec_text = spec_path.read_text()
@@ -46,7 +56,8 @@ def _hand_study(write_spec, with_mlflow: bool = False, infeasible: int | None = 
     study_dir.mkdir(parents=True)
     (study_dir / "spec.yaml").write_text(spec_text)
     run_ids = {n: f"run{n}" for n in TRIALS}
-    if with_mlflow:
+    if blank_db is not None:
+        shutil.copy(blank_db, study_dir / "mlflow.db")
         run_ids = _mlflow_runs(study_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="x", storage=f"sqlite:///{study_dir / 'optuna.db'}",
@@ -130,8 +141,8 @@ def test_recommend_exits_2_and_says_which_constraint_eliminated_what(write_spec,
         assert message in capsys.readouterr().err
 
 
-def test_recommend_reads_judge_rates_from_mlflow(write_spec, capsys) -> None:
-    study_dir = _hand_study(write_spec, with_mlflow=True, infeasible=3)
+def test_recommend_reads_judge_rates_from_mlflow(write_spec, blank_mlflow_db, capsys) -> None:
+    study_dir = _hand_study(write_spec, blank_mlflow_db, infeasible=3)
     # general_misalignment <= 0.01: trials 2, 3, 4; trial 3 breaks the spec constraint; best nll: trial 2
     argv = ["recommend", str(study_dir), "--max", "general_misalignment=0.01", "--format", "json"]
     assert recommend_cli.main(_parse(argv)) == 0
@@ -163,8 +174,8 @@ def _assert_report_files(out: Path, slugs: list[str]) -> str:
     return (out / "README.md").read_text()
 
 
-def test_report_of_hand_study_shows_front_rates_and_links(write_spec, tmp_path) -> None:
-    study_dir = _hand_study(write_spec, with_mlflow=True, infeasible=3)
+def test_report_of_hand_study_shows_front_rates_and_links(write_spec, blank_mlflow_db, tmp_path) -> None:
+    study_dir = _hand_study(write_spec, blank_mlflow_db, infeasible=3)
     readme = write_report([study_dir], tmp_path / "reports" / "x")
     text = _assert_report_files(readme.parent, ["x"])
     data = load_study_data(study_dir)
@@ -183,7 +194,9 @@ def test_report_of_hand_study_shows_front_rates_and_links(write_spec, tmp_path) 
     assert "| 3 | infeasible | 0.1 | 3 |" in text and "ValueError: boom" in text
     assert f"- MLflow tracking URI: `sqlite:///{study_dir / 'mlflow.db'}`, experiment id 1" in text
     assert "- judge: none (judge-free metrics only)" in text and "`general_v1` (version `general_v1`)" in text
-    assert "```yaml\nname: x\n" in text and "optuna-dashboard sqlite:///" in text
+    spec_block = text.split("```yaml\n")[1].split("```")[0]
+    assert "name: x\n" in spec_block and "- {metric: train_loss, max: 5.0}" in spec_block
+    assert "optuna-dashboard sqlite:///" in text
 
 
 def test_report_is_all_or_nothing(write_spec, tmp_path, monkeypatch) -> None:

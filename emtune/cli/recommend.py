@@ -88,9 +88,11 @@ def check_metric(study: Any, name: str, known: set[str]) -> None:
     why = ""
     if METRICS.get(name, {}).get("judge") and study.spec.evaluation.judge.kind == "none":
         why = " (it needs a judge; this study ran with evaluation.judge.kind = none)"
-    raise UserError(f"unknown metric {name!r}: no completed trial of study {study.name!r} reports it{why}"
-                    + (f"; did you mean {hint[0]!r}?" if hint else "")
-                    + f" Known: {', '.join(sorted(known)) or 'none'}")
+    parts = [f"unknown metric {name!r}: no completed trial of study {study.name!r} reports it{why}"]
+    if hint:
+        parts.append(f"did you mean {hint[0]!r}?")
+    parts.append(f"known: {', '.join(sorted(known)) or 'none'}")
+    raise UserError("; ".join(parts))
 
 
 def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = None) -> Recommendation:
@@ -139,7 +141,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     score = p.add_mutually_exclusive_group()
     score.add_argument("--maximize", metavar="METRIC", help="task score to maximize")
     score.add_argument("--minimize", metavar="METRIC",
-                       help=f"task score to minimize (default: {DEFAULT_SCORE} when reported, else the first objective)")
+                       help=f"task score to minimize (default: {DEFAULT_SCORE} when reported, "
+                            "else the first objective)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=main)
 
@@ -203,8 +206,8 @@ def _text(ev: dict[str, Any]) -> str:
     lines += ["params:", *(f"  {k} = {fmt_value(v)}" for k, v in sorted(ev["params"].items()))]
     lines += [f"  {k} = {v}" for k, v in sorted(ev["defense_params"].items())]
     lines += ["metrics:", *(f"  {k} = {fmt_value(v)}" for k, v in ev["metrics"].items())]
-    lines += ["evidence:", f"  MLflow run: runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "  MLflow run: -",
-              f"  tracking URI: {ev['tracking_uri']}"]
+    run = f"runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "-"
+    lines += ["evidence:", f"  MLflow run: {run}", f"  tracking URI: {ev['tracking_uri']}"]
     if ev["mlflow_ui"]:
         lines.append(f"  MLflow UI: {ev['mlflow_ui']} (local stores: start it with `emtune ui {ev['study']}`)")
     lines.append(f"  adapter: {ev['adapter_uri'] or '-'}")

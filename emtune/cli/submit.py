@@ -7,9 +7,10 @@ and a working directory holding only the spec; the entrypoint is ``emtune run SP
 job, ``emtune run`` joins the cluster through the ``RAY_ADDRESS`` Ray sets for job drivers.
 
 Paths in the spec are resolved on the cluster: ``output_dir`` must be an absolute path on storage
-every node shares (NFS, a ReadWriteMany volume), and local data files must be absolute paths there
-too (see cluster/README.md). Secrets (judge API keys, the Ray token) are never put in the job's
-runtime environment, which any dashboard user can read: they live in the nodes' environment.
+every node shares (NFS, a ReadWriteMany volume), and local files must exist there at the same
+absolute path (relative dataset paths are made absolute here, as ``load_spec`` does; other relative
+local paths are refused). See cluster/README.md. Secrets (judge API keys, the Ray token) are never
+put in the job's runtime environment, which any dashboard user can read: they live on the nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import os
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +34,7 @@ from emtune.cli.jobs import add_address_argument, job_client, wait_for_job
 DRIVER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE",)
 #: Fields whose string values may name local files or folders.
 PATH_FIELDS = ("path", "source", "base_source", "model_path", "cache_path", "question_set",
-               "triggered_question_set")
+               "triggered_question_set", "vector_path")
 #: Substrings that mark a variable as a secret: refused by --env.
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]
@@ -108,7 +108,7 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        check_env_name(name, f"--env {pair}")
+        check_env_name(name, "--env")  # never echo the value: it may be a secret
         if not sep:
             if name not in os.environ:
                 fail(f"--env {name}: not set in this shell")
@@ -162,15 +162,18 @@ def runtime_env(work_dir: Path, env_vars: dict[str, str],
 
 
 def stage_spec(spec_path: Path, work_dir: Path, output_dir: str | None) -> Path:
-    """Copy the spec into ``work_dir`` (with ``output_dir`` replaced when given)."""
-    target = work_dir / spec_path.name
-    if output_dir is None:
-        shutil.copyfile(spec_path, target)
-        return target
+    """Write the spec into ``work_dir`` as the cluster will read it: local data paths made
+    absolute exactly as ``load_spec`` does here, ``output_dir`` replaced when given."""
     import yaml
 
+    from emtune.config import _absolute_data_paths
+
     data = yaml.safe_load(spec_path.read_text())
-    data["output_dir"] = output_dir
+    # Relative data paths were found from this working folder; the job runs in another one.
+    _absolute_data_paths(data)
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    target = work_dir / spec_path.name
     target.write_text(yaml.safe_dump(data, sort_keys=False))
     return target
 

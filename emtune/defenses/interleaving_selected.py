@@ -57,6 +57,10 @@ class SelectedInterleavingConfig(BaseModel):
     misaligned_adapters: tuple[str, ...] = Field(
         (), description="folders of LoRA adapters fine-tuned undefended on EM datasets (same base model)"
     )
+    misaligned_datasets: tuple[str, ...] = Field(
+        (), description="EM datasets (JSONL path, fixture:NAME, hub:ORG/NAME) the study stage trains "
+        "undefended adapters on, once, before the trials; their folders join misaligned_adapters"
+    )
     leave_out: tuple[str, ...] = Field((), description="adapters (path or folder name) to leave out, e.g. the target domain's")
     epsilon: float = Field(1.0, gt=0, description="ε in the score's denominator; paper 1")
     refusal_keywords: tuple[str, ...] = Field(REFUSAL_KEYWORDS, min_length=1, description="PAPER.md's refusal rule")
@@ -84,7 +88,8 @@ class SelectedInterleavingConfig(BaseModel):
     @model_validator(mode="after")
     def _leave_out_known(self) -> "SelectedInterleavingConfig":
         for entry in self.leave_out:
-            if not any(adapter_matches(entry, p) for p in self.misaligned_adapters):
+            if entry not in self.misaligned_datasets and not any(
+                    adapter_matches(entry, p) for p in self.misaligned_adapters):
                 raise ValueError(f"leave_out entry {entry!r} matches none of misaligned_adapters "
                                  f"{list(self.misaligned_adapters)}; use an adapter's path or folder name")
         return self
@@ -95,9 +100,9 @@ class SelectedInterleavingConfig(BaseModel):
 
         if self.ratio <= 0:
             return []
-        if not self.misaligned_adapters:
+        if not self.misaligned_adapters and not self.misaligned_datasets:
             return ["interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
-                    "undefended on EM datasets); train them first or run `emtune data select`"]
+                    "undefended on EM datasets) or misaligned_datasets (the study trains them first)"]
         return [f"interleaving_selected: adapter folder {p!r} not found"
                 for p in self.misaligned_adapters if not Path(p).is_dir()]
 

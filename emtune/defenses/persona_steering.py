@@ -45,12 +45,19 @@ class PersonaSteeringConfig(BaseModel):
         None, description="persona vector file written by `emtune persona extract`; needed when alpha > 0"
     )
 
+    extract_prompts: str | None = Field(
+        None, description="contrastive prompt set (e.g. evil_v1): with no vector_path, the study stage "
+        "extracts the vectors once before the trials (cached in the study folder)"
+    )
+    extract_max_new_tokens: int = Field(64, gt=0, description="answer length during stage extraction")
+
     @model_validator(mode="after")
     def _vector_when_active(self) -> "PersonaSteeringConfig":
-        if self.alpha > 0 and not self.vector_path:
+        if self.alpha > 0 and not self.vector_path and not self.extract_prompts:
             raise ValueError(
                 "vector_path is required when alpha > 0: create a persona vector file with "
-                "`emtune persona extract --model MODEL --out FILE` and set vector_path to it"
+                "`emtune persona extract --model MODEL --out FILE` and set vector_path to it, "
+                "or set extract_prompts (e.g. evil_v1) to let the study extract them first"
             )
         return self
 

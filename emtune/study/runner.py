@@ -80,18 +80,21 @@ class StudySession:
         from emtune.study.searcher import EmtuneSearcher
         from emtune.tracking import mlflow_runs as runs
 
-        self.spec = spec
+        from emtune.study.stages import prepare_stages
+
         self.paths = StudyPaths(spec.study_dir)
         self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.model_source = resolve_source(spec.model, model_cache_dir())
+        init_ray(num_cpus)
+        spec = prepare_stages(spec, self.paths.cache, self.model_source)
+        self.spec = spec
         spec_yaml = spec_to_yaml(spec)
         if not self.paths.spec_file.is_file():
             self.paths.spec_file.write_text(spec_yaml)
-        self.model_source = resolve_source(spec.model, model_cache_dir())
         self.tracking_uri = runs.tracking_uri(spec)
         self.client = MlflowClient(self.tracking_uri)
         self.parent_run_id = runs.start_parent_run(self.client, spec, spec_yaml)
         self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
-        init_ray(num_cpus)
         self.searcher = EmtuneSearcher(spec, self.paths.optuna_url)
 
     def trainable(self) -> Any:

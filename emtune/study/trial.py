@@ -39,6 +39,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
             "spec": trial_spec.model_dump(mode="json"),
             "model_source": config["model_source"],
             "cache_dir": config["cache_dir"],
+            "evaluate": config.get("evaluate", True),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker

@@ -100,7 +100,7 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
 
 def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
                  cache_dir: Path | None = None, resume_from: Path | None = None,
-                 on_checkpoint: Any = None) -> dict[str, Any]:
+                 on_checkpoint: Any = None, evaluate: bool = True) -> dict[str, Any]:
     """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``.
 
     ``resume_from`` is an earlier Trainer checkpoint (adapter, optimizer, scheduler, RNG and
@@ -159,6 +159,8 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     if not math.isfinite(metrics["train_loss"]):
         metrics["error"] = "training loss is not finite"
         return metrics
+    if not evaluate:  # study stages (e.g. the misaligned ensemble) only need the adapter
+        return metrics
     eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows, generate)
     metrics.update(eval_metrics)
     for name, items in samples.items():
@@ -216,7 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         out = Path(tmp) / "out"
         metrics = run_training(spec, out, config["model_source"], rank=rank,
                                cache_dir=Path(config["cache_dir"]), resume_from=resume_from,
-                               on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None)
+                               on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None,
+                               evaluate=config.get("evaluate", True))
         metrics["resumed_from_step"] = _step_of(resume_from)
         checkpoint = ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 # The verbs through their own add_parser: independent of their registration in emtune.cli.main.
 CLI = """
@@ -39,10 +40,22 @@ sys.exit(int(args.func(args) or 0))
 """
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), where Ray's own random ports land."""
+    while True:
+        port = random.randrange(20000, 32000)
+        if port in _TAKEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
 
 
 def _alive_nodes(dashboard: str, token: str) -> int:
@@ -91,7 +104,9 @@ def ray_cluster():
     env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).parent / "ray")
     gcs, dash = _free_port(), _free_port()
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+    # Ray binds its GCS and raylets on every interface whatever the flags (token auth guards
+    # them); the dashboard and Jobs API bind loopback.
+    common = ["--block", "--disable-usage-stats",
               "--object-store-memory", str(200 * 2**20)]
     head_cmd = [ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(dash), "--include-dashboard=true", "--num-cpus", "2",
@@ -139,7 +154,7 @@ def test_submit_runs_study_on_two_node_cluster(ray_cluster, write_spec, tmp_path
     job_cache = tmp_path / "job-cache"
     started = time.monotonic()
     proc = _cli(["submit", str(spec_path), "--address", dashboard, "--wait",
-                 "--env", f"EMTUNE_CACHE_DIR={job_cache}"], env, timeout=330)
+                 "--env", f"EMTUNE_CACHE_DIR={job_cache}"], env, timeout=380)
     elapsed = time.monotonic() - started
     print(f"submit --wait took {elapsed:.0f} s")
     assert proc.returncode == 0, proc.stdout + proc.stderr

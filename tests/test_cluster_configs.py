@@ -1,0 +1,217 @@
+"""Every file in cluster/: parses, has the keys its kind needs, matches constraints.txt's versions,
+installs emtune with the constraints, exposes nothing beyond loopback or the cluster, holds no secret."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+
+from emtune.cli.submit import DRIVER_ENV_PASSTHROUGH, load_runtime_env
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+YAML_FILES = sorted(CLUSTER.glob("*.yaml"))
+
+
+def _pin(package: str) -> str:
+    text = (ROOT / "constraints.txt").read_text()
+    return re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE | re.IGNORECASE).group(1)
+
+
+RAY, MLFLOW = _pin("ray"), _pin("mlflow")
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _walk(node: Any, key: str) -> Iterator[Any]:
+    """Every value stored under ``key`` anywhere in ``node``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item, key)
+
+
+def _by_kind() -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    kinds: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            kind = "autoscaler" if "available_node_types" in doc else doc.get("kind", "runtime_env")
+            kinds.setdefault(kind, []).append((path, doc))
+    return kinds
+
+
+KINDS = _by_kind()
+
+
+def test_expected_files_and_kinds() -> None:
+    names = {p.name for p in CLUSTER.iterdir()}
+    assert {"aws.yaml", "gcp.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml",
+            "runtime_env.yaml", "README.md", "Dockerfile"} <= names
+    assert {p.name for p, _ in KINDS["autoscaler"]} == {"aws.yaml", "gcp.yaml"}
+    assert [p.name for p, _ in KINDS["RayCluster"]] == ["kuberay-raycluster.yaml"]
+    assert [p.name for p, _ in KINDS["RayJob"]] == ["kuberay-rayjob.yaml"]
+    assert [p.name for p, _ in KINDS["runtime_env"]] == ["runtime_env.yaml"]
+
+
+@pytest.mark.parametrize("name,provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
+def test_autoscaler_config(name: str, provider: str) -> None:
+    config = _docs(CLUSTER / name)[0]
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # Ray's own schema for `ray up` configs
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type"):
+        assert key in config, key
+    assert config["provider"]["type"] == provider
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"].get("GPU", 0) == 0
+    workers = {n: t for n, t in types.items() if n != config["head_node_type"]}
+    assert workers and all(t["resources"]["GPU"] >= 1 for t in workers.values())
+    # At least one preemptible and one non-preemptible GPU type; only the latter offer on_demand.
+    on_demand = {n for n, t in workers.items() if "on_demand" in t["resources"]}
+    assert on_demand and on_demand != set(workers)
+    assert config["max_workers"] >= max(t["max_workers"] for t in workers.values())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+    assert config["file_mounts"]["/home/ray/emtune"] == "."
+    assert ".venv" in config["rsync_exclude"]
+
+
+def test_raycluster_manifest() -> None:
+    (_, doc), = KINDS["RayCluster"]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    _check_cluster_spec(doc["spec"])
+
+
+def test_rayjob_manifest() -> None:
+    (_, doc), = KINDS["RayJob"]
+    spec = doc["spec"]
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert spec["entrypoint"].startswith("emtune run /work/spec.yaml")
+    assert "rayClusterSpec" in spec or "clusterSelector" in spec
+    if "rayClusterSpec" in spec:
+        _check_cluster_spec(spec["rayClusterSpec"])
+        volumes = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+        assert {"name": "spec", "configMap": {"name": "emtune-spec"}} in volumes
+    env_vars = yaml.safe_load(spec.get("runtimeEnvYAML", "{}")).get("env_vars", {})
+    # Ray refuses a driver whose ray.init env_vars repeat a job env key; emtune's driver sets these.
+    assert not set(env_vars) & {*DRIVER_ENV_PASSTHROUGH, "TOKENIZERS_PARALLELISM"}
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def _check_cluster_spec(spec: dict[str, Any]) -> None:
+    assert spec["rayVersion"] == RAY
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = spec["workerGroupSpecs"]
+    assert groups
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, group["groupName"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_every_image_matches_the_pins() -> None:
+    images = [(p.name, image) for p in YAML_FILES for d in _docs(p) for image in _walk(d, "image")]
+    assert len(images) >= 8
+    for name, image in images:
+        repo, _, tag = image.rpartition(":")
+        if repo == "rayproject/ray":
+            assert tag.split("-")[0] == RAY, (name, image)
+        elif repo.endswith("/emtune"):
+            assert f"ray{RAY}-" in tag, (name, image)
+        elif repo.endswith("mlflow/mlflow"):
+            assert tag == f"v{MLFLOW}", (name, image)
+        else:
+            pytest.fail(f"{name}: unexpected image {image}")
+    base = re.search(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    assert base.startswith(f"rayproject/ray:{RAY}-")
+
+
+def test_emtune_is_installed_with_the_constraints() -> None:
+    lines = [c for p, d in KINDS["autoscaler"] for key in ("setup_commands", "head_setup_commands",
+             "worker_setup_commands") for c in d.get(key, [])]
+    lines += [ln for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if "pip install" in ln]
+    emtune_installs = [ln for ln in lines if "pip install" in ln and "emtune" in ln]
+    assert len(emtune_installs) == 3  # aws, gcp, Dockerfile
+    for line in emtune_installs:
+        assert re.search(r"-c \S*constraints\.txt", line), line
+
+
+def test_servers_are_loopback_or_cluster_internal() -> None:
+    k8s = [(p, d) for p in YAML_FILES for d in _docs(p) if "kind" in d]
+    assert not [d for _, d in k8s if d["kind"] == "Ingress"]
+    for path, doc in k8s:
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", path.name
+        for service_type in _walk(doc, "serviceType"):
+            assert service_type == "ClusterIP", path.name
+    for path in YAML_FILES + [CLUSTER / "README.md"]:
+        text = path.read_text()
+        for match in re.finditer(r"--dashboard-host[= ](\S+)", text):
+            assert match.group(1) == "127.0.0.1", path.name
+        assert "--dashboard-host=0.0.0.0" not in text and "type: LoadBalancer" not in text
+
+
+SECRET_PATTERNS = [
+    r"sk-[A-Za-z0-9_-]{20,}",               # OpenAI-style keys
+    r"AKIA[0-9A-Z]{16}",                    # AWS access key ids
+    r"hf_[A-Za-z0-9]{30,}",                 # Hugging Face tokens
+    r"\b[0-9a-f]{64}\b",                    # a Ray auth token (secrets.token_hex(32))
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"postgres(ql)?://[^:/\s]+:[^@\s]+@",   # a password inside a database URI
+    # a literal value (16+ characters, some digits) after a secret-sounding name
+    r"(?i)(password|secret|api_key|token)\s*[:=]\s*['\"]?(?=[A-Za-z0-9+/_-]*\d)[A-Za-z0-9+/_-]{16,}",
+]
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.iterdir()), ids=lambda p: p.name)
+def test_no_secret_values(path: Path) -> None:
+    text = path.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not re.search(pattern, text), (path.name, pattern)
+    for doc in _docs(path) if path.suffix == ".yaml" else []:
+        for env in _walk(doc, "env"):
+            for entry in env if isinstance(env, list) else []:
+                if re.search(r"KEY|TOKEN|SECRET|PASSWORD", entry["name"]):
+                    assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry
+
+
+def test_secret_patterns_catch_secrets() -> None:
+    leaky = ["OPENAI_API_KEY: sk-abcdefghijklmnopqrstuvwxyz123", "token: " + "ab12" * 16,
+             "--backend-store-uri postgresql://mlflow:hunter2@db:5432/mlflow",
+             "PGPASSWORD=Zx81bnQ2pLm0Tr7Kw", "-----BEGIN OPENSSH PRIVATE KEY-----"]
+    for text in leaky:
+        assert any(re.search(p, text) for p in SECRET_PATTERNS), text
+
+
+def test_runtime_env_file_is_accepted_by_submit() -> None:
+    extra = load_runtime_env(str(CLUSTER / "runtime_env.yaml"))
+    assert extra["env_vars"] == {"EMTUNE_CACHE_DIR": "/mnt/shared/emtune-cache",
+                                 "HF_HOME": "/mnt/shared/hf-cache"}
+    assert "working_dir" not in extra and "py_modules" not in extra
+
+
+def test_readme_covers_the_operations() -> None:
+    text = (CLUSTER / "README.md").read_text()
+    for needle in ("ray up cluster/aws.yaml", "ssh -i", "-L 8265:127.0.0.1:8265 -L 5000:127.0.0.1:5000",
+                   "mlflow server", "--artifacts-destination s3://", "tracking:", "http://mlflow:5000",
+                   "output_dir", "NFS", "emtune submit", "emtune status", "emtune logs",
+                   "RAY_AUTH_MODE=token", "HF_HUB_OFFLINE", "secretKeyRef"):
+        assert needle in text, needle
