@@ -58,8 +58,9 @@ def defended_loss(model: Any, inputs: dict[str, Any], defenses: list[Any], unwra
     return total, terms, outputs
 
 
-class DefendedTrainer(Trainer):
-    """Trainer whose loss adds the trial's defense terms; logs each term separately."""
+class DefenseLossMixin:
+    """Mix into any transformers ``Trainer`` subclass (TRL's ``SFTTrainer`` too): the loss becomes
+    the task loss plus the defenses' terms, each term logged under its own name."""
 
     loss_is_scaled_for_ga = False
 
@@ -72,6 +73,7 @@ class DefendedTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         unwrapped = self.accelerator.unwrap_model(model)
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
         loss, terms, outputs = defended_loss(model, inputs, self.defenses, unwrapped)
         if model.training:
             for name, value in terms.items():
@@ -86,6 +88,15 @@ class DefendedTrainer(Trainer):
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, start_time)
+
+
+def defended_trainer_class(base: type) -> type:
+    """``base`` (a Trainer subclass such as TRL's SFTTrainer) with the defended loss."""
+    return type(f"Defended{base.__name__}", (DefenseLossMixin, base), {})
+
+
+class DefendedTrainer(DefenseLossMixin, Trainer):
+    """The transformers Trainer with the defended loss (what emtune's workers use)."""
 
 
 class LossHistory(TrainerCallback):

@@ -71,7 +71,7 @@ def _stop(procs: list[subprocess.Popen], token: str) -> None:
     for proc in reversed(procs):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 8
     for proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
