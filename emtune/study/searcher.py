@@ -69,6 +69,10 @@ class EmtuneSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self._live.pop(trial_id, None)
+        if trial is None:  # a restored searcher whose saved state predates this trial's suggest
+            trial = next((t.number for t in self.study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if t.user_attrs.get("ray_trial_id") == trial_id), None)
         if trial is None:
             return
         if isinstance(trial, int):  # restored from a checkpoint: reattach to the stored trial

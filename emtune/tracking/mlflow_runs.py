@@ -23,8 +23,10 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(spec: Any) -> str:
-    """The spec's tracking URI, or the SQLite store in the study directory."""
-    return spec.tracking.uri or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
+    """The spec's tracking URI, else ``MLFLOW_TRACKING_URI``, else SQLite in the study folder."""
+    import os
+
+    return spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
 
 
 def experiment_name(spec: Any) -> str:
@@ -39,7 +41,7 @@ def ensure_experiment(client: MlflowClient, spec: Any) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if spec.tracking.uri is None or spec.tracking.uri.startswith(("sqlite:", "file:")):
+    if tracking_uri(spec).startswith(("sqlite:", "file:")):
         location = (spec.study_dir / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
