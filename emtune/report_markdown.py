@@ -98,7 +98,7 @@ def paper_table(studies: list[StudyData]) -> list[str]:
     missing = [label for k, label in PAPER_COLUMNS if (k, label) not in present]
     if missing:
         out += ["", f"Not reported by any front trial: {', '.join(missing)} (judge rates need "
-                    "`evaluation.judge`; the benign score needs `data.opswap`). Judge-free metrics shown instead."]
+                    "`evaluation.judge`; the benign score needs `data.opswap`). Judge-free metrics are always shown."]
     return out + [""]
 
 

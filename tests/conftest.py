@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 TINY_SPEC = """
 name: {name}

@@ -132,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = sub.add_parser(
         "recommend", help="pick the best task score under metric ceilings, with its evidence",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n", 1)[1].replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="study folder, spec file, or name under ./studies")
     p.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE",
                    help="ceiling: keep trials with METRIC <= VALUE (repeatable)")
@@ -173,9 +173,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _evidence(study: Any, rec: Recommendation, bounds: list[Bound]) -> dict[str, Any]:
+    from emtune.report import shown_path
+
     row = rec.record.row
     return {
         "study": study.name,
+        "study_dir": shown_path(study.study_dir),
         "trial": row.number,
         "score": {"metric": rec.score, "direction": rec.direction, "value": rec.record.metrics[rec.score]},
         "constraints": [str(b) for b in bounds],
@@ -209,7 +212,7 @@ def _text(ev: dict[str, Any]) -> str:
     run = f"runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "-"
     lines += ["evidence:", f"  MLflow run: {run}", f"  tracking URI: {ev['tracking_uri']}"]
     if ev["mlflow_ui"]:
-        lines.append(f"  MLflow UI: {ev['mlflow_ui']} (local stores: start it with `emtune ui {ev['study']}`)")
+        lines.append(f"  MLflow UI: {ev['mlflow_ui']} (local stores: start it with `emtune ui {ev['study_dir']}`)")
     lines.append(f"  adapter: {ev['adapter_uri'] or '-'}")
     lines.append(f"  Ray trial: {ev['ray_trial_id'] or '-'}")
     return "\n".join(lines)

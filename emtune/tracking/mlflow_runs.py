@@ -43,7 +43,9 @@ def ensure_experiment(client: MlflowClient, spec: Any) -> str:
     location = None
     if tracking_uri(spec).startswith(("sqlite:", "file:")):
         location = (spec.study_dir / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    # MLflow 3 opens untagged experiments in its GenAI view; studies are classic training runs.
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def find_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:

@@ -77,7 +77,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) -> None:
-    path = write_spec(name="workerkill", num_trials=1, max_steps=60)
+    path = write_spec(name="workerkill", num_trials=1, max_steps=120)
     text = path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  checkpoint_every_steps: 5\n")
     path.write_text(text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1, max_failures: 1}"))
     study_dir = path.parent / "studies" / "workerkill"
@@ -85,8 +85,13 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 400
+        first_seen = None
         while time.time() < deadline and not killed:
-            if list((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")):
+            if first_seen is None and list((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")):
+                first_seen = time.time()
+            # Train's controller registers a reported checkpoint at its next poll of the workers:
+            # give it a moment, then kill the worker mid-training
+            if first_seen is not None and time.time() - first_seen > 2.0:
                 for pid in _train_worker_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -101,7 +106,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
     assert trial.state == COMPLETE
     [run] = _children(study_dir, "workerkill")
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["train_steps"] == 60
+    assert run.data.metrics["train_steps"] == 120
     assert run.data.metrics["resumed_from_step"] >= 5  # the restarted worker did not start over
 
 
