@@ -7,6 +7,7 @@ search algorithm first), so the front read from the Optuna study already include
 from __future__ import annotations
 
 import sys
+import time
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,16 @@ class StudyProgress(Callback):
         self._parent = parent_run_id
         self._searcher = searcher
         self._front_size = 0
+        self._started = time.monotonic()
 
     def _line(self, trials: list[Any], event: str) -> None:
         states: dict[str, int] = {}
         for trial in trials:
             states[trial.status] = states.get(trial.status, 0) + 1
         done = states.get("TERMINATED", 0)
+        elapsed = int(time.monotonic() - self._started)
         print(
-            f"[emtune] {event}: {done} done, {states.get('RUNNING', 0)} running, "
+            f"[emtune {elapsed // 60}:{elapsed % 60:02d}] {event}: {done} done, {states.get('RUNNING', 0)} running, "
             f"{states.get('ERROR', 0)} failed, {states.get('PENDING', 0)} pending of "
             f"{self._spec.search.num_trials}; front size {self._front_size}",
             file=sys.stdout, flush=True,  # looked up per call: Tune pickles callbacks

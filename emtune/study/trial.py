@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from emtune.tracking import mlflow_runs as runs
     from emtune.train.worker import HISTORY_FILE, SAMPLES_FILE
 
+    started = time.perf_counter()
     os.environ.pop("MLFLOW_RUN_ID", None)
     spec = StudySpec.model_validate(config["spec"])
     trial_id = tune.get_context().get_trial_id()
@@ -74,8 +76,11 @@ def run_trial(config: dict[str, Any]) -> None:
     run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
                                   trial_id, config["params"], trial_spec)
     try:
+        fit_started = time.perf_counter()
         result = trainer_for(trial_spec, trial_id, config).fit()
         metrics = dict(result.metrics or {})
+        metrics["time/fit_s"] = time.perf_counter() - fit_started
+        metrics["time/driver_setup_s"] = fit_started - started
         checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint else None
         if checkpoint_dir is not None:
             history = checkpoint_dir / HISTORY_FILE
@@ -95,6 +100,7 @@ def run_trial(config: dict[str, Any]) -> None:
             from emtune.evaluation.judging import judge_trial
 
             metrics.update(judge_trial(trial_spec, checkpoint_dir, client, run_id))
+        metrics["time/trial_s"] = time.perf_counter() - started
         runs.log_final_metrics(client, run_id, metrics)
         metrics["mlflow_run_id"] = run_id
         error = metrics.get("error")

@@ -14,6 +14,7 @@ import math
 import shutil
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     from emtune.models import apply_lora, load_model, load_tokenizer
     from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory
 
+    started = time.perf_counter()
     _seed_everything(spec.seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,9 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
         defenses=defenses,
         callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
     )
+    setup_done = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_done = time.perf_counter()
     shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
     finalize_logs: dict[str, float] = {}
     for defense in defenses:
@@ -143,7 +147,8 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
             finalize_logs.update(defense.finalize(model))
     for defense in defenses:
         defense.detach(model)
-    metrics: dict[str, Any] = {"train_steps": int(train_output.global_step)}
+    metrics: dict[str, Any] = {"train_steps": int(train_output.global_step),
+                               "time/setup_s": setup_done - started, "time/train_s": train_done - setup_done}
     losses = [row["task_loss"] for row in history.rows if "task_loss" in row]
     tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
     metrics["train_loss"] = sum(tail) / len(tail)
@@ -161,7 +166,9 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
         return metrics
     if not evaluate:  # study stages (e.g. the misaligned ensemble) only need the adapter
         return metrics
+    eval_started = time.perf_counter()
     eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows, generate)
+    metrics["time/eval_s"] = time.perf_counter() - eval_started
     metrics.update(eval_metrics)
     for name, items in samples.items():
         with open(output_dir / SAMPLES_FILE.format(name=name), "w", encoding="utf-8") as handle:
