@@ -85,3 +85,29 @@ def tiny_lora():
                          intermediate_size=64, pretrain_steps=0)
     model = apply_lora(build_tiny_model(tiny, len(tokenizer)), LoraSpec(r=4, alpha=8))
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real 2-trial study (local Ray, SQLite MLflow, Optuna) shared by every test that only
+    reads a finished study; its console output is kept in ``run_output.txt`` beside it."""
+    import contextlib
+    import io
+
+    import ray
+
+    from emtune.cli.main import main
+
+    root = tmp_path_factory.mktemp("finished")
+    spec_path = root / "finished.yaml"
+    spec_path.write_text(TINY_SPEC.format(name="finished", output_dir=str(root / "studies"),
+                                          pretrain_steps=20, max_steps=2, num_trials=2))
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            code = main(["run", str(spec_path), "--num-cpus", "2"])
+    finally:
+        ray.shutdown()
+    (root / "run_output.txt").write_text(buffer.getvalue())
+    assert code == 0, buffer.getvalue()
+    return root / "studies" / "finished"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from emtune.cli import recommend as recommend_cli
 from emtune.cli import report as report_cli
@@ -226,54 +225,18 @@ def test_report_is_all_or_nothing(write_spec, tmp_path, monkeypatch) -> None:
         write_report([tmp_path], tmp_path / "r")
 
 
-REAL_SPEC = {
-    "name": "real", "seed": 0,
-    "model": {"source": "tiny", "tiny": {"pretrain_steps": 20}},
-    "lora": {"r": 4, "alpha": 8},
-    "data": {"train": {"path": "fixture:narrow_bad_advice", "limit": 60}, "heldout_fraction": 0.2,
-             "max_length": 128},
-    "training": {"learning_rate": 1.0e-2, "max_steps": 2, "per_device_batch_size": 4,
-                 "gradient_accumulation_steps": 1, "warmup_steps": 0},
-    "defenses": [{"name": "kl_to_reference", "weight": 0.1}],
-    "search": {"parameters": {"kl_weight": {"type": "float", "target": "defenses.kl_to_reference.weight",
-                                            "low": 1.0e-3, "high": 10.0, "log": True}},
-               "num_trials": 2},
-    "objectives": [{"name": "ood_drift", "direction": "minimize", "reference": 5.0},
-                   {"name": "indomain_nll", "direction": "minimize", "reference": 8.0}],
-    "evaluation": {"samples_per_question": 1, "max_new_tokens": 6},
-    "resources": {"max_concurrent_trials": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 2-trial study on a local Ray with a real MLflow store (once for this module)."""
-    import ray
-
-    from emtune.cli.main import main
-
-    root = tmp_path_factory.mktemp("report")
-    spec_path = root / "real.yaml"
-    spec_path.write_text(yaml.safe_dump({**REAL_SPEC, "output_dir": str(root / "studies")}))
-    try:
-        assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
-    finally:
-        ray.shutdown()
-    return root / "studies" / "real"
-
-
 @pytest.mark.slow
 def test_report_cli_on_a_real_study(finished_study: Path, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(finished_study, tmp_path / "studies" / "real")  # found by name under ./studies
-    assert report_cli.main(_parse(["report", "real"])) == 0
-    out = tmp_path / "reports" / "real"
-    assert f"report of real written to {out}" in capsys.readouterr().out
-    text = _assert_report_files(out, ["real"])
-    study = optuna.load_study(study_name="real", storage=f"sqlite:///{finished_study / 'optuna.db'}")
+    shutil.copytree(finished_study, tmp_path / "studies" / "finished")  # found by name under ./studies
+    assert report_cli.main(_parse(["report", "finished"])) == 0
+    out = tmp_path / "reports" / "finished"
+    assert f"report of finished written to {out}" in capsys.readouterr().out
+    text = _assert_report_files(out, ["finished"])
+    study = optuna.load_study(study_name="finished", storage=f"sqlite:///{finished_study / 'optuna.db'}")
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    data = load_study_data(tmp_path / "studies" / "real")
+    data = load_study_data(tmp_path / "studies" / "finished")
     front = [r.number for r in data.table.front]
     assert 1 <= len(front) <= 2 and data.parent_run_id is not None
     front_table = text.split("### Pareto front")[1].split("<details>")[0]
@@ -283,11 +246,11 @@ def test_report_cli_on_a_real_study(finished_study: Path, tmp_path, monkeypatch,
         assert (f"| {t.number} | 0 | {t.values[0]:.4g} | {t.values[1]:.4g} |" in front_table) == (t.number in front)
         assert data.trials[t.number].metrics["train_loss"] > 0  # read back from MLflow
     assert "ood_drift ↓" in text and "indomain_nll ↓" in text
-    assert "- MLflow tracking URI: `sqlite:///studies/real/mlflow.db`, experiment id" in text
+    assert "- MLflow tracking URI: `sqlite:///studies/finished/mlflow.db`, experiment id" in text
     assert f"[runs:/{data.parent_run_id}]" in text and "complete 2" in text
-    assert "| real | kl_to_reference (kl_weight=" in text
+    assert "| finished | kl_to_reference (kl_weight=" in text
     # `recommend` on the same study: the lowest indomain_nll among trials with ood_drift <= its max
     best = min(trials, key=lambda t: (t.values[1], t.number))
-    assert recommend_cli.main(_parse(["recommend", "real", "--format", "json"])) == 0
+    assert recommend_cli.main(_parse(["recommend", "finished", "--format", "json"])) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["trial"] == best.number and ev["adapter_uri"] == f"runs:/{best.user_attrs['mlflow_run_id']}/adapter"

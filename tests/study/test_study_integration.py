@@ -13,23 +13,13 @@ from emtune.cli.main import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-def test_two_trial_study_tracks_parent_children_front(write_spec, local_ray, capsys) -> None:
-    spec_path = write_spec(name="integ", num_trials=2, max_steps=2)
-    assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
-    out = capsys.readouterr().out
+def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) -> None:
+    out = (finished_study.parents[1] / "run_output.txt").read_text()
     assert "] trial" in out and "[emtune " in out and "front size" in out
 
-    study_dir = spec_path.parent / "studies" / "integ"
+    study_dir = finished_study
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("emtune/integ")
+    experiment = client.get_experiment_by_name("emtune/finished")
     assert experiment.artifact_location == (study_dir / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("emtune.role") == "study"]
@@ -53,7 +43,7 @@ def test_two_trial_study_tracks_parent_children_front(write_spec, local_ray, cap
     front_files = {a.path for a in client.list_artifacts(parent.info.run_id, "front")}
     assert {"front/front.json", "front/front.png", "front/front_table.json"} <= front_files
 
-    study = optuna.load_study(study_name="integ", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name="finished", storage=f"sqlite:///{study_dir / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
     run_ids = {t.user_attrs["mlflow_run_id"] for t in study.get_trials()}

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -28,45 +27,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1600,1000"]
-SPEC = {
-    "name": "uistudy", "seed": 0,
-    "model": {"source": "tiny", "tiny": {"pretrain_steps": 20}},
-    "lora": {"r": 4, "alpha": 8},
-    "data": {"train": {"path": "fixture:narrow_bad_advice", "limit": 60}, "heldout_fraction": 0.2,
-             "max_length": 128},
-    "training": {"learning_rate": 1.0e-2, "max_steps": 2, "per_device_batch_size": 4,
-                 "gradient_accumulation_steps": 1, "warmup_steps": 0},
-    "defenses": [{"name": "kl_to_reference", "weight": 0.1}],
-    "search": {"parameters": {"kl_weight": {"type": "float", "target": "defenses.kl_to_reference.weight",
-                                            "low": 1.0e-3, "high": 10.0, "log": True}},
-               "num_trials": 2},
-    "objectives": [{"name": "ood_drift", "direction": "minimize", "reference": 5.0},
-                   {"name": "indomain_nll", "direction": "minimize", "reference": 8.0}],
-    "evaluation": {"samples_per_question": 1, "max_new_tokens": 6},
-    "resources": {"max_concurrent_trials": 2},
-}
-
-
 def _chromedriver() -> str | None:
     return shutil.which("chromedriver") or next(
         (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
-
-
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-trial study run end to end on a local Ray (once for this module)."""
-    import ray
-
-    from emtune.cli.main import main
-
-    root = tmp_path_factory.mktemp("ui")
-    spec_path = root / "uistudy.yaml"
-    spec_path.write_text(yaml.safe_dump({**SPEC, "output_dir": str(root / "studies")}))
-    try:
-        assert main(["run", str(spec_path), "--num-cpus", "2"]) == 0
-    finally:
-        ray.shutdown()
-    return root / "studies" / "uistudy"
 
 
 def _free_port() -> int:
@@ -103,11 +66,11 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
 
     uri = f"sqlite:///{finished_study / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name("emtune/uistudy").experiment_id
+    experiment_id = client.get_experiment_by_name("emtune/finished").experiment_id
     runs = client.search_runs([experiment_id])
     parent = next(r for r in runs if r.data.tags.get("emtune.role") == "study")
     trial_names = sorted(r.info.run_name for r in runs if r.data.tags.get("emtune.role") == "trial")
-    assert parent.info.run_name == "uistudy" and len(trial_names) == 2
+    assert parent.info.run_name == "finished" and len(trial_names) == 2
 
     port, log = _free_port(), tmp_path / "mlflow-server.log"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -129,7 +92,7 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
         row = f'div[row-id="{parent.info.run_id}"]'
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
         body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-        assert "uistudy" in body(driver)
+        assert "finished" in body(driver)
         for close in driver.find_elements(By.CSS_SELECTOR, '[data-component-id="mlflow.assistant.chat_panel.close"]'):
             close.click()  # the assistant side panel hides the table's columns in a screenshot
         # Trials are nested under the parent run: expand it (the "+" button in its name cell).
@@ -137,7 +100,7 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
         expand.click()
         wait.until(lambda d: all(name in body(d) for name in trial_names))
         text = body(driver)
-        assert "uistudy" in text and all(name in text for name in trial_names)
+        assert "finished" in text and all(name in text for name in trial_names)
         shot = tmp_path / "mlflow_ui.png"
         assert driver.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
