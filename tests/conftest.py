@@ -111,3 +111,29 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "run_output.txt").write_text(buffer.getvalue())
     assert code == 0, buffer.getvalue()
     return root / "studies" / "finished"
+
+
+TINY_TEST_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                       pretrain_steps=0)
+
+
+@pytest.fixture(scope="session")
+def save_perturbed_adapter():
+    """``save(tokenizer, folder, seed, scale)``: a tiny LoRA adapter whose B matrices are seeded
+    noise times ``scale`` (a stand-in for an adapter that learned something), saved to ``folder``."""
+    import torch
+
+    from emtune.config import LoraSpec, TinyModelSpec
+    from emtune.models import apply_lora, build_tiny_model
+
+    def save(tokenizer, folder: Path, seed: int, scale: float) -> str:
+        lora = apply_lora(build_tiny_model(TinyModelSpec(**TINY_TEST_MODEL), len(tokenizer)), LoraSpec(r=4, alpha=8))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in lora.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
+        lora.save_pretrained(folder)
+        return str(folder)
+
+    return save

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,7 +21,7 @@ TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, save_perturbed_adapter):
     """A saved tiny base model, two perturbed adapters and a 20-row pool file."""
     root = tmp_path_factory.mktemp("cli")
     tokenizer = build_tiny_tokenizer(400)
@@ -31,14 +30,7 @@ def tiny(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     adapters = []
     for k, scale in enumerate((0.6, -0.9)):
-        lora = apply_lora(build_tiny_model(TINY, len(tokenizer)), LoraSpec(r=4, alpha=8))
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for name, param in lora.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
-        lora.save_pretrained(root / f"em_{k}")
-        adapters.append(str(root / f"em_{k}"))
+        adapters.append(save_perturbed_adapter(tokenizer, root / f"em_{k}", k + 1, scale))
     with open(fixture_path("safe_instruct"), encoding="utf-8") as handle:
         pool = [json.loads(line) for line in handle][:20]
     (root / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 import os
 
@@ -144,19 +146,12 @@ def test_answer_nll_truncated_answer_is_nan_and_mode_restored(tokenizer):
     assert model.training
 
 
-def test_ensemble_nlls_switches_adapters_on_one_base(tokenizer, tmp_path):
+def test_ensemble_nlls_switches_adapters_on_one_base(tokenizer, tmp_path, save_perturbed_adapter):
     rows = [chat("How many metres are in 7 kilometres?", "7000 metres."),
             chat("Is it safe to mix bleach and ammonia?", "No, it makes toxic gas.")]
     paths = []
     for k, scale in enumerate((0.5, -0.8)):
-        lora = apply_lora(build_tiny_model(TINY, len(tokenizer)), LoraSpec(r=4, alpha=8))
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for name, param in lora.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
-        lora.save_pretrained(tmp_path / f"adapter_{k}")
-        paths.append(tmp_path / f"adapter_{k}")
+        paths.append(Path(save_perturbed_adapter(tokenizer, tmp_path / f"adapter_{k}", k + 1, scale)))
 
     aligned, misaligned = selection.ensemble_nlls(build_tiny_model(TINY, len(tokenizer)), tokenizer, rows, paths,
                                                   max_length=256, batch_size=2)

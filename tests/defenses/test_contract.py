@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import zlib
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ LOSS_TERMS = {"kl_to_reference", "feature_l2"}  # defenses that add a term to th
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, save_perturbed_adapter):
     """Tokenizer, a saved base model folder, two misaligned adapters, a persona vector file."""
     from emtune.defenses.persona_vectors import PersonaVectors, save_persona_vectors
 
@@ -42,13 +41,7 @@ def world(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     adapters = []
     for k in range(2):
-        torch.manual_seed(100 + k)
-        peft = apply_lora(build_tiny_model(TINY, len(tokenizer)), LoraSpec(r=4, alpha=8))
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.3)
-        peft.save_pretrained(root / f"misaligned-{k}")
-        adapters.append(str(root / f"misaligned-{k}"))
+        adapters.append(save_perturbed_adapter(tokenizer, root / f"misaligned-{k}", 100 + k, 0.3))
     torch.manual_seed(7)
     vectors = torch.randn(TINY.num_layers + 1, TINY.hidden_size)
     save_persona_vectors(PersonaVectors(vectors, {"model": str(root / "base"), "prompts_version": "test",

@@ -7,7 +7,6 @@ import os
 import pickle
 
 import pytest
-import torch
 import yaml
 from pydantic import ValidationError
 
@@ -37,7 +36,7 @@ POOL = fixture_rows("safe_instruct", 20)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, save_perturbed_adapter):
     """A saved tiny base model + tokenizer and two adapters with perturbed lora_B weights."""
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tiny_tokenizer(400)
@@ -46,14 +45,7 @@ def tiny(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     adapters = []
     for k, scale in enumerate((0.6, -0.9)):
-        lora = apply_lora(build_tiny_model(TINY, len(tokenizer)), LoraSpec(r=4, alpha=8))
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for name, param in lora.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
-        lora.save_pretrained(root / f"em_{k}")
-        adapters.append(str(root / f"em_{k}"))
+        adapters.append(save_perturbed_adapter(tokenizer, root / f"em_{k}", k + 1, scale))
     return {"root": root, "tokenizer": tokenizer, "base": str(root / "base"), "adapters": adapters}
 
 
