@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.config import LoraSpec, TinyModelSpec  # noqa: E402
+from emtune.config import TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.chat import tokenize_chat  # noqa: E402
-from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from emtune.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
                      pretrain_steps=0)
