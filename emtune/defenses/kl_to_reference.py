@@ -11,13 +11,14 @@ uses the reverse direction; both are options here so a study states which it use
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from emtune.defenses.base import Defense
+
+if TYPE_CHECKING:  # torch is imported where the math runs, so loading specs stays light
+    import torch
 
 
 class KLToReferenceConfig(BaseModel):
@@ -38,8 +39,10 @@ class KLToReferenceConfig(BaseModel):
     )
 
 
-def kl_per_token(logits: torch.Tensor, reference_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+def kl_per_token(logits: "torch.Tensor", reference_logits: "torch.Tensor", direction: str = "forward") -> "torch.Tensor":
     """KL divergence at every position, summed over the vocabulary: shape ``logits.shape[:-1]``."""
+    import torch.nn.functional as F
+
     logp = F.log_softmax(logits.float(), dim=-1)
     logq = F.log_softmax(reference_logits.float(), dim=-1)
     if direction == "reverse":
@@ -48,12 +51,12 @@ def kl_per_token(logits: torch.Tensor, reference_logits: torch.Tensor, direction
 
 
 def kl_to_reference_loss(
-    logits: torch.Tensor,
-    reference_logits: torch.Tensor,
-    mask: torch.Tensor,
+    logits: "torch.Tensor",
+    reference_logits: "torch.Tensor",
+    mask: "torch.Tensor",
     direction: str = "forward",
     normalization: str = "token_mean",
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Mean of the per-token KL over positions where ``mask`` is true (0 when none is)."""
     per_token = kl_per_token(logits, reference_logits, direction)
     mask = mask.to(per_token.dtype)
@@ -63,12 +66,14 @@ def kl_to_reference_loss(
     return loss
 
 
-def token_mask(batch: dict[str, Any], tokens: str) -> torch.Tensor:
+def token_mask(batch: dict[str, Any], tokens: str) -> "torch.Tensor":
     """Positions whose next-token distribution is regularised.
 
     ``all``: every non-pad position. ``response``: positions whose next token is a labelled
     (assistant) token, i.e. the positions the task loss trains.
     """
+    import torch
+
     attention = batch["attention_mask"].bool()
     if tokens == "all":
         return attention

@@ -63,17 +63,20 @@ class StudyProgress(Callback):
         self._parent = parent_run_id
         self._searcher = searcher
         self._front_size = 0
+        self._failed = 0
         self._started = time.monotonic()
 
     def _line(self, trials: list[Any], event: str) -> None:
         states: dict[str, int] = {}
         for trial in trials:
             states[trial.status] = states.get(trial.status, 0) + 1
-        done = states.get("TERMINATED", 0)
+        # Failed fine-tunes report their reason and end TERMINATED in Tune: count them from Optuna
+        failed = self._failed + states.get("ERROR", 0)
+        done = max(0, states.get("TERMINATED", 0) - self._failed)
         elapsed = int(time.monotonic() - self._started)
         print(
             f"[emtune {elapsed // 60}:{elapsed % 60:02d}] {event}: {done} done, {states.get('RUNNING', 0)} running, "
-            f"{states.get('ERROR', 0)} failed, {states.get('PENDING', 0)} pending of "
+            f"{failed} failed, {states.get('PENDING', 0)} pending of "
             f"{self._spec.search.num_trials}; front size {self._front_size}",
             file=sys.stdout, flush=True,  # looked up per call: Tune pickles callbacks
         )
@@ -81,6 +84,7 @@ class StudyProgress(Callback):
     def _refresh(self) -> None:
         table = publish_front(self._client, self._parent, self._spec, self._searcher.study)
         self._front_size = len(table.front)
+        self._failed = table.counts().get("FAIL", 0)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trials, f"trial {trial.trial_id} started")

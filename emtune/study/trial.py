@@ -106,8 +106,25 @@ def run_trial(config: dict[str, Any]) -> None:
         error = metrics.get("error")
         client.set_tag(run_id, "tracked_result", json.dumps(metrics, default=str)[:4900])
         runs.finish_run(client, run_id, FAILED if error else FINISHED, error)
-    except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a failed fine-tune (OOM, worker crash) is an outcome
+        # Reported, not raised: the searcher then tells Optuna FAIL *with this reason*, and the
+        # study goes on; Ray's own error path would only say that the trial raised.
+        reason = _failure_reason(exc)
         runs.finish_run(client, run_id, FAILED, reason + "\n" + traceback.format_exc(limit=5))
+        tune.report({"error": reason, "mlflow_run_id": run_id})
+        return
+    except BaseException as exc:  # interrupted: close the run, let Ray handle the stop
+        runs.finish_run(client, run_id, FAILED, f"interrupted: {type(exc).__name__}")
         raise
     tune.report(metrics, checkpoint=result.checkpoint)
+
+
+def _failure_reason(exc: Exception) -> str:
+    """One line naming the root cause (Ray wraps worker errors; OOM gets a hint)."""
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = f"{type(root).__name__}: {root}".splitlines()[0][:500]
+    if "OutOfMemory" in text or "out of memory" in text.lower():
+        text += " (out of memory: lower training.per_device_batch_size or data.max_length, or use more GPUs)"
+    return text
