@@ -141,7 +141,7 @@ class StudySession:
             tune_config=tune.TuneConfig(
                 search_alg=self.searcher,
                 num_samples=num_trials,
-                max_concurrent_trials=self.spec.resources.max_concurrent_trials,
+                max_concurrent_trials=concurrent_trials(self.spec.resources),
                 time_budget_s=self.spec.search.time_budget_s,
             ),
             run_config=tune.RunConfig(
@@ -165,6 +165,22 @@ class StudySession:
             status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
             self.client.set_terminated(self.parent_run_id, status=status)
         return table
+
+
+def concurrent_trials(resources: Any, cluster: dict[str, float] | None = None) -> int:
+    """``max_concurrent_trials`` capped by what the cluster can run at once, so no trial driver
+    holds a slot while waiting for GPUs (or CPUs) that another trial has."""
+    import ray
+
+    cluster = cluster if cluster is not None else ray.cluster_resources()
+    if resources.gpus_per_worker > 0:
+        fit = int(cluster.get("GPU", 0) // (resources.num_workers * resources.gpus_per_worker))
+    else:
+        fit = int(cluster.get("CPU", 0) // (resources.num_workers * resources.cpus_per_worker))
+    if fit < 1:
+        # an autoscaling cluster may add nodes: keep one trial going instead of none
+        return 1
+    return max(1, min(resources.max_concurrent_trials, fit))
 
 
 def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str) -> int:

@@ -16,3 +16,16 @@ def test_failure_reason_unwraps_the_root_cause_and_hints_on_oom() -> None:
     assert reason.startswith("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "lower training.per_device_batch_size" in reason
     assert _failure_reason(KeyError("x")) == "KeyError: 'x'"
+
+
+def test_concurrent_trials_fit_the_cluster() -> None:
+    from emtune.config import ResourcesSpec
+    from emtune.study.runner import concurrent_trials
+
+    gpu = ResourcesSpec(num_workers=2, gpus_per_worker=1, max_concurrent_trials=8)
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 4  # 8 GPUs / (2 workers x 1 GPU)
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 1}) == 1  # autoscaler may add more: keep one
+    half = ResourcesSpec(gpus_per_worker=0.5, max_concurrent_trials=3)
+    assert concurrent_trials(half, {"GPU": 4}) == 3  # fractional GPUs: 8 fit, the spec caps at 3
+    cpu = ResourcesSpec(cpus_per_worker=1, max_concurrent_trials=4)
+    assert concurrent_trials(cpu, {"CPU": 2}) == 2
