@@ -1,5 +1,6 @@
 # The two set-up commands (README): `make demo` runs the dry-run study, `make test` the test suite.
 # Both create .venv and install the pinned stack from this repository's own files on first use.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,8 +15,8 @@ install: $(STAMP)
 # torch first, alone and exact: a range would make pip fetch a multi-GB CUDA build (STACK.md).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	set -o pipefail; $(PY) -m pip install --quiet torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
+	set -o pipefail; $(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch $(STAMP)
 
 demo: $(STAMP)
