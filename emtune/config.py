@@ -193,14 +193,27 @@ METRICS: dict[str, dict[str, Any]] = {
 }
 
 
+Baseline = Literal["base", "undefended"]
+
+
+class Relative(_Strict):
+    """A metric stated relative to a baseline trial of the same study."""
+
+    to: Baseline = Field(description="base = the model without fine-tuning; undefended = fine-tuned, no defense")
+    how: Literal["difference", "ratio"] = Field(
+        "difference", description="difference = metric - baseline; ratio = metric / baseline"
+    )
+
+
 class ObjectiveSpec(_Strict):
-    """A metric to optimise and its direction."""
+    """A metric to optimise and its direction (optionally relative to a baseline)."""
 
     name: str
     direction: Literal["minimize", "maximize"]
     reference: float | None = Field(
         None, description="hypervolume reference value (worst acceptable); derived from trials if unset"
     )
+    relative: Relative | None = None
 
     @field_validator("name")
     @classmethod
@@ -216,6 +229,7 @@ class ConstraintSpec(_Strict):
     metric: str
     max: float | None = None
     min: float | None = None
+    relative: Relative | None = None
 
     @model_validator(mode="after")
     def _one_bound(self) -> "ConstraintSpec":
@@ -256,6 +270,14 @@ class ResourcesSpec(_Strict):
     max_failures: int = Field(0, ge=0, description="Train worker-group restarts per trial")
 
 
+class BaselinesSpec(_Strict):
+    """Reference trials every study runs first (unless switched off), evaluated like the others:
+    ``base`` (the aligned model, no fine-tuning) and ``undefended`` (fine-tuned, no defense)."""
+
+    enabled: bool = True
+    kinds: tuple[Baseline, ...] = ("base", "undefended")
+
+
 class TrackingSpec(_Strict):
     """MLflow tracking; no URI means an SQLite store inside the study directory."""
 
@@ -280,6 +302,7 @@ class StudySpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
+    baselines: BaselinesSpec = BaselinesSpec()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "StudySpec":
@@ -293,6 +316,11 @@ class StudySpec(_Strict):
                 raise ValueError("; ".join(problems))
         needs_judge = [o.name for o in self.objectives if METRICS[o.name]["judge"]]
         needs_judge += [c.metric for c in self.constraints if METRICS[c.metric]["judge"]]
+        kinds = set(self.baselines.kinds) if self.baselines.enabled else set()
+        for item in (*self.objectives, *self.constraints):
+            if item.relative is not None and item.relative.to not in kinds:
+                raise ValueError(f"{getattr(item, 'name', None) or item.metric} is relative to the "
+                                 f"{item.relative.to!r} baseline: enable it under baselines.kinds")
         uses = [o.name for o in self.objectives] + [c.metric for c in self.constraints]
         if "opswap_exact_match" in uses and self.data.opswap is None:
             raise ValueError("metric opswap_exact_match needs `data.opswap` (the benign OpSwap task)")

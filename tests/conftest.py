@@ -47,6 +47,7 @@ evaluation:
   samples_per_question: 1
   max_new_tokens: 6
 resources: {{max_concurrent_trials: 2}}
+baselines: {{enabled: {baselines}}}
 """
 
 
@@ -64,7 +65,7 @@ def write_spec(tmp_path: Path):
 
     def _write(text: str | None = None, **fields) -> Path:
         values = dict(name="tiny", output_dir=str(tmp_path / "studies"), pretrain_steps=20,
-                      max_steps=2, num_trials=2)
+                      max_steps=2, num_trials=2, baselines="false")
         values.update(fields)
         body = textwrap.dedent(text) if text is not None else TINY_SPEC.format(**values)
         path = tmp_path / f"{values['name']}.yaml"
@@ -101,7 +102,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("finished")
     spec_path = root / "finished.yaml"
     spec_path.write_text(TINY_SPEC.format(name="finished", output_dir=str(root / "studies"),
-                                          pretrain_steps=20, max_steps=2, num_trials=2))
+                                          pretrain_steps=20, max_steps=2, num_trials=2, baselines="true"))
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):

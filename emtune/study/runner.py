@@ -209,7 +209,7 @@ def run_study(spec: StudySpec, num_cpus: int | None = None, extend: int | None =
     if extend is not None:
         previous = sorted(p.name for p in session.paths.tune_dir.glob("tune*") if p.is_dir())
         name, count = f"tune-extend-{len(previous)}", extend
-    return session.fit(session.new_tuner(name, count))
+    return session.fit(session.new_tuner(name, count + len(session.searcher.pending_baselines())))
 
 
 def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
@@ -220,7 +220,8 @@ def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
     candidates = sorted((p for p in session.paths.tune_dir.glob("tune*") if p.is_dir()),
                         key=lambda p: p.stat().st_mtime)
     if not candidates or not tune.Tuner.can_restore(str(candidates[-1])):
-        return session.fit(session.new_tuner("tune", spec.search.num_trials))
+        count = spec.search.num_trials + len(session.searcher.pending_baselines())
+        return session.fit(session.new_tuner("tune", count))
     tuner = tune.Tuner.restore(str(candidates[-1]), trainable=session.trainable(),
                                resume_unfinished=True, param_space=session.param_space())
     return session.fit(tuner, _restored_searcher(tuner) or session.searcher)

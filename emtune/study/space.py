@@ -54,12 +54,19 @@ def build_sampler(space: SearchSpec, study_seed: int) -> tuple[optuna.samplers.B
     return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}
 
 
-def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any]) -> dict[str, float]:
-    """One value per bound, <= 0 when met (Optuna's convention); a missing metric violates."""
+def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any],
+                          baselines: dict[str, dict] | None = None) -> dict[str, float]:
+    """One value per bound, <= 0 when met (Optuna's convention); a missing metric violates.
+    A constraint with ``relative`` bounds the metric's difference or ratio to its baseline."""
+    from emtune.study.searcher import relative_value
+
     out: dict[str, float] = {}
     for c in constraints:
         value = metrics.get(c.metric)
         missing = not isinstance(value, (int, float)) or value != value
+        if not missing:
+            value, problem = relative_value(float(value), c, baselines or {})
+            missing = problem is not None
         if c.max is not None:
             out[f"{c.metric}<={c.max:g}"] = 1e9 if missing else float(value) - c.max
         if c.min is not None:

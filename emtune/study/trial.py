@@ -41,6 +41,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
             "model_source": config["model_source"],
             "cache_dir": config["cache_dir"],
             "evaluate": config.get("evaluate", True),
+            "skip_training": config.get("baseline") == "base",
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -66,7 +67,10 @@ def run_trial(config: dict[str, Any]) -> None:
     spec = StudySpec.model_validate(config["spec"])
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(config["tracking_uri"])
+    baseline = config.get("baseline")
     trial_spec = spec.with_overrides(config["params"])
+    if baseline:  # the same study without any defense; `base` also without training
+        trial_spec = trial_spec.model_copy(update={"defenses": ()})
     done = runs.find_trial_run(client, config["experiment_id"], config["parent_run_id"], trial_id)
     if done is not None and done.info.status == "FINISHED" and "tracked_result" in done.data.tags:
         # Tune restarted a trial that had already finished before its driver stopped: report
@@ -74,7 +78,7 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report(json.loads(done.data.tags["tracked_result"]))
         return
     run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
-                                  trial_id, config["params"], trial_spec)
+                                  trial_id, config["params"], trial_spec, baseline=baseline)
     try:
         fit_started = time.perf_counter()
         result = trainer_for(trial_spec, trial_id, config).fit()

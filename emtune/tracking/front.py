@@ -40,6 +40,7 @@ class FrontTable:
     reference: list[float] | None = None
     reference_source: str = "spec"
     hypervolume: list[float] = field(default_factory=list)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def front(self) -> list[TrialRow]:
@@ -61,6 +62,7 @@ class FrontTable:
             "reference": self.reference,
             "reference_source": self.reference_source,
             "hypervolume": self.hypervolume[-1] if self.hypervolume else None,
+            "baselines": self.baselines,
             "front": [asdict(r) for r in self.front],
             "trials": [asdict(r) for r in self.rows],
         }
@@ -87,7 +89,8 @@ def front_table(study: optuna.Study, objectives: list[str], directions: list[str
             fail_reason=t.user_attrs.get("fail_reason"),
         ))
     done = [r for r in rows if r.state == "COMPLETE" and r.values is not None]
-    table = FrontTable(objectives, directions, rows)
+    baselines = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("baseline:")}
+    table = FrontTable(objectives, directions, rows, baselines=baselines)
     if not done:
         return table
     points = [r.values for r in done]
@@ -119,6 +122,10 @@ def format_table(table: FrontTable, all_trials: bool = False) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     hv = f"{table.hypervolume[-1]:.4g}" if table.hypervolume else "n/a"
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(table.counts().items()))
+    for kind, values in sorted(table.baselines.items()):
+        shown = values.get("error") or ", ".join(
+            f"{name} {values[name]:.4g}" for name in table.objectives if name in values)
+        text.append(f"baseline {kind}: {shown}")
     text.append(f"\nfront size {len(table.front)}; hypervolume {hv} "
                 f"(reference {table.reference}, {table.reference_source}); trials: {counts or 'none'}")
     return "\n".join(text)

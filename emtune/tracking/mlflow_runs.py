@@ -91,7 +91,7 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
 
 
 def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, study: str,
-                    trial_id: str, params: dict[str, Any], trial_spec: Any) -> str:
+                    trial_id: str, params: dict[str, Any], trial_spec: Any, baseline: str | None = None) -> str:
     """Nested child run of one trial, tagged with its parent, study and Ray trial id.
 
     A trial restarted under the same Ray trial id (worker or driver failure) gets its earlier
@@ -102,11 +102,10 @@ def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str
         client.update_run(earlier.info.run_id, status="RUNNING")
         client.set_tag(earlier.info.run_id, "restarts", str(int(earlier.data.tags.get("restarts", "0")) + 1))
         return earlier.info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=trial_id,
-        tags={PARENT_TAG: parent_run_id, STUDY_TAG: study, ROLE_TAG: "trial", "ray_trial_id": trial_id},
-    )
+    tags = {PARENT_TAG: parent_run_id, STUDY_TAG: study, ROLE_TAG: "trial", "ray_trial_id": trial_id}
+    if baseline:
+        tags.update({ROLE_TAG: "baseline", "baseline": baseline})
+    run = client.create_run(experiment_id, run_name=f"baseline-{baseline}" if baseline else trial_id, tags=tags)
     flat = {f"search.{k}": v for k, v in params.items()}
     for defense in trial_spec.defenses:
         for key, value in defense.model_dump(mode="json").items():

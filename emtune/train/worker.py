@@ -99,31 +99,13 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
     )
 
 
-def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
-                 cache_dir: Path | None = None, resume_from: Path | None = None,
-                 on_checkpoint: Any = None, evaluate: bool = True) -> dict[str, Any]:
-    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``.
-
-    ``resume_from`` is an earlier Trainer checkpoint (adapter, optimizer, scheduler, RNG and
-    step); ``on_checkpoint(step, folder)`` is called after every periodic checkpoint save.
-    """
+def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], train_rows: list[dict],
+           output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any]) -> list[dict]:
+    """Attach the defenses, train with the defended trainer, finalize and detach; fills ``metrics``
+    (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history."""
     from emtune.data.chat import ChatCollator, tokenize_chat
-    from emtune.defenses.base import DefenseContext
-    from emtune.defenses.registry import build_defenses
-    from emtune.evaluation.runner import evaluate_model
-    from emtune.models import apply_lora, load_model, load_tokenizer
     from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory
 
-    started = time.perf_counter()
-    _seed_everything(spec.seed)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(model_source, spec.model)
-    model = apply_lora(load_model(model_source, spec.model), spec.lora)
-    context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir,
-                             extras={"model_source": model_source})
-    defenses = build_defenses(spec.defenses, context)
-    train_rows, heldout_rows = prepare_rows(spec, defenses)
     for defense in defenses:
         if defense.active:
             defense.attach(model)
@@ -137,22 +119,54 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
         defenses=defenses,
         callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
     )
-    setup_done = time.perf_counter()
+    train_started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_done = time.perf_counter()
+    metrics["time/train_s"] = time.perf_counter() - train_started
     shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
-    finalize_logs: dict[str, float] = {}
     for defense in defenses:
         if defense.active:
-            finalize_logs.update(defense.finalize(model))
+            metrics.update({f"finalize/{k}": v for k, v in defense.finalize(model).items()})
     for defense in defenses:
         defense.detach(model)
-    metrics: dict[str, Any] = {"train_steps": int(train_output.global_step),
-                               "time/setup_s": setup_done - started, "time/train_s": train_done - setup_done}
+    metrics["train_steps"] = int(train_output.global_step)
     losses = [row["task_loss"] for row in history.rows if "task_loss" in row]
     tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
     metrics["train_loss"] = sum(tail) / len(tail)
-    metrics.update({f"finalize/{k}": v for k, v in finalize_logs.items()})
+    return history.rows
+
+
+def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
+                 cache_dir: Path | None = None, resume_from: Path | None = None,
+                 on_checkpoint: Any = None, evaluate: bool = True, skip_training: bool = False,
+                 adapter_dir: Path | None = None) -> dict[str, Any]:
+    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``.
+
+    ``resume_from`` is an earlier Trainer checkpoint (adapter, optimizer, scheduler, RNG and
+    step); ``on_checkpoint(step, folder)`` is called after every periodic checkpoint save.
+    ``skip_training`` evaluates without training: the fresh adapter (B = 0) is the base model
+    itself (the ``base`` baseline), or ``adapter_dir`` is a saved adapter to re-evaluate.
+    """
+    from emtune.defenses.base import DefenseContext
+    from emtune.defenses.registry import build_defenses
+    from emtune.evaluation.runner import evaluate_model
+    from emtune.models import apply_lora, load_adapter, load_model, load_tokenizer
+
+    started = time.perf_counter()
+    _seed_everything(spec.seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_source, spec.model)
+    base = load_model(model_source, spec.model)
+    model = load_adapter(base, adapter_dir) if adapter_dir else apply_lora(base, spec.lora)
+    context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir,
+                             extras={"model_source": model_source})
+    defenses = [] if skip_training or adapter_dir else build_defenses(spec.defenses, context)
+    train_rows, heldout_rows = prepare_rows(spec, defenses)
+    metrics: dict[str, Any] = {"train_steps": 0, "time/setup_s": time.perf_counter() - started}
+    history: list[dict[str, float]] = []
+    if not (skip_training or adapter_dir):
+        history = _train(spec, model, tokenizer, defenses, train_rows, output_dir, resume_from,
+                         on_checkpoint, metrics)
     if rank != 0:
         return metrics
     model.save_pretrained(output_dir / ADAPTER_DIR)
@@ -160,8 +174,8 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     if details:
         (output_dir / DEFENSES_FILE).write_text(json.dumps(details, indent=2, default=str))
     generate = _generator(spec, model_source, output_dir / ADAPTER_DIR)
-    (output_dir / HISTORY_FILE).write_text(json.dumps(history.rows))
-    if not math.isfinite(metrics["train_loss"]):
+    (output_dir / HISTORY_FILE).write_text(json.dumps(history))
+    if not math.isfinite(metrics.get("train_loss", 0.0)):
         metrics["error"] = "training loss is not finite"
         return metrics
     if not evaluate:  # study stages (e.g. the misaligned ensemble) only need the adapter
@@ -226,7 +240,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = run_training(spec, out, config["model_source"], rank=rank,
                                cache_dir=Path(config["cache_dir"]), resume_from=resume_from,
                                on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None,
-                               evaluate=config.get("evaluate", True))
+                               evaluate=config.get("evaluate", True),
+                               skip_training=config.get("skip_training", False))
         metrics["resumed_from_step"] = _step_of(resume_from)
         checkpoint = ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)

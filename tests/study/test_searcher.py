@@ -85,3 +85,45 @@ def test_conditional_parameters(write_spec) -> None:
         seen[values["defense"]] += 1
         assert ("kl_weight" in values) == (values["defense"] == "kl")
     assert seen["kl"] and seen["none"]
+
+
+def test_baselines_first_and_relative_objectives_wait_for_them(write_spec, tmp_path) -> None:
+    path = write_spec(baselines="true")
+    text = path.read_text().replace(
+        "  - {name: indomain_nll, direction: minimize, reference: 8.0}",
+        "  - {name: indomain_nll, direction: minimize, relative: {to: undefended, how: ratio}}")
+    path.write_text(text)
+    spec = load_spec(path)
+    searcher = _searcher(spec, tmp_path)
+    assert searcher.suggest("b1") == {"baseline": "base", "params": {}}
+    assert searcher.suggest("b2") == {"baseline": "undefended", "params": {}}
+    searcher.suggest("t1")
+    # the trial finishes before the undefended baseline: its tell waits
+    searcher.on_trial_complete("b1", {"ood_drift": 0.0, "indomain_nll": 5.0})
+    searcher.on_trial_complete("t1", {"ood_drift": 0.5, "indomain_nll": 3.0})
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.get_trials()[0].state == RUNNING_STATE
+    searcher.on_trial_complete("b2", {"ood_drift": 1.0, "indomain_nll": 4.0, "error_free": True})
+    trial = study.get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.values == [0.5, 0.75]  # indomain_nll 3.0 / undefended 4.0
+    assert study.user_attrs["baseline:base"] == {"ood_drift": 0.0, "indomain_nll": 5.0}
+    assert searcher.pending_baselines() == []
+
+
+def test_failed_baseline_fails_relative_trials_with_the_reason(write_spec, tmp_path) -> None:
+    path = write_spec(baselines="true")
+    path.write_text(path.read_text().replace(
+        "  - {name: indomain_nll, direction: minimize, reference: 8.0}",
+        "  - {name: indomain_nll, direction: minimize, relative: {to: base}}"))
+    spec = load_spec(path)
+    searcher = _searcher(spec, tmp_path)
+    searcher.suggest("b1"), searcher.suggest("b2"), searcher.suggest("t1")
+    searcher.on_trial_complete("b1", None, error=True)
+    searcher.on_trial_complete("t1", {"ood_drift": 0.5, "indomain_nll": 3.0})
+    trial = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "baseline 'base' has no 'indomain_nll'" in trial.user_attrs["fail_reason"]
+
+
+RUNNING_STATE = optuna.trial.TrialState.RUNNING

@@ -22,6 +22,14 @@ def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) ->
     experiment = client.get_experiment_by_name("emtune/finished")
     assert experiment.artifact_location == (study_dir / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
+    baselines = {r.data.tags["baseline"]: r for r in runs if r.data.tags.get("emtune.role") == "baseline"}
+    assert set(baselines) == {"base", "undefended"}
+    assert all(b.info.status == "FINISHED" for b in baselines.values())
+    # the base baseline is the untrained model: its adapter is the identity, so no drift at all
+    assert baselines["base"].data.metrics["ood_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert baselines["base"].data.metrics["train_steps"] == 0
+    assert baselines["undefended"].data.metrics["train_steps"] == 2
+    assert baselines["undefended"].data.metrics["ood_drift"] > 0
     parents = [r for r in runs if r.data.tags.get("emtune.role") == "study"]
     children = [r for r in runs if r.data.tags.get("emtune.role") == "trial"]
     assert len(parents) == 1 and len(children) == 2
@@ -53,5 +61,7 @@ def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) ->
     front = json.loads(capsys.readouterr().out)
     assert [o["name"] for o in front["objectives"]] == ["ood_drift", "indomain_nll"]
     assert 1 <= len(front["front"]) <= 2
+    assert front["baselines"]["base"]["ood_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert set(front["baselines"]) == {"base", "undefended"}
     ranks = {c.info.run_id: c.data.tags["pareto_rank"] for c in children}
     assert all(ranks[row["mlflow_run_id"]] == "0" for row in front["front"])

@@ -1,0 +1,578 @@
+"""Defense overhead: training-step time and peak memory of every registered defense vs. no defense.
+
+Run:  .venv/bin/python bench/defense_overhead.py --size tiny      (then --size small)
+
+What is measured, and how (all on CPU, same model, LoRA, batch and sequence length per size):
+
+* **Training step** = forward + every defense term through emtune's ``defended_loss`` + backward +
+  AdamW step on the LoRA parameters (no Trainer around it, so its bookkeeping does not dilute the
+  ratio). Loss/hook defenses run on a fixed batch of random token ids ``[batch, seq]`` (labels =
+  inputs, every position trained).
+* **Time**: one process, one model; all configurations run round-robin (A B C … A B C …), each
+  turn timing ``--steps`` steps (or one pass over its data) with ``perf_counter``; the first
+  ``--warmup`` rounds are dropped and the median over ``--reps`` rounds is reported, with the
+  inter-quartile spread. Ratios are against the undefended configuration of the same run.
+* **Peak memory**: a fresh process per configuration (multiprocessing *forkserver* with torch,
+  transformers and peft preloaded but no tensor work done), glibc's mmap threshold fixed at 64 KiB
+  (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the OS instead of staying in the heap.
+  After a warm-up step (Adam state exists) the kernel's peak-RSS mark is reset
+  (``/proc/self/clear_refs``) and the peak (``VmHWM``) over ``--mem-steps`` steps is read.
+  *Footprint* = that peak − the RSS of the process before the model was built (weights,
+  optimiser state and activations: what a GPU's peak allocated memory would count). torch's CPU
+  allocator keeps no statistics and ``tracemalloc`` does not see torch's allocations.
+* **Naive KL**: the same KL term, but the reference is a deep copy of the base model kept frozen
+  (forward under ``no_grad``) instead of emtune's adapter-disabled pass over the same weights; its
+  parameter+buffer bytes are counted exactly and its footprint and step time measured as above.
+* **Data defenses** (inoculation, interleaving, Interleaving++): one turn = one pass over their
+  transformed copy of the same ``--data-rows`` task rows (tokenised with the tiny tokenizer,
+  truncated to ``--seq``, padded per batch); the figure is time per trained (non-pad) token vs.
+  the untransformed rows. Their one-off ``transform_data`` time is listed too (Interleaving++
+  cold = scoring the pool under the misaligned ensemble; warm = from its cache).
+* **SafeLoRA**: its training step is the undefended one; ``finalize`` (score all layers, project
+  those below τ) is timed, and its peak extra RSS in a fresh process is compared with the largest
+  single layer's C = V·Vᵀ/‖V‖_F (out × out float32), which the implementation never forms.
+  The base weights are read from a safetensors folder, tensor by tensor, as in a real study.
+
+Writes the tables to reports/bench/defense_overhead.md (one section per size) and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import benchlib  # noqa: E402  (the bench folder is on sys.path when run as a script)
+
+SIZES = {
+    # the dry-run study's tiny model and LoRA (search_spaces/dryrun.yaml)
+    "tiny": {"model": {}, "lora": {"r": 8, "alpha": 16}, "batch": 8, "seq": 128, "steps": 5, "reps": 7},
+    # a ~28M-parameter random-init Qwen2 shape with the paper's rsLoRA r=32, alpha=64
+    "small": {"model": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
+                        "intermediate_size": 1536},
+              "vocab": 8192, "lora": {}, "batch": 2, "seq": 128, "steps": 1, "reps": 5},
+}
+KL_WEIGHT = 0.1  # the paper's λ
+TARGETS = {  # (time ratio limit, memory ratio limit or None); from issue 7
+    "kl_to_reference": (1.30, 1.10),
+    "feature_l2": (1.30, 1.10),
+    "persona_steering": (1.05, None),
+}
+PER_TOKEN_LIMIT = 1.05  # "1.0x per training token", with a ±5% noise band
+
+
+# --- building one training world (used by the timing process and by each memory process) ------
+
+
+def tiny_spec(setup: dict) -> Any:
+    from emtune.config import TinyModelSpec
+
+    return TinyModelSpec(**setup["model"])
+
+
+def build_models(setup: dict, naive: bool) -> tuple[Any, Any]:
+    """(LoRA model, frozen deep copy of the base or None), identical weights for every config."""
+    from emtune.config import LoraSpec
+    from emtune.models import apply_lora, build_tiny_model
+
+    base = build_tiny_model(tiny_spec(setup), setup["vocab"])
+    reference = None
+    if naive:
+        reference = copy.deepcopy(base).eval()
+        reference.requires_grad_(False)
+    return apply_lora(base, LoraSpec(**setup["lora"])), reference
+
+
+def make_optimizer(model: Any) -> Any:
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def random_batch(setup: dict) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, setup["vocab"], (setup["batch"], setup["seq"]), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def step_defenses(setup: dict, world: dict) -> dict[str, tuple[str, dict] | None]:
+    """Loss/hook configurations: name -> (registry name, settings); None = no defense."""
+    layers = setup["model"].get("num_layers", tiny_spec(setup).num_layers)
+    return {
+        "none": None,
+        "kl_to_reference": ("kl_to_reference", {"weight": KL_WEIGHT}),
+        "kl_naive_copy": None,  # the KL term with a second model; see train_step
+        "feature_l2": ("feature_l2", {"weight": 1.0}),
+        "persona_steering": ("persona_steering", {"alpha": 5.0, "layer": max(1, layers // 2),
+                                                  "vector_path": world["persona"]}),
+        "safelora": ("safelora", {"threshold": 0.5, "base_source": world["safelora_base"]}),
+    }
+
+
+def defense_context(world: dict, tokenizer: Any = None) -> Any:
+    from emtune.defenses.base import DefenseContext
+
+    return DefenseContext(spec=None, tokenizer=tokenizer, seed=0, cache_dir=Path(world["root"]) / "cache",
+                          extras={"model_source": world.get("model_folder")})
+
+
+def make_defenses(entry: tuple[str, dict] | None, context: Any) -> list[Any]:
+    from emtune.defenses import make_defense
+
+    return [] if entry is None else [make_defense(entry[0], context, **entry[1])]
+
+
+def train_step(model: Any, optimizer: Any, batch: dict, defenses: list, naive_reference: Any = None) -> float:
+    """One optimiser step; with ``naive_reference`` the KL term uses that second model."""
+    import torch
+
+    from emtune.defenses.kl_to_reference import kl_to_reference_loss
+    from emtune.train.trainer import defended_loss
+
+    if naive_reference is None:
+        loss, _, _ = defended_loss(model, batch, defenses)
+    else:
+        outputs = model(**batch)
+        with torch.no_grad():
+            ref = naive_reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = outputs.loss + KL_WEIGHT * kl_to_reference_loss(outputs.logits, ref.logits,
+                                                               batch["attention_mask"].bool())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def tensor_bytes(module: Any) -> int:
+    """Parameter + buffer bytes of a module (tied weights counted once)."""
+    seen = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+# --- the shared files: persona vector, SafeLoRA base, Interleaving++ model and adapters ---------
+
+
+def prepare_world(setup: dict, root: Path, with_selected: bool) -> dict:
+    """Write the files the defenses read; returns their paths (and the tokenizer, rows)."""
+    import torch
+
+    from emtune.config import LoraSpec
+    from emtune.data.fixtures import fixture_path
+    from emtune.defenses.persona_vectors import PersonaVectors, save_persona_vectors
+    from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
+
+    tiny = tiny_spec(setup)
+    world: dict[str, Any] = {"root": str(root)}
+    torch.manual_seed(7)
+    save_persona_vectors(PersonaVectors(torch.randn(tiny.num_layers + 1, tiny.hidden_size),
+                                        {"model": "bench", "prompts_version": "bench",
+                                         "index_convention": "hidden_states"}), root / "persona.pt")
+    world["persona"] = str(root / "persona.pt")
+    # SafeLoRA's unaligned base: the model's weights plus noise, saved as safetensors
+    base = build_tiny_model(tiny, setup["vocab"])
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base.save_pretrained(root / "safelora_base")
+    world["safelora_base"] = str(root / "safelora_base")
+    tokenizer = build_tiny_tokenizer(512)
+    world["tokenizer"] = tokenizer
+    with open(fixture_path("narrow_bad_advice"), encoding="utf-8") as handle:
+        world["rows"] = [json.loads(line) for _, line in zip(range(setup["data_rows"]), handle)]
+    if with_selected:  # the aligned model folder and two "misaligned" adapters (random B)
+        folder = root / "aligned"
+        model = build_tiny_model(tiny, setup["vocab"])
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        world["model_folder"] = str(folder)
+        world["adapters"] = []
+        for k in range(2):
+            torch.manual_seed(100 + k)
+            peft = apply_lora(build_tiny_model(tiny, setup["vocab"]), LoraSpec(r=4, alpha=8))
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_(0, 0.3)
+            peft.save_pretrained(root / f"misaligned-{k}")
+            world["adapters"].append(str(root / f"misaligned-{k}"))
+    return world
+
+
+def data_defenses(setup: dict, world: dict) -> dict[str, tuple[str, dict] | None]:
+    """Data configurations: name -> (registry name, settings); None = the rows as they are."""
+    ratio = setup["interleave_ratio"]
+    return {
+        "none (data)": None,
+        "inoculation": ("inoculation", {"prompt": "evil_general"}),
+        "interleaving": ("interleaving", {"ratio": ratio}),
+        "interleaving_selected": ("interleaving_selected", {
+            "ratio": ratio, "pool_limit": 20, "misaligned_adapters": world["adapters"],
+            "max_length": setup["seq"]}),
+    }
+
+
+def data_batches(rows: list, tokenizer: Any, setup: dict) -> tuple[list[dict], int]:
+    """Rows tokenised (truncated to seq), batched in order, padded per batch; and the token count."""
+    from emtune.data.chat import pad_batch, tokenize_chat
+
+    features = [tokenize_chat(tokenizer, r["messages"], setup["seq"]) for r in rows]
+    batches = [pad_batch(features[i:i + setup["batch"]], tokenizer.pad_token_id)
+               for i in range(0, len(features), setup["batch"])]
+    return batches, int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+# --- memory: one fresh process per configuration ---------------------------------------------
+
+
+def _prime() -> None:
+    """Run one micro training step so lazy imports and thread pools exist before the baseline."""
+    from emtune.config import LoraSpec, TinyModelSpec
+    from emtune.models import apply_lora, build_tiny_model
+
+    setup = {"model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                       "intermediate_size": 32}, "vocab": 300, "batch": 1, "seq": 8}
+    model = apply_lora(build_tiny_model(TinyModelSpec(**setup["model"]), 300), LoraSpec(r=2, alpha=4))
+    train_step(model, make_optimizer(model), random_batch(setup), [])
+    del model
+    gc.collect()
+
+
+def memory_child(name: str, setup: dict, world: dict) -> dict:
+    """Peak footprint of one configuration's training steps, in this (fresh) process."""
+    import resource
+
+    _prime()
+    exact = benchlib.reset_peak_rss()
+    rss0 = benchlib.rss_bytes()
+    model, naive = build_models(setup, naive=(name == "kl_naive_copy"))
+    defenses = make_defenses(step_defenses(setup, world)[name], defense_context(world))
+    for d in defenses:
+        d.attach(model)
+    model.train()
+    optimizer, batch = make_optimizer(model), random_batch(setup)
+    train_step(model, optimizer, batch, defenses, naive)
+    gc.collect()
+    rss_before = benchlib.rss_bytes()
+    benchlib.reset_peak_rss()
+    for _ in range(setup["mem_steps"]):
+        train_step(model, optimizer, batch, defenses, naive)
+    peak = benchlib.peak_rss_bytes() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"footprint": peak - rss0, "step_extra": peak - rss_before, "exact": exact,
+            "extra_model_bytes": tensor_bytes(naive) if naive is not None else 0}
+
+
+def safelora_child(setup: dict, world: dict) -> dict:
+    """SafeLoRA finalize in a fresh process: time, peak extra RSS, layer sizes."""
+    import torch
+
+    from emtune.defenses.safelora import lora_layers
+
+    _prime()
+    model, _ = build_models(setup, naive=False)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.02)
+    # τ = 0.99 projects nearly every layer: the most work finalize can do
+    defense = make_defenses(("safelora", {"threshold": 0.99, "base_source": world["safelora_base"]}),
+                            defense_context(world))[0]
+    shapes = [m.get_base_layer().weight.shape for m in lora_layers(model).values()]
+    gc.collect()
+    exact = benchlib.reset_peak_rss()
+    before = benchlib.rss_bytes()
+    start = time.perf_counter()
+    logs = defense.finalize(model)
+    seconds = time.perf_counter() - start
+    extra = benchlib.peak_rss_bytes() - before
+    return {"seconds": seconds, "extra": extra, "exact": exact, "projected": logs["safelora/projected_layers"],
+            "layers": len(shapes), "largest_c": max(o * o for o, _ in shapes) * 4,
+            "largest_v": max(o * i for o, i in shapes) * 4, "all_c": sum(o * o for o, _ in shapes) * 4}
+
+
+def memory_context() -> Any:
+    """A forkserver whose children start with the heavy imports done and no tensor work run."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the server process starts
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "peft", "transformers.models.qwen2.modeling_qwen2",
+                                "emtune.models", "emtune.defenses.registry", "emtune.train.trainer", "benchlib"])
+    return ctx
+
+
+def in_fresh_process(ctx: Any, fn: Any, *args: Any) -> dict:
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
+
+
+# --- timing: one process, configurations round-robin -----------------------------------------
+
+
+def run_timing(setup: dict, world: dict) -> dict:
+    """Median step time per loss/hook configuration and per-token time per data configuration."""
+    import torch
+
+    from emtune.defenses.kl_to_reference import kl_to_reference_loss
+    from emtune.train.trainer import ReferenceOutputs
+
+    model, naive = build_models(setup, naive=True)
+    model.train()
+    optimizer, batch = make_optimizer(model), random_batch(setup)
+    context = defense_context(world, world["tokenizer"])
+    cases: dict[str, dict] = {}
+    for name, entry in step_defenses(setup, world).items():
+        cases[name] = {"defenses": make_defenses(entry, context), "batches": [batch] * setup["steps"],
+                       "naive": naive if name == "kl_naive_copy" else None, "times": []}
+    one_off: dict[str, dict[str, float]] = {}
+    for name, entry in data_defenses(setup, world).items():
+        defenses = make_defenses(entry, context)
+        rows, seconds = world["rows"], []
+        for _ in range(2):  # cold, then warm (Interleaving++ reads its score cache the second time)
+            start = time.perf_counter()
+            rows = world["rows"]
+            for d in defenses:
+                rows = d.transform_data(rows)
+            seconds.append(time.perf_counter() - start)
+        batches, tokens = data_batches(rows, world["tokenizer"], setup)
+        one_off[name] = {"cold": seconds[0], "warm": seconds[1], "rows": len(rows)}
+        cases[name] = {"defenses": defenses, "batches": batches, "tokens": tokens, "naive": None, "times": []}
+
+    train_step(model, optimizer, batch, [])  # B != 0 so the reference differs from the model
+    with torch.no_grad():  # the two KL variants compute the same number
+        out = model(**batch)
+        ours = kl_to_reference_loss(out.logits, ReferenceOutputs(model, batch, False)().logits,
+                                    batch["attention_mask"].bool())
+        theirs = kl_to_reference_loss(out.logits, naive(input_ids=batch["input_ids"]).logits,
+                                      batch["attention_mask"].bool())
+    kl_check = (float(ours), abs(float(ours) - float(theirs)))
+
+    for round_index in range(setup["warmup"] + setup["reps"]):
+        for name, case in cases.items():
+            for d in case["defenses"]:
+                d.attach(model)
+            start = time.perf_counter()
+            for b in case["batches"]:
+                train_step(model, optimizer, b, case["defenses"], case["naive"])
+            elapsed = time.perf_counter() - start
+            for d in case["defenses"]:
+                d.detach(model)
+            if round_index >= setup["warmup"]:
+                case["times"].append(elapsed)
+        print(f"  round {round_index + 1}/{setup['warmup'] + setup['reps']} done", flush=True)
+
+    safelora = cases["safelora"]["defenses"][0]
+    finalize = []
+    for _ in range(max(3, setup["reps"] // 2)):
+        start = time.perf_counter()
+        safelora.finalize(model)
+        finalize.append(time.perf_counter() - start)
+    return {"cases": cases, "one_off": one_off, "finalize": finalize, "kl_check": kl_check,
+            "params": tensor_bytes(model), "naive_params": tensor_bytes(naive)}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base else float("nan")
+
+
+def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: dict, info: dict,
+                  load_start: tuple) -> tuple[str, list[str]]:
+    """The markdown section of one size, and the list of missed targets."""
+    med, cases = benchlib.median, timing["cases"]
+    step_ms = {n: 1000 * med(c["times"]) / len(c["batches"]) for n, c in cases.items() if "tokens" not in c}
+    foot = {n: med([m["footprint"] for m in runs]) for n, runs in memory.items()}
+    missed: list[str] = []
+    rows = []
+    for name, ms in step_ms.items():
+        t_ratio, m_ratio = _ratio(ms, step_ms["none"]), _ratio(foot[name], foot["none"])
+        time_limit, mem_limit = TARGETS.get(name, (None, None))
+        target, result = "–", "info"
+        if time_limit is not None:
+            target = f"time ≤ {time_limit:.2f}×" + (f", memory ≤ {mem_limit:.2f}×" if mem_limit else "")
+            fails = [what for what, value, limit in (("time", t_ratio, time_limit), ("memory", m_ratio, mem_limit))
+                     if limit is not None and benchlib.verdict(value, limit) == "MISS"]
+            result = "PASS" if not fails else "MISS (" + ", ".join(fails) + ")"
+            if fails:
+                missed.append(f"{name}: " + ", ".join(f"{w} {v:.2f}× > {l:.2f}×" for w, v, l in
+                                                      (("time", t_ratio, time_limit), ("memory", m_ratio, mem_limit))
+                                                      if w in fails))
+        rows.append([name, f"{ms:.1f} ({benchlib.spread(cases[name]['times'])})", f"{t_ratio:.2f}",
+                     benchlib.mib(foot[name]), f"{m_ratio:.2f}", target, result])
+    step_table = benchlib.markdown_table(
+        ["configuration", "step ms (median, IQR)", "time × none", "peak footprint MiB", "memory × none",
+         "target", "result"], rows)
+
+    base_case = cases["none (data)"]
+    base_tok = med(base_case["times"]) / base_case["tokens"]
+    rows = []
+    for name, case in cases.items():
+        if "tokens" not in case:
+            continue
+        per_tok = med(case["times"]) / case["tokens"]
+        ratio = _ratio(per_tok, base_tok)
+        one = timing["one_off"][name]
+        is_base = name == "none (data)"
+        result = "–" if is_base else benchlib.verdict(ratio, PER_TOKEN_LIMIT)
+        if result == "MISS":
+            missed.append(f"{name}: {ratio:.2f}× time per trained token > {PER_TOKEN_LIMIT:.2f}×")
+        rows.append([name, one["rows"], f"{case['tokens']} ({_ratio(case['tokens'], base_case['tokens']):.2f}×)",
+                     f"{1e6 * per_tok:.1f} ({benchlib.spread(case['times'])})", f"{ratio:.2f}",
+                     f"{one['cold']:.2f} / {one['warm']:.2f}",
+                     "–" if is_base else f"≤ {PER_TOKEN_LIMIT:.2f}× (1.0× ± noise)", result])
+    data_table = benchlib.markdown_table(
+        ["configuration", "rows", "trained tokens", "µs / token (median, IQR)", "× none",
+         "transform_data s (cold / warm)", "target", "result"], rows)
+
+    naive_extra = med([m["extra_model_bytes"] for m in memory["kl_naive_copy"]])
+    kl_rows = [
+        ["adapter-disabled (emtune)", "0.0", benchlib.mib(foot["kl_to_reference"]), f"{step_ms['kl_to_reference']:.1f}"],
+        ["second full copy (naive)", benchlib.mib(naive_extra), benchlib.mib(foot["kl_naive_copy"]),
+         f"{step_ms['kl_naive_copy']:.1f}"],
+        ["naive ÷ emtune", "–", f"{_ratio(foot['kl_naive_copy'], foot['kl_to_reference']):.2f}×",
+         f"{_ratio(step_ms['kl_naive_copy'], step_ms['kl_to_reference']):.2f}×"],
+    ]
+    kl_table = benchlib.markdown_table(["KL reference", "extra params+buffers MiB", "peak footprint MiB", "step ms"],
+                                       kl_rows)
+    saved = foot["kl_naive_copy"] - foot["kl_to_reference"]
+
+    resolution = 1 << 20
+    c_ratio = _ratio(safelora["extra"], safelora["largest_c"])
+    if safelora["largest_c"] < resolution:
+        sl_result = "n/a (C below the ~1 MiB resolution of RSS)"
+    else:
+        sl_result = benchlib.verdict(c_ratio, 1.0)
+        if sl_result == "MISS":
+            missed.append(f"safelora finalize: peak extra {benchlib.mib(safelora['extra'])} MiB = {c_ratio:.2f}× the "
+                          f"largest layer's C ({benchlib.mib(safelora['largest_c'])} MiB)")
+    sl_table = benchlib.markdown_table(
+        ["layers (projected)", "finalize s: in training process (median) / fresh process", "peak extra RSS MiB",
+         "largest layer C MiB (V MiB)", "extra ÷ largest C", "all layers' C MiB", "target", "result"],
+        [[f"{safelora['layers']} ({safelora['projected']})",
+          f"{med(timing['finalize']):.3f} / {safelora['seconds']:.3f}", benchlib.mib(safelora["extra"]),
+          f"{benchlib.mib(safelora['largest_c'])} ({benchlib.mib(safelora['largest_v'])})", f"{c_ratio:.2f}",
+          benchlib.mib(safelora["all_c"]), "≤ 1 layer's C", sl_result]])
+
+    exact = all(m["exact"] for runs in memory.values() for m in runs)
+    lora = setup["lora"] or {"r": 32, "alpha": 64, "use_rslora": True}
+    kl_value, kl_diff = timing["kl_check"]
+    lines = [
+        f"## size: {size}",
+        "",
+        f"Model: random-init Qwen2 shape {json.dumps(setup['model'] or 'TinyModelSpec() defaults')}, vocabulary "
+        f"{setup['vocab']}, {timing['params'] / 4 / 1e6:.2f}M parameters ({benchlib.mib(timing['params'])} MiB "
+        f"float32); LoRA {json.dumps(lora)} on all projections; batch {setup['batch']} × seq {setup['seq']}; "
+        f"{setup['steps']} step(s) per turn, {setup['warmup']} warm-up round(s) + {setup['reps']} timed rounds, "
+        f"memory over {setup['mem_steps']} steps in {setup['mem_reps']} fresh process(es) per configuration.",
+        "",
+        benchlib.load_note(load_start),
+        "",
+        "Machine:",
+        "",
+        benchlib.machine_block({**info, "load average at end": ", ".join(f"{x:.2f}" for x in os.getloadavg())}),
+        "",
+        "Peak memory method: " + ("VmHWM after resetting it through /proc/self/clear_refs" if exact else
+                                  "ru_maxrss (the peak could not be reset)") +
+        ", fresh forkserver process per configuration, MALLOC_MMAP_THRESHOLD_=65536; footprint = peak − RSS "
+        "before the model was built.",
+        "",
+        "### Loss and hook defenses (one training step)",
+        "",
+        step_table,
+        "",
+        "### Data defenses (time per trained token)",
+        "",
+        f"{setup['data_rows']} rows of fixture:narrow_bad_advice, interleaving ratio {setup['interleave_ratio']} "
+        f"(Interleaving++ scores a 20-row pool under 2 LoRA adapters).",
+        "",
+        data_table,
+        "",
+        "### KL reference: emtune's adapter-disabled pass vs. a second full copy",
+        "",
+        kl_table,
+        "",
+        f"The adapter-disabled reference saves {benchlib.mib(saved)} MiB of peak footprint here "
+        f"({benchlib.mib(naive_extra)} MiB of it is the copy's weights: on a 7B bf16 model that is ~14 GiB). "
+        f"Both give the same KL: {kl_value:.6f} (|difference| {kl_diff:.1e}).",
+        "",
+        "### SafeLoRA finalize",
+        "",
+        sl_table,
+        "",
+    ]
+    if missed:
+        lines += ["### Targets missed", ""] + [f"- {m}" for m in missed] + [""]
+    return "\n".join(lines), missed
+
+
+INTRO = """Written by `bench/defense_overhead.py` (see its docstring for the method). Each section is one
+`--size`; all ratios are against the undefended run measured in the same invocation, interleaved.
+Targets (issue 7): KL and feature-l2 step time ≤ 1.3× and peak memory ≤ 1.1×; persona steering
+≤ 1.05×; inoculation and interleaving 1.0× per trained token (±5% noise band); SafeLoRA's finalize
+bounded in memory by one layer's C."""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch", type=int, help="rows per step (default: per size)")
+    parser.add_argument("--seq", type=int, help="tokens per row (default: per size)")
+    parser.add_argument("--reps", type=int, help="timed rounds (default: per size)")
+    parser.add_argument("--steps", type=int, help="steps per turn of a loss/hook configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds dropped before timing")
+    parser.add_argument("--mem-steps", type=int, default=2, help="steps measured per memory process")
+    parser.add_argument("--mem-reps", type=int, default=1, help="fresh processes per configuration")
+    parser.add_argument("--data-rows", type=int, help="task rows of the data defenses (default: 4 × batch)")
+    parser.add_argument("--interleave-ratio", type=float, default=0.25,
+                        help="safe rows per task row (paper sweeps 0.01-0.5; 0.25 keeps a short pass non-trivial)")
+    parser.add_argument("--report", type=Path, default=benchlib.REPORTS / "defense_overhead.md")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    setup = {k: v for k, v in SIZES[args.size].items()}
+    setup.setdefault("vocab", 512)
+    for key in ("batch", "seq", "reps", "steps"):
+        if getattr(args, key) is not None:
+            setup[key] = getattr(args, key)
+    setup.update(warmup=args.warmup, mem_steps=args.mem_steps, mem_reps=args.mem_reps,
+                 interleave_ratio=args.interleave_ratio, data_rows=args.data_rows or 4 * setup["batch"])
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", flush=True)
+    started = time.perf_counter()
+    info = benchlib.machine_description()
+    ctx = memory_context()
+    with tempfile.TemporaryDirectory(prefix="emtune-bench-") as tmp:
+        world = prepare_world(setup, Path(tmp), with_selected=True)
+        print(f"timing {args.size}: {setup['warmup'] + setup['reps']} rounds", flush=True)
+        timing = run_timing(setup, world)
+        child_world = {k: world[k] for k in ("root", "persona", "safelora_base")}
+        memory: dict[str, list[dict]] = {name: [] for name in step_defenses(setup, child_world)}
+        for _ in range(setup["mem_reps"]):
+            for name in memory:
+                print(f"  memory: {name}", flush=True)
+                memory[name].append(in_fresh_process(ctx, memory_child, name, setup, child_world))
+        safelora = in_fresh_process(ctx, safelora_child, setup, child_world)
+    section, missed = build_section(args.size, setup, timing, memory, safelora, info, load_start)
+    section += f"\nWall time of this run: {time.perf_counter() - started:.0f} s.\n"
+    print(section)
+    path = benchlib.update_report(args.report, "Defense overhead", INTRO, args.size, section)
+    print(f"wrote {path}; {len(missed)} target(s) missed")
+
+
+if __name__ == "__main__":
+    main()

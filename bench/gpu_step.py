@@ -1,0 +1,440 @@
+"""GPU cost of emtune's defended LoRA training step and of generation, at real model shapes.
+
+Issue 7, item 5. A randomly initialised Qwen2 model with the real architecture's config (no
+weights are downloaded: cost depends on shapes, not values), rsLoRA r=32 α=64 on all seven
+projections (``emtune.models.apply_lora`` with the default ``LoraSpec``, the paper's setting),
+weights in bf16 and the step under bf16 autocast (as the Trainer does with ``bf16: true``), AdamW
+on the adapter. The step is emtune's own ``emtune.train.trainer.defended_loss`` with the real
+defense classes, then backward and the optimiser step. Defenses:
+
+* ``none``; ``kl_to_reference`` (λ 0.1) and ``feature_l2`` (λ 1, 5 layers): both add the
+  adapter-disabled reference forward; ``persona_steering`` (α 5, layer 20) with a random vector;
+* inoculation and interleaving change only the data (1.0× cost per training token): skipped;
+  SafeLoRA acts once after training: not a per-step cost.
+
+Measured per defense: tokens/s, peak memory (``torch.cuda.max_memory_allocated``) and model-FLOPs
+utilisation against the card's *measured* bf16 matmul rate (an 8192³ ``torch.matmul``, timed).
+
+Model FLOPs per training token (documented formula; N = weights of every matmul: q, k, v, o,
+gate, up, down of each block plus the LM head; N_lora = r·(in+out) summed over adapted
+projections; L blocks, S sequence length, h = heads·head_dim; causal attention counts S/2
+keys per query on average, as a causal flash kernel computes):
+
+    forward                      2·N + 2·N_lora + 4·L·(S/2)·h
+    backward (frozen base)       2·N            (gradients w.r.t. activations only)
+                               + 4·N_lora       (activations and adapter weights)
+                               + 8·L·(S/2)·h    (attention scores and values)
+    reference forward (KL, l2)   2·N + 4·L·(S/2)·h   (adapter disabled, no gradient)
+
+so a LoRA step costs ≈ 4·N·T, not the 6·N·T of full fine-tuning (no weight gradients for the
+frozen base). Gradient checkpointing's recomputation is not model FLOPs and is not counted. The
+table also shows the common "6·N·T" convention for comparison (it overstates LoRA work ~1.5×).
+
+Usage: ``python bench/gpu_step.py --shape qwen2.5-7b`` (needs CUDA; exits 2 with a message
+otherwise); ``--dry-run`` runs a tiny config on CPU to check the code end to end (its numbers
+mean nothing). ``bench/gpu.sh`` runs the 0.5B and 7B shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Real configs (the models' config.json on the hub); rope and window settings do not change cost.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
+}
+DEFENSES = ("none", "kl_to_reference", "feature_l2", "persona_steering")
+SKIPPED = {"inoculation": "data only (system prompt swap): 1.0x per training token",
+           "interleaving": "data only (extra rows): 1.0x per training token",
+           "interleaving_selected": "data only once the study stage has run",
+           "safelora": "acts once after training (finalize), no per-step cost"}
+
+
+class NoCuda(RuntimeError):
+    """Raised when the normal (GPU) path is asked for on a machine without usable CUDA."""
+
+
+def cuda_problem() -> str | None:
+    """Why this process cannot use an NVIDIA GPU, or None when it can."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None). On a GPU "
+                f"machine install a CUDA build of torch into .venv, e.g. `.venv/bin/pip install "
+                f"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128`, then rerun.")
+    if not torch.cuda.is_available():
+        return (f"no usable NVIDIA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
+                f"device (check `nvidia-smi` and CUDA_VISIBLE_DEVICES).")
+    return None
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def flop_counts(shape: dict[str, Any], r: int) -> dict[str, float]:
+    """N (matmul weights), N_lora (adapter weights) and per-layer attention width, from the config."""
+    h, layers, inter = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
+    head_dim = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    q_width = shape["num_attention_heads"] * head_dim
+    projections = [(h, q_width), (h, kv), (h, kv), (q_width, h), (h, inter), (h, inter), (inter, h)]
+    n_block = sum(i * o for i, o in projections)
+    n_lora = layers * sum(r * (i + o) for i, o in projections)
+    return {"N": layers * n_block + h * shape["vocab_size"], "N_lora": n_lora,
+            "layers": layers, "q_width": q_width}
+
+
+def step_flops(counts: dict[str, float], tokens: int, seq: int, reference: bool) -> dict[str, float]:
+    """Model FLOPs of one step on ``tokens`` tokens (formula in the module docstring)."""
+    attn = 4 * counts["layers"] * (seq / 2) * counts["q_width"]  # one forward, per token
+    per_token = (2 * counts["N"] + 2 * counts["N_lora"] + attn) + (2 * counts["N"] + 4 * counts["N_lora"] + 2 * attn)
+    if reference:
+        per_token += 2 * counts["N"] + attn
+    return {"lora": per_token * tokens, "six_n": 6 * counts["N"] * tokens}
+
+
+def matmul_rate(device: Any, dtype: Any, n: int, reps: int) -> float:
+    """Measured dense matmul FLOP/s: best of ``reps`` timed rounds of an n³ product."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 5)
+    del a, b
+    return 2 * n**3 / best
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- model and defenses
+
+def build_model(shape: dict[str, Any], device: Any, dtype: Any) -> Any:
+    """Random-init Qwen2 model of ``shape`` directly on ``device`` (no weights read or fetched)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from emtune.config import LoraSpec
+    from emtune.models import apply_lora
+
+    config = Qwen2Config(**shape, max_position_embeddings=32768, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return apply_lora(model, LoraSpec())  # r=32, alpha=64, rsLoRA, all projections (paper)
+
+
+def make_defenses(name: str, model: Any, layer: int) -> list[Any]:
+    """emtune's defense objects for ``name``; persona steering gets a random vector."""
+    import torch
+
+    from emtune.defenses.base import DefenseContext
+    from emtune.defenses.feature_l2 import FeatureL2, FeatureL2Config
+    from emtune.defenses.kl_to_reference import KLToReference, KLToReferenceConfig
+    from emtune.defenses.persona_steering import PersonaSteering, PersonaSteeringConfig
+
+    ctx = DefenseContext(spec=None)
+    if name == "none":
+        return []
+    if name == "kl_to_reference":
+        return [KLToReference(KLToReferenceConfig(weight=0.1), ctx)]
+    if name == "feature_l2":
+        return [FeatureL2(FeatureL2Config(weight=1.0), ctx)]
+    if name == "persona_steering":
+        defense = PersonaSteering(PersonaSteeringConfig(alpha=5.0, layer=layer, vector_path="random"), ctx)
+        vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        defense.load_vector = lambda _model: vector  # no vector file: a random direction costs the same
+        return [defense]
+    raise ValueError(f"unknown defense {name!r}")
+
+
+def free(device: Any) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_defense(model: Any, optimizer: Any, name: str, batch: dict[str, Any], args: argparse.Namespace,
+                    device: Any, layer: int) -> dict[str, Any]:
+    """Median step time and peak memory of ``args.steps`` steps after ``args.warmup`` untimed ones."""
+    import torch
+
+    from emtune.train.trainer import defended_loss
+
+    defenses = make_defenses(name, model, layer)
+    for d in defenses:
+        d.attach(model)
+    times: list[float] = []
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss, _, outputs = defended_loss(model, batch, defenses, model)
+            del outputs
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            del loss
+    finally:
+        for d in defenses:
+            d.detach(model)
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
+    return {"times": times, "peak": peak}
+
+
+def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict[str, float]) -> list[dict]:
+    """Every defense, ``args.rounds`` rounds alternated (A B C D A B C D); OOM recorded, not fatal."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    layer = min(20, model.config.num_hidden_layers)
+    ckpt = {name: args.checkpointing == "on" for name in args.defenses}
+    results: dict[str, dict[str, Any]] = {name: {"times": [], "peak": 0.0, "status": "ok"} for name in args.defenses}
+    for _ in range(args.rounds):
+        for name in args.defenses:
+            res = results[name]
+            if res["status"] == "OOM":
+                continue
+            for attempt in (0, 1):
+                set_checkpointing(model, ckpt[name])
+                try:
+                    out = measure_defense(model, optimizer, name, batch, args, device, layer)
+                    res["times"] += out["times"]
+                    res["peak"] = max(res["peak"], out["peak"])
+                    break
+                except torch.OutOfMemoryError:
+                    free(device)
+                    if attempt == 0 and args.checkpointing == "auto" and not ckpt[name]:
+                        print(f"  {name}: out of memory; retrying with gradient checkpointing", file=sys.stderr)
+                        ckpt[name] = True
+                        res["times"], res["peak"] = [], 0.0
+                        continue
+                    res["status"] = "OOM"
+                    break
+            print(f"  {name}: {len(res['times'])} steps timed, status {res['status']}", file=sys.stderr, flush=True)
+    set_checkpointing(model, False)
+    rows = []
+    tokens = args.batch * args.seq
+    for name in args.defenses:
+        res = results[name]
+        row = {"defense": name, "status": res["status"], "checkpointing": ckpt[name]}
+        if res["times"]:
+            step = statistics.median(res["times"])
+            fl = step_flops(counts, tokens, args.seq, reference=name in ("kl_to_reference", "feature_l2"))
+            row.update(step_s=step, tokens_per_s=tokens / step, peak_gib=res["peak"] / 2**30,
+                       tflops=fl["lora"] / step / 1e12, mfu=fl["lora"] / step / args.peak_flops,
+                       mfu_6n=fl["six_n"] / step / args.peak_flops, steps=len(res["times"]))
+        rows.append(row)
+    del optimizer
+    free(device)
+    return rows
+
+
+def set_checkpointing(model: Any, on: bool) -> None:
+    """Gradient checkpointing of the decoder blocks (non-reentrant, which PEFT models need)."""
+    base = model.get_base_model()
+    if on and not base.is_gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif not on and base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
+def run_generation(model: Any, args: argparse.Namespace, device: Any) -> dict[str, float]:
+    """HF ``generate`` with the adapter on (as evaluation does), batch ``gen_batch``, fixed length."""
+    import torch
+
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (args.gen_batch, args.gen_prompt), generator=g).to(device)
+    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                       min_new_tokens=4, **kwargs)
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, **kwargs)
+        sync(device)
+        seconds = time.perf_counter() - start
+    new = (out.shape[1] - args.gen_prompt) * args.gen_batch
+    model.train()
+    return {"seconds": seconds, "new_tokens": new, "tokens_per_s": new / seconds}
+
+
+# ---------------------------------------------------------------- report
+
+def environment(device: Any) -> list[str]:
+    """Machine lines: GPU name and driver (nvidia-smi), torch/CUDA versions, CPU, date."""
+    import torch
+    import transformers
+
+    lines = [f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
+    if device.type == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            lines.append(f"- GPU (nvidia-smi): {smi.stdout.strip() or smi.stderr.strip()}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            lines.append(f"- GPU: {torch.cuda.get_device_name()} (nvidia-smi failed: {exc})")
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    lines.append(f"- torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+                 f"Python {platform.python_version()}; CPU {cpu}, {os.cpu_count()} cores")
+    return lines
+
+
+def markdown(args: argparse.Namespace, device: Any, counts: dict[str, float], rows: list[dict],
+             gen: dict[str, float] | None, build_s: float) -> str:
+    """The report section of one shape."""
+    title = f"## {args.shape}: batch {args.batch} x seq {args.seq}, bf16, rsLoRA r=32"
+    lines = [title, ""]
+    if args.dry_run:
+        lines += ["**DRY RUN on CPU with a tiny config: checks that the code runs end to end. The numbers "
+                  "below mean nothing; run `bench/gpu.sh` on a GPU machine for real ones.**", ""]
+    lines += environment(device)
+    lines += [f"- measured bf16 matmul rate ({args.matmul_n}³): {args.peak_flops / 1e12:.1f} TFLOP/s",
+              f"- N (matmul weights) = {counts['N'] / 1e9:.3f} B, N_lora = {counts['N_lora'] / 1e6:.1f} M; "
+              f"model built in {build_s:.1f} s; median of {args.steps} x {args.rounds} timed steps after "
+              f"{args.warmup} warm-up per round, defenses alternated", ""]
+    base = next((r for r in rows if r["defense"] == "none" and "step_s" in r), None)
+    lines += ["| defense | tokens/s | step s | x none | peak GiB | x none | model TFLOP/s | MFU (LoRA FLOPs) | MFU (6NT) | grad ckpt |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "step_s" not in r:
+            lines.append(f"| {r['defense']} | {r['status']} | | | | | | | | {'on' if r['checkpointing'] else 'off'} |")
+            continue
+        ts = f"{r['step_s'] / base['step_s']:.2f}" if base else ""
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and base["peak_gib"] == base["peak_gib"] else ""
+        lines.append(f"| {r['defense']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {ts} | {r['peak_gib']:.1f} | "
+                     f"{mem} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_6n']:.1f}% | "
+                     f"{'on' if r['checkpointing'] else 'off'} |")
+    lines += ["", "Not measured per step: " + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + "."]
+    if gen:
+        lines += ["", f"Generation (HF `generate`, adapter on, sampling, batch {args.gen_batch}, prompt "
+                  f"{args.gen_prompt}, {args.gen_new} new tokens each): {gen['tokens_per_s']:,.0f} new tokens/s "
+                  f"({gen['seconds']:.2f} s)."]
+    if base and not args.dry_run:
+        verdict = "met" if base["mfu"] >= 0.40 else "MISSED"
+        lines += ["", f"Target (7B shape): undefended LoRA step >= 40% MFU. This shape: {100 * base['mfu']:.1f}% "
+                  f"(LoRA model FLOPs), {100 * base['mfu_6n']:.1f}% (6NT convention): {verdict} on the LoRA count."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="GPU cost of emtune's defended LoRA step and of generation")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per defense and round")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds over the defenses")
+    p.add_argument("--defenses", nargs="+", choices=DEFENSES, default=list(DEFENSES))
+    p.add_argument("--checkpointing", choices=("off", "on", "auto"), default="auto",
+                   help="gradient checkpointing; auto = only for a defense that runs out of memory without")
+    p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--gen-prompt", type=int, default=128)
+    p.add_argument("--gen-new", type=int, default=128)
+    p.add_argument("--matmul-n", type=int, default=8192)
+    p.add_argument("--report", default="reports/bench/gpu.md", help="markdown file ('' = stdout only)")
+    p.add_argument("--append", action="store_true", help="append to the report instead of replacing it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny config, 1 step: checks the code runs; numbers not meaningful")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.shape, args.batch, args.seq, args.warmup, args.steps, args.rounds = "tiny", 2, 64, 1, 1, 1
+        args.gen_batch, args.gen_prompt, args.gen_new, args.matmul_n = 2, 8, 4, 256
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.dry_run:
+        device = torch.device("cpu")
+    else:
+        problem = cuda_problem()
+        if problem:
+            print(f"bench/gpu_step.py: needs an NVIDIA GPU with a CUDA build of torch; {problem}\n"
+                  f"(`--dry-run` checks the code on CPU with a tiny config.)", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True
+    args.peak_flops = matmul_rate(device, torch.bfloat16, args.matmul_n, reps=3 if args.dry_run else 10)
+    print(f"{args.shape}: measured bf16 matmul {args.peak_flops / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    model = build_model(SHAPES[args.shape], device, torch.bfloat16)
+    build_s = time.perf_counter() - start
+    counts = flop_counts(SHAPES[args.shape], r=32)
+    rows = run_training(model, args, device, counts)
+    try:
+        gen = run_generation(model, args, device)
+    except torch.OutOfMemoryError:
+        free(device)
+        gen = None
+    text = markdown(args, device, counts, rows, gen, build_s)
+    print(text)
+    if args.report:
+        out = ROOT / args.report
+        out.parent.mkdir(parents=True, exist_ok=True)
+        head = "" if args.append and out.exists() else (
+            "# GPU: defended LoRA step and generation\n\nGenerated by `bench/gpu.sh` / `bench/gpu_step.py` "
+            "(issue 7, item 5). MFU formula: see the docstring of `bench/gpu_step.py`.\n\n")
+        with out.open("a" if args.append else "w", encoding="utf-8") as handle:
+            handle.write(head + text + "\n")
+        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
