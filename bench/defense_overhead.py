@@ -46,6 +46,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,12 @@ import benchlib  # noqa: E402  (the bench folder is on sys.path when run as a sc
 
 SIZES = {
     # the dry-run study's tiny model and LoRA (search_spaces/dryrun.yaml)
-    "tiny": {"model": {}, "lora": {"r": 8, "alpha": 16}, "batch": 8, "seq": 128, "steps": 5, "reps": 7},
+    "tiny": {"model": {}, "lora": {"r": 8, "alpha": 16}, "batch": 8, "seq": 128, "steps": 3, "reps": 12,
+             "data_rows": 32},
     # a ~28M-parameter random-init Qwen2 shape with the paper's rsLoRA r=32, alpha=64
     "small": {"model": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
                         "intermediate_size": 1536},
-              "vocab": 8192, "lora": {}, "batch": 2, "seq": 128, "steps": 1, "reps": 5},
+              "vocab": 8192, "lora": {}, "batch": 2, "seq": 128, "steps": 1, "reps": 5, "data_rows": 6},
 }
 KL_WEIGHT = 0.1  # the paper's λ
 TARGETS = {  # (time ratio limit, memory ratio limit or None); from issue 7
@@ -85,12 +87,19 @@ def build_models(setup: dict, naive: bool) -> tuple[Any, Any]:
     from emtune.config import LoraSpec
     from emtune.models import apply_lora, build_tiny_model
 
+    import torch
+
     base = build_tiny_model(tiny_spec(setup), setup["vocab"])
     reference = None
     if naive:
         reference = copy.deepcopy(base).eval()
         reference.requires_grad_(False)
-    return apply_lora(base, LoraSpec(**setup["lora"])), reference
+    model = apply_lora(base, LoraSpec(**setup["lora"]))
+    with torch.no_grad():  # as mid-training: B != 0, so the model differs from its reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    return model, reference
 
 
 def make_optimizer(model: Any) -> Any:
@@ -282,10 +291,6 @@ def safelora_child(setup: dict, world: dict) -> dict:
 
     _prime()
     model, _ = build_models(setup, naive=False)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.normal_(0, 0.02)
     # τ = 0.99 projects nearly every layer: the most work finalize can do
     defense = make_defenses(("safelora", {"threshold": 0.99, "base_source": world["safelora_base"]}),
                             defense_context(world))[0]
@@ -311,9 +316,21 @@ def memory_context() -> Any:
     return ctx
 
 
-def in_fresh_process(ctx: Any, fn: Any, *args: Any) -> dict:
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, args)
+def _child_entry(queue: Any, fn: Any, threads: int, args: tuple) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    queue.put(fn(*args))
+
+
+def in_fresh_process(ctx: Any, threads: int, fn: Any, *args: Any) -> dict:
+    """``fn(*args)`` in a new process forked from the preloaded server; its return value."""
+    queue = ctx.SimpleQueue()
+    process = ctx.Process(target=_child_entry, args=(queue, fn, threads, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
 
 
 # --- timing: one process, configurations round-robin -----------------------------------------
@@ -348,7 +365,6 @@ def run_timing(setup: dict, world: dict) -> dict:
         one_off[name] = {"cold": seconds[0], "warm": seconds[1], "rows": len(rows)}
         cases[name] = {"defenses": defenses, "batches": batches, "tokens": tokens, "naive": None, "times": []}
 
-    train_step(model, optimizer, batch, [])  # B != 0 so the reference differs from the model
     with torch.no_grad():  # the two KL variants compute the same number
         out = model(**batch)
         ours = kl_to_reference_loss(out.logits, ReferenceOutputs(model, batch, False)().logits,
@@ -535,22 +551,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="rounds dropped before timing")
     parser.add_argument("--mem-steps", type=int, default=2, help="steps measured per memory process")
     parser.add_argument("--mem-reps", type=int, default=1, help="fresh processes per configuration")
-    parser.add_argument("--data-rows", type=int, help="task rows of the data defenses (default: 4 × batch)")
+    parser.add_argument("--data-rows", type=int, help="task rows of the data defenses (default: per size)")
     parser.add_argument("--interleave-ratio", type=float, default=0.25,
                         help="safe rows per task row (paper sweeps 0.01-0.5; 0.25 keeps a short pass non-trivial)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a shared 2-core machine 2 threads stall on each other)")
     parser.add_argument("--report", type=Path, default=benchlib.REPORTS / "defense_overhead.md")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     setup = {k: v for k, v in SIZES[args.size].items()}
     setup.setdefault("vocab", 512)
     for key in ("batch", "seq", "reps", "steps"):
         if getattr(args, key) is not None:
             setup[key] = getattr(args, key)
     setup.update(warmup=args.warmup, mem_steps=args.mem_steps, mem_reps=args.mem_reps,
-                 interleave_ratio=args.interleave_ratio, data_rows=args.data_rows or 4 * setup["batch"])
+                 interleave_ratio=args.interleave_ratio, threads=args.threads)
+    if args.data_rows is not None:
+        setup["data_rows"] = args.data_rows
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)
     started = time.perf_counter()
@@ -558,15 +581,17 @@ def main() -> None:
     ctx = memory_context()
     with tempfile.TemporaryDirectory(prefix="emtune-bench-") as tmp:
         world = prepare_world(setup, Path(tmp), with_selected=True)
+        print(f"prepared files in {time.perf_counter() - started:.0f} s", flush=True)
         print(f"timing {args.size}: {setup['warmup'] + setup['reps']} rounds", flush=True)
         timing = run_timing(setup, world)
+        print(f"timing done at {time.perf_counter() - started:.0f} s", flush=True)
         child_world = {k: world[k] for k in ("root", "persona", "safelora_base")}
         memory: dict[str, list[dict]] = {name: [] for name in step_defenses(setup, child_world)}
         for _ in range(setup["mem_reps"]):
             for name in memory:
                 print(f"  memory: {name}", flush=True)
-                memory[name].append(in_fresh_process(ctx, memory_child, name, setup, child_world))
-        safelora = in_fresh_process(ctx, safelora_child, setup, child_world)
+                memory[name].append(in_fresh_process(ctx, args.threads, memory_child, name, setup, child_world))
+        safelora = in_fresh_process(ctx, args.threads, safelora_child, setup, child_world)
     section, missed = build_section(args.size, setup, timing, memory, safelora, info, load_start)
     section += f"\nWall time of this run: {time.perf_counter() - started:.0f} s.\n"
     print(section)

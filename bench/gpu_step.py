@@ -81,8 +81,8 @@ def cuda_problem() -> str | None:
 
     if torch.version.cuda is None:
         return (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None). On a GPU "
-                f"machine install a CUDA build of torch into .venv, e.g. `.venv/bin/pip install "
-                f"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128`, then rerun.")
+                f"machine install a CUDA build of the same torch into .venv (the wheel index matching the "
+                f"driver, see pytorch.org), then rerun.")
     if not torch.cuda.is_available():
         return (f"no usable NVIDIA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
                 f"device (check `nvidia-smi` and CUDA_VISIBLE_DEVICES).")
@@ -223,7 +223,7 @@ def measure_defense(model: Any, optimizer: Any, name: str, batch: dict[str, Any]
         for d in defenses:
             d.detach(model)
         optimizer.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None  # no CPU equivalent
     return {"times": times, "peak": peak}
 
 
@@ -231,6 +231,7 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
     """Every defense, ``args.rounds`` rounds alternated (A B C D A B C D); OOM recorded, not fatal."""
     import torch
 
+    model.train()  # checkpointing (and dropout, 0 here) act only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused)
@@ -247,20 +248,23 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
                 continue
             for attempt in (0, 1):
                 set_checkpointing(model, ckpt[name])
+                out = None
                 try:
                     out = measure_defense(model, optimizer, name, batch, args, device, layer)
-                    res["times"] += out["times"]
-                    res["peak"] = max(res["peak"], out["peak"])
-                    break
                 except torch.OutOfMemoryError:
-                    free(device)
-                    if attempt == 0 and args.checkpointing == "auto" and not ckpt[name]:
-                        print(f"  {name}: out of memory; retrying with gradient checkpointing", file=sys.stderr)
-                        ckpt[name] = True
-                        res["times"], res["peak"] = [], 0.0
-                        continue
-                    res["status"] = "OOM"
+                    pass  # handled below, once the traceback (which holds the step's tensors) is gone
+                if out is not None:
+                    res["times"] += out["times"]
+                    res["peak"] = None if out["peak"] is None else max(res["peak"] or 0, out["peak"])
                     break
+                free(device)
+                if attempt == 0 and args.checkpointing == "auto" and not ckpt[name]:
+                    print(f"  {name}: out of memory; retrying with gradient checkpointing", file=sys.stderr)
+                    ckpt[name] = True
+                    res["times"], res["peak"] = [], 0.0
+                    continue
+                res["status"] = "OOM"
+                break
             print(f"  {name}: {len(res['times'])} steps timed, status {res['status']}", file=sys.stderr, flush=True)
     set_checkpointing(model, False)
     rows = []
@@ -271,7 +275,8 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
         if res["times"]:
             step = statistics.median(res["times"])
             fl = step_flops(counts, tokens, args.seq, reference=name in ("kl_to_reference", "feature_l2"))
-            row.update(step_s=step, tokens_per_s=tokens / step, peak_gib=res["peak"] / 2**30,
+            row.update(step_s=step, tokens_per_s=tokens / step,
+                       peak_gib=None if res["peak"] is None else res["peak"] / 2**30,
                        tflops=fl["lora"] / step / 1e12, mfu=fl["lora"] / step / args.peak_flops,
                        mfu_6n=fl["six_n"] / step / args.peak_flops, steps=len(res["times"]))
         rows.append(row)
@@ -282,11 +287,14 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
 
 def set_checkpointing(model: Any, on: bool) -> None:
     """Gradient checkpointing of the decoder blocks (non-reentrant, which PEFT models need)."""
+    if getattr(model, "_bench_checkpointing", False) == on:
+        return
     base = model.get_base_model()
-    if on and not base.is_gradient_checkpointing:
+    if on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif not on and base.is_gradient_checkpointing:
+    else:
         base.gradient_checkpointing_disable()
+    model._bench_checkpointing = on
 
 
 def run_generation(model: Any, args: argparse.Namespace, device: Any) -> dict[str, float]:
@@ -342,8 +350,8 @@ def markdown(args: argparse.Namespace, device: Any, counts: dict[str, float], ro
         lines += ["**DRY RUN on CPU with a tiny config: checks that the code runs end to end. The numbers "
                   "below mean nothing; run `bench/gpu.sh` on a GPU machine for real ones.**", ""]
     lines += environment(device)
-    lines += [f"- measured bf16 matmul rate ({args.matmul_n}³): {args.peak_flops / 1e12:.1f} TFLOP/s",
-              f"- N (matmul weights) = {counts['N'] / 1e9:.3f} B, N_lora = {counts['N_lora'] / 1e6:.1f} M; "
+    lines += [f"- measured bf16 matmul rate ({args.matmul_n}³): {args.peak_flops / 1e12:.4g} TFLOP/s",
+              f"- N (matmul weights) = {counts['N']:,.0f}, N_lora = {counts['N_lora']:,.0f}; "
               f"model built in {build_s:.1f} s; median of {args.steps} x {args.rounds} timed steps after "
               f"{args.warmup} warm-up per round, defenses alternated", ""]
     base = next((r for r in rows if r["defense"] == "none" and "step_s" in r), None)
@@ -354,9 +362,11 @@ def markdown(args: argparse.Namespace, device: Any, counts: dict[str, float], ro
             lines.append(f"| {r['defense']} | {r['status']} | | | | | | | | {'on' if r['checkpointing'] else 'off'} |")
             continue
         ts = f"{r['step_s'] / base['step_s']:.2f}" if base else ""
-        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and base["peak_gib"] == base["peak_gib"] else ""
-        lines.append(f"| {r['defense']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {ts} | {r['peak_gib']:.1f} | "
-                     f"{mem} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_6n']:.1f}% | "
+        known = base and base["peak_gib"] and r["peak_gib"] is not None
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if known else ""
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {r['defense']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {ts} | {peak} | "
+                     f"{mem} | {r['tflops']:.4g} | {100 * r['mfu']:.1f}% | {100 * r['mfu_6n']:.1f}% | "
                      f"{'on' if r['checkpointing'] else 'off'} |")
     lines += ["", "Not measured per step: " + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + "."]
     if gen:
@@ -385,7 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-prompt", type=int, default=128)
     p.add_argument("--gen-new", type=int, default=128)
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--report", default="reports/bench/gpu.md", help="markdown file ('' = stdout only)")
+    p.add_argument("--report", default=None,
+                   help="markdown file ('' = stdout only); default reports/bench/gpu.md, stdout only for --dry-run")
     p.add_argument("--append", action="store_true", help="append to the report instead of replacing it")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny config, 1 step: checks the code runs; numbers not meaningful")
@@ -393,6 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run:
         args.shape, args.batch, args.seq, args.warmup, args.steps, args.rounds = "tiny", 2, 64, 1, 1, 1
         args.gen_batch, args.gen_prompt, args.gen_new, args.matmul_n = 2, 8, 4, 256
+    if args.report is None:
+        args.report = "" if args.dry_run else "reports/bench/gpu.md"
     return args
 
 
@@ -417,11 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - start
     counts = flop_counts(SHAPES[args.shape], r=32)
     rows = run_training(model, args, device, counts)
+    gen = None
     try:
         gen = run_generation(model, args, device)
     except torch.OutOfMemoryError:
-        free(device)
-        gen = None
+        print("generation: out of memory", file=sys.stderr)
+    free(device)
     text = markdown(args, device, counts, rows, gen, build_s)
     print(text)
     if args.report:
@@ -429,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         head = "" if args.append and out.exists() else (
             "# GPU: defended LoRA step and generation\n\nGenerated by `bench/gpu.sh` / `bench/gpu_step.py` "
-            "(issue 7, item 5). MFU formula: see the docstring of `bench/gpu_step.py`.\n\n")
+            "(issue 7, item 5). MFU formula: see the docstring of `bench/gpu_step.py`.\n\n"
+            + ("**Status: not yet measured on a GPU.** Only the CPU dry run below (code check) has run; "
+               "`bench/gpu.sh` on an NVIDIA machine replaces this file.\n\n" if args.dry_run else ""))
         with out.open("a" if args.append else "w", encoding="utf-8") as handle:
             handle.write(head + text + "\n")
         print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", file=sys.stderr)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emtune.cli import data, jobs, pareto, persona, recommend, report, resume, run, submit, ui, validate
+from emtune.cli import (confirm, data, jobs, pareto, persona, recommend, report, resume, run, submit, ui,
+                        validate)
 
-VERBS = (run, resume, validate, pareto, recommend, report, ui, submit, jobs, data, persona)
+VERBS = (run, resume, validate, pareto, confirm, recommend, report, ui, submit, jobs, data, persona)
 
 
 def build_parser() -> argparse.ArgumentParser:

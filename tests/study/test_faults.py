@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -110,11 +111,24 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
     assert run.data.metrics["resumed_from_step"] >= 5  # the restarted worker did not start over
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment carries ``EMTUNE_TEST_DRIVER=marker``."""
+    needle = f"EMTUNE_TEST_DRIVER={marker}".encode()
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    proc.kill()
+        except (OSError, psutil.Error):
+            continue
+
+
 def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path) -> None:
     path = write_spec(name="driverkill", num_trials=3, max_steps=3)
     path.write_text(path.read_text().replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1}"))
     study_dir = path.parent / "studies" / "driverkill"
-    env = dict(os.environ)
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, EMTUNE_TEST_DRIVER=marker)  # inherited by the Ray it starts
     driver = subprocess.Popen([sys.executable, "-m", "emtune.cli.main", "run", str(path), "--num-cpus", "2"],
                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -134,7 +148,7 @@ def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path) 
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        _kill_marked(marker)  # the killed driver's Ray (not `ray stop --force`: other Rays may run)
 
     assert main(["resume", str(study_dir), "--num-cpus", "2"]) == 0
     import ray

@@ -65,3 +65,25 @@ def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) ->
     assert set(front["baselines"]) == {"base", "undefended"}
     ranks = {c.info.run_id: c.data.tags["pareto_rank"] for c in children}
     assert all(ranks[row["mlflow_run_id"]] == "0" for row in front["front"])
+
+
+def test_confirm_reevaluates_the_front_from_saved_adapters(finished_study, tmp_path, capsys) -> None:
+    import shutil
+
+    study_dir = tmp_path / "studies" / "finished"
+    shutil.copytree(finished_study, study_dir)
+    # the copied study keeps its spec (and the MLflow artifact paths of the original folder)
+    assert main(["confirm", str(finished_study), "--seeds", "2", "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{finished_study / 'mlflow.db'}")
+    front = json.loads((lambda: (main(["pareto", str(finished_study), "--format", "json"]), capsys.readouterr().out)[1])())
+    for row in front["front"]:
+        run = client.get_run(row["mlflow_run_id"])
+        assert run.data.metrics["confirm/indomain_nll_n"] == 2
+        # held-out NLL does not depend on the sampling seed: both seeds agree with the search value
+        assert run.data.metrics["confirm/indomain_nll_mean"] == pytest.approx(row["values"][1], rel=1e-4)
+        assert run.data.metrics["confirm/indomain_nll_std"] == pytest.approx(0.0, abs=1e-6)
+        assert f"{row['number']:<6}" in out
+    with pytest.raises(SystemExit) as info:
+        main(["confirm", str(finished_study), "--trial", "99"])
+    assert info.value.code == 2

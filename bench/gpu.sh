@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU benchmark (issue 7, item 5): emtune's defended LoRA step and generation at real Qwen2.5 shapes,
+# random-init (no weights are downloaded). Needs an NVIDIA GPU and a CUDA build of torch in .venv.
+# Writes reports/bench/gpu.md (0.5B section, then 7B). About 3-5 minutes on one H100.
+# Extra arguments go to both runs, e.g. `bench/gpu.sh --batch 2 --seq 1024`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+
+if [ ! -x .venv/bin/python ]; then
+    # the same install as `make install` (torch first and exact, then the pinned set)
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet torch==2.13.0
+    .venv/bin/pip install --quiet -c constraints.txt -e .
+fi
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi missing or failing); run it on a GPU machine." >&2
+    echo "To check the code on CPU: .venv/bin/python bench/gpu_step.py --dry-run --report ''" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+# each shape under its own time limit, so the whole script stays within ~8 minutes; a shape that
+# fails or times out is reported and the next one still runs (status 2 = no usable CUDA: stop)
+status=0
+append=()   # the first shape that succeeds starts a fresh report; later ones append to it
+run_shape() {
+    local limit=$1; shift
+    local rc=0
+    timeout "$limit" .venv/bin/python bench/gpu_step.py "$@" "${append[@]}" || rc=$?
+    if [ "$rc" -eq 2 ]; then exit 2; fi
+    if [ "$rc" -ne 0 ]; then
+        echo "bench/gpu.sh: 'gpu_step.py $*' failed with status $rc (124 = timed out)" >&2
+        status=1
+    else
+        append=(--append)
+    fi
+}
+run_shape 180 --shape qwen2.5-0.5b "$@"
+run_shape 300 --shape qwen2.5-7b "$@"
+echo "wrote reports/bench/gpu.md"
+exit "$status"
