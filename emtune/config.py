@@ -268,6 +268,14 @@ class ResourcesSpec(_Strict):
     max_concurrent_trials: int = Field(1, gt=0)
     driver_memory_gb: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=0, description="Train worker-group restarts per trial")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="data parallelism across a trial's workers; fsdp shards large models"
+    )
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources for each trial's driver, e.g. {on_demand: 0.001} to pin "
+        "drivers to non-preemptible nodes (cluster/ configs define `on_demand`)",
+    )
 
 
 class BaselinesSpec(_Strict):

@@ -116,7 +116,7 @@ class StudySession:
         from emtune.study.trial import run_trial
 
         memory = int(self.spec.resources.driver_memory_gb * 2**30)
-        return tune.with_resources(run_trial, {"cpu": 0, "memory": memory})
+        return tune.with_resources(run_trial, driver_resources(self.spec.resources, memory))
 
     def param_space(self) -> dict[str, Any]:
         """Constants every trial receives next to the searcher's ``params``."""
@@ -165,6 +165,15 @@ class StudySession:
             status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
             self.client.set_terminated(self.parent_run_id, status=status)
         return table
+
+
+def driver_resources(resources: Any, memory: int) -> dict[str, Any]:
+    """Resources of a trial's driver: no CPU (its Train workers hold those), its memory, and any
+    custom resources the spec names (``{"cpu": 0}`` alone is rejected by Ray; STACK.md)."""
+    out: dict[str, Any] = {"cpu": 0, "memory": memory}
+    if resources.driver_resources:
+        out["resources"] = dict(resources.driver_resources)
+    return out
 
 
 def concurrent_trials(resources: Any, cluster: dict[str, float] | None = None) -> int:

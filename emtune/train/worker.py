@@ -96,7 +96,15 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **_parallelism(spec),
     )
+
+
+def _parallelism(spec: StudySpec) -> dict[str, Any]:
+    """FSDP arguments when the spec asks for sharding across several workers (DDP otherwise)."""
+    if spec.resources.strategy != "fsdp" or spec.resources.num_workers < 2:
+        return {}
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
 
 
 def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], train_rows: list[dict],

@@ -29,3 +29,17 @@ def test_concurrent_trials_fit_the_cluster() -> None:
     assert concurrent_trials(half, {"GPU": 4}) == 3  # fractional GPUs: 8 fit, the spec caps at 3
     cpu = ResourcesSpec(cpus_per_worker=1, max_concurrent_trials=4)
     assert concurrent_trials(cpu, {"CPU": 2}) == 2
+
+
+def test_driver_resources_and_fsdp_arguments(write_spec) -> None:
+    from emtune.config import ResourcesSpec, load_spec
+    from emtune.study.runner import driver_resources
+    from emtune.train.worker import _parallelism
+
+    pinned = ResourcesSpec(driver_resources={"on_demand": 0.001})
+    assert driver_resources(pinned, 2**30) == {"cpu": 0, "memory": 2**30, "resources": {"on_demand": 0.001}}
+    assert driver_resources(ResourcesSpec(), 5) == {"cpu": 0, "memory": 5}
+    spec = load_spec(write_spec())
+    assert _parallelism(spec) == {}
+    sharded = spec.model_copy(update={"resources": ResourcesSpec(num_workers=4, gpus_per_worker=1, strategy="fsdp")})
+    assert _parallelism(sharded)["fsdp"] == "full_shard auto_wrap"
