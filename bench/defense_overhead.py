@@ -233,14 +233,16 @@ def data_defenses(setup: dict, world: dict) -> dict[str, tuple[str, dict] | None
     }
 
 
-def data_batches(rows: list, tokenizer: Any, setup: dict) -> tuple[list[dict], int]:
-    """Rows tokenised (truncated to seq), batched in order, padded per batch; and the token count."""
+def data_batches(rows: list, tokenizer: Any, setup: dict) -> tuple[list[dict], int, int]:
+    """Rows tokenised (truncated to seq), batched in order, padded per batch (as emtune's collator
+    does); the trained (non-pad) token count and the computed positions (padding included)."""
     from emtune.data.chat import pad_batch, tokenize_chat
 
     features = [tokenize_chat(tokenizer, r["messages"], setup["seq"]) for r in rows]
     batches = [pad_batch(features[i:i + setup["batch"]], tokenizer.pad_token_id)
                for i in range(0, len(features), setup["batch"])]
-    return batches, int(sum(int(b["attention_mask"].sum()) for b in batches))
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    return batches, tokens, int(sum(b["input_ids"].numel() for b in batches))
 
 
 # --- memory: one fresh process per configuration ---------------------------------------------
@@ -316,24 +318,59 @@ def memory_context() -> Any:
     return ctx
 
 
-def _child_entry(queue: Any, fn: Any, threads: int, args: tuple) -> None:
+def _child_entry(conn: Any, fn: Any, threads: int, args: tuple) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    queue.put(fn(*args))
+    conn.send(fn(*args))
+    conn.close()
 
 
 def in_fresh_process(ctx: Any, threads: int, fn: Any, *args: Any) -> dict:
     """``fn(*args)`` in a new process forked from the preloaded server; its return value."""
-    queue = ctx.SimpleQueue()
-    process = ctx.Process(target=_child_entry, args=(queue, fn, threads, args))
+    reader, writer = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child_entry, args=(writer, fn, threads, args))
+    started = time.perf_counter()
     process.start()
-    result = queue.get()
+    writer.close()
+    while not reader.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"memory process for {fn.__name__} died with exit code {process.exitcode}")
+    result = reader.recv()
     process.join()
+    result["wall_s"] = time.perf_counter() - started
     return result
 
 
 # --- timing: one process, configurations round-robin -----------------------------------------
+
+
+def adapter_toggle_cost(model: Any, reps: int = 20) -> dict[str, float]:
+    """CPU seconds to switch the adapter off and on: peft's ``disable_adapter()`` context (what
+    ``ReferenceOutputs`` uses) vs. flipping the cached LoRA layers directly."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def context() -> None:
+        with model.disable_adapter():
+            pass
+
+    def direct() -> None:
+        for layer in layers:
+            layer.enable_adapters(False)
+        for layer in layers:
+            layer.enable_adapters(True)
+
+    out = {}
+    for name, fn in (("peft_context", context), ("direct", direct)):
+        times = []
+        for _ in range(reps):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        out[name] = benchlib.median(times)
+    return out
 
 
 def run_timing(setup: dict, world: dict) -> dict:
@@ -341,6 +378,7 @@ def run_timing(setup: dict, world: dict) -> dict:
     import torch
 
     from emtune.defenses.kl_to_reference import kl_to_reference_loss
+    from emtune.defenses.safelora import lora_layers
     from emtune.train.trainer import ReferenceOutputs
 
     model, naive = build_models(setup, naive=True)
@@ -350,7 +388,7 @@ def run_timing(setup: dict, world: dict) -> dict:
     cases: dict[str, dict] = {}
     for name, entry in step_defenses(setup, world).items():
         cases[name] = {"defenses": make_defenses(entry, context), "batches": [batch] * setup["steps"],
-                       "naive": naive if name == "kl_naive_copy" else None, "times": []}
+                       "naive": naive if name == "kl_naive_copy" else None, "times": [], "wall": []}
     one_off: dict[str, dict[str, float]] = {}
     for name, entry in data_defenses(setup, world).items():
         defenses = make_defenses(entry, context)
@@ -361,9 +399,10 @@ def run_timing(setup: dict, world: dict) -> dict:
             for d in defenses:
                 rows = d.transform_data(rows)
             seconds.append(time.perf_counter() - start)
-        batches, tokens = data_batches(rows, world["tokenizer"], setup)
+        batches, tokens, positions = data_batches(rows, world["tokenizer"], setup)
         one_off[name] = {"cold": seconds[0], "warm": seconds[1], "rows": len(rows)}
-        cases[name] = {"defenses": defenses, "batches": batches, "tokens": tokens, "naive": None, "times": []}
+        cases[name] = {"defenses": defenses, "batches": batches, "tokens": tokens, "positions": positions,
+                       "naive": None, "times": [], "wall": []}
 
     with torch.no_grad():  # the two KL variants compute the same number
         out = model(**batch)
@@ -377,14 +416,15 @@ def run_timing(setup: dict, world: dict) -> dict:
         for name, case in cases.items():
             for d in case["defenses"]:
                 d.attach(model)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for b in case["batches"]:
                 train_step(model, optimizer, b, case["defenses"], case["naive"])
-            elapsed = time.perf_counter() - start
+            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
             for d in case["defenses"]:
                 d.detach(model)
             if round_index >= setup["warmup"]:
-                case["times"].append(elapsed)
+                case["times"].append(cpu)
+                case["wall"].append(wall)
         print(f"  round {round_index + 1}/{setup['warmup'] + setup['reps']} done", flush=True)
 
     safelora = cases["safelora"]["defenses"][0]
@@ -394,6 +434,7 @@ def run_timing(setup: dict, world: dict) -> dict:
         safelora.finalize(model)
         finalize.append(time.perf_counter() - start)
     return {"cases": cases, "one_off": one_off, "finalize": finalize, "kl_check": kl_check,
+            "toggle": adapter_toggle_cost(model), "lora_layers": len(lora_layers(model)),
             "params": tensor_bytes(model), "naive_params": tensor_bytes(naive)}
 
 
@@ -409,6 +450,7 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
     """The markdown section of one size, and the list of missed targets."""
     med, cases = benchlib.median, timing["cases"]
     step_ms = {n: 1000 * med(c["times"]) / len(c["batches"]) for n, c in cases.items() if "tokens" not in c}
+    wall_ms = {n: 1000 * med(c["wall"]) / len(c["batches"]) for n, c in cases.items() if "tokens" not in c}
     foot = {n: med([m["footprint"] for m in runs]) for n, runs in memory.items()}
     missed: list[str] = []
     rows = []
@@ -425,11 +467,14 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
                 missed.append(f"{name}: " + ", ".join(f"{w} {v:.2f}× > {l:.2f}×" for w, v, l in
                                                       (("time", t_ratio, time_limit), ("memory", m_ratio, mem_limit))
                                                       if w in fails))
-        rows.append([name, f"{ms:.1f} ({benchlib.spread(cases[name]['times'])})", f"{t_ratio:.2f}",
-                     benchlib.mib(foot[name]), f"{m_ratio:.2f}", target, result])
+        rows.append([name, f"{ms:.1f} ({benchlib.spread(cases[name]['times'])})", f"{wall_ms[name]:.1f}",
+                     f"{t_ratio:.2f}", benchlib.mib(foot[name]), f"{(foot[name] - foot['none']) / 2**20:+.1f}",
+                     f"{m_ratio:.2f}", target, result])
     step_table = benchlib.markdown_table(
-        ["configuration", "step ms (median, IQR)", "time × none", "peak footprint MiB", "memory × none",
-         "target", "result"], rows)
+        ["configuration", "CPU ms / step (median, IQR)", "wall ms / step", "time × none", "peak footprint MiB",
+         "Δ MiB", "memory × none", "target", "result"], rows)
+    logits = setup["batch"] * setup["seq"] * setup["vocab"]
+    per_logit = {n: (foot[n] - foot["none"]) / logits for n in ("kl_to_reference", "feature_l2")}
 
     base_case = cases["none (data)"]
     base_tok = med(base_case["times"]) / base_case["tokens"]
@@ -444,12 +489,16 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         result = "–" if is_base else benchlib.verdict(ratio, PER_TOKEN_LIMIT)
         if result == "MISS":
             missed.append(f"{name}: {ratio:.2f}× time per trained token > {PER_TOKEN_LIMIT:.2f}×")
+        per_pos = _ratio(med(case["times"]) / case["positions"], med(base_case["times"]) / base_case["positions"])
         rows.append([name, one["rows"], f"{case['tokens']} ({_ratio(case['tokens'], base_case['tokens']):.2f}×)",
-                     f"{1e6 * per_tok:.1f} ({benchlib.spread(case['times'])})", f"{ratio:.2f}",
+                     f"{case['positions']} ({_ratio(case['positions'], base_case['positions']):.2f}×)",
+                     f"{1e6 * per_tok:.1f} ({benchlib.spread(case['times'])})",
+                     f"{1e6 * med(case['wall']) / case['tokens']:.1f}", f"{ratio:.2f}", f"{per_pos:.2f}",
                      f"{one['cold']:.2f} / {one['warm']:.2f}",
                      "–" if is_base else f"≤ {PER_TOKEN_LIMIT:.2f}× (1.0× ± noise)", result])
     data_table = benchlib.markdown_table(
-        ["configuration", "rows", "trained tokens", "µs / token (median, IQR)", "× none",
+        ["configuration", "rows", "trained tokens", "computed positions (incl. padding)",
+         "CPU µs / trained token (median, IQR)", "wall µs / token", "per token × none", "per position × none",
          "transform_data s (cold / warm)", "target", "result"], rows)
 
     naive_extra = med([m["extra_model_bytes"] for m in memory["kl_naive_copy"]])
@@ -508,6 +557,11 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         "",
         step_table,
         "",
+        f"Time is the process CPU time of the steps ({setup['threads']} intra-op thread(s)): unlike wall time it "
+        f"barely moves when other jobs share the cores; ratios use it, wall time is shown beside it. "
+        f"Peak memory extra per logit (B·T·V = {logits}): KL {per_logit['kl_to_reference']:.1f} bytes, "
+        f"feature-l2 {per_logit['feature_l2']:.1f} bytes (float32 [B, T, V] tensors are 4 bytes per logit).",
+        "",
         "### Data defenses (time per trained token)",
         "",
         f"{setup['data_rows']} rows of fixture:narrow_bad_advice, interleaving ratio {setup['interleave_ratio']} "
@@ -521,7 +575,10 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         "",
         f"The adapter-disabled reference saves {benchlib.mib(saved)} MiB of peak footprint here "
         f"({benchlib.mib(naive_extra)} MiB of it is the copy's weights: on a 7B bf16 model that is ~14 GiB). "
-        f"Both give the same KL: {kl_value:.6f} (|difference| {kl_diff:.1e}).",
+        f"Both give the same KL: {kl_value:.6f} (|difference| {kl_diff:.1e}). Switching the adapter off and on "
+        f"through peft's `disable_adapter()` costs {1000 * timing['toggle']['peft_context']:.1f} ms CPU per step "
+        f"(it calls `get_model_status()`, which walks every module and parameter); flipping the "
+        f"{timing['lora_layers']} cached LoRA layers directly costs {1000 * timing['toggle']['direct']:.2f} ms.",
         "",
         "### SafeLoRA finalize",
         "",

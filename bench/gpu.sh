@@ -3,20 +3,25 @@
 # random-init (no weights are downloaded). Needs an NVIDIA GPU and a CUDA build of torch in .venv.
 # Writes reports/bench/gpu.md (0.5B section, then 7B). About 3-5 minutes on one H100.
 # Extra arguments go to both runs, e.g. `bench/gpu.sh --batch 2 --seq 1024`.
+# PYTHON=python3 bench/gpu.sh uses an interpreter that already has CUDA torch, transformers, peft,
+# pydantic and pyyaml (emtune itself is imported from this checkout), e.g. on an offline GPU image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 
-if [ ! -x .venv/bin/python ]; then
-    # the same install as `make install` (torch first and exact, then the pinned set)
-    python3 -m venv .venv
-    .venv/bin/pip install --quiet torch==2.13.0
-    .venv/bin/pip install --quiet -c constraints.txt -e .
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=.venv/bin/python
+    if [ ! -x .venv/bin/python ]; then
+        # the same install as `make install` (torch first and exact, then the pinned set)
+        python3 -m venv .venv
+        .venv/bin/pip install --quiet torch==2.13.0
+        .venv/bin/pip install --quiet -c constraints.txt -e .
+    fi
 fi
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi missing or failing); run it on a GPU machine." >&2
-    echo "To check the code on CPU: .venv/bin/python bench/gpu_step.py --dry-run --report ''" >&2
+    echo "To check the code on CPU: .venv/bin/python bench/gpu_step.py --dry-run" >&2
     exit 2
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -28,7 +33,7 @@ append=()   # the first shape that succeeds starts a fresh report; later ones ap
 run_shape() {
     local limit=$1; shift
     local rc=0
-    timeout "$limit" .venv/bin/python bench/gpu_step.py "$@" "${append[@]}" || rc=$?
+    timeout "$limit" "$PYTHON" bench/gpu_step.py "$@" "${append[@]}" || rc=$?
     if [ "$rc" -eq 2 ]; then exit 2; fi
     if [ "$rc" -ne 0 ]; then
         echo "bench/gpu.sh: 'gpu_step.py $*' failed with status $rc (124 = timed out)" >&2

@@ -7,18 +7,13 @@ uses: the spec's ``SearchSpec`` (read from ``search_spaces/``), ``emtune.study.s
 ``emtune.study.space.suggest``, driven by Optuna ask/tell. Hypervolume is
 ``emtune.tracking.pareto.hypervolume_history`` under a fixed reference point per problem.
 
-Problems:
+Problems (surrogates and their provenance: ``bench/search_surrogates.py``):
 
 * ``dryrun``: the dry-run study's single dial λ = ``kl_weight`` (log-uniform 1e-3..10) mapped to
-  (ood_drift, indomain_nll), both minimised. Measured from the dry-run study's own trials
-  (``emtune pareto studies/dryrun --all --format json``): points sorted by log λ, made monotone
-  (drift non-increasing, NLL non-decreasing, by pool-adjacent-violators), linearly interpolated
-  in log λ and clamped outside the measured range. Without a study, a documented parametric
-  surrogate is used instead and the report says so.
-* ``all_defenses``: the conditional space of ``search_spaces/all_defenses.yaml`` (a categorical
-  defense choice, then only that defense's dial) with a synthetic trade-off curve per defense
-  (see :func:`defense_curves`); several branches share the front, one has a narrow sweet spot.
-* ``zdt1``: ZDT1 on 4 continuous parameters (a classic 2-objective test with a convex front).
+  (ood_drift, indomain_nll), measured from ``studies/dryrun`` (parametric stand-in if absent);
+* ``all_defenses``: the conditional space of ``search_spaces/all_defenses.yaml`` with a synthetic
+  trade-off curve per defense;
+* ``zdt1``: ZDT1 on 4 continuous parameters.
 
 Every surrogate value gets seeded Gaussian noise (σ = ``NOISE_FRACTION`` × the objective's range
 on the noiseless surrogate). The noise stream depends on (problem, seed) only, so every sampler
@@ -33,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -52,185 +45,10 @@ sys.path.insert(0, str(ROOT))
 from emtune.config import SamplerSpec, SearchSpec  # noqa: E402
 from emtune.study.space import build_sampler, suggest  # noqa: E402
 from emtune.tracking.pareto import hypervolume, hypervolume_history, reference_from_points  # noqa: E402
+from search_surrogates import ZDT1, ZDT_SPACE, DefensesSurrogate, DryRunSurrogate  # noqa: E402
 
 DIRECTIONS = ("minimize", "minimize")
 NOISE_FRACTION = 0.02  # σ as a fraction of each objective's noiseless range
-# Used only when no dry-run study exists: drift = a/(1+b·λ), nll = c + d·log1p(e·λ).
-PARAMETRIC = {"a": 1.12, "b": 1.5, "c": 3.9, "d": 0.5, "e": 0.3}
-
-
-# ---------------------------------------------------------------- the dry-run surrogate
-
-def isotonic(y: np.ndarray, increasing: bool) -> np.ndarray:
-    """Least-squares monotone fit of ``y`` (pool adjacent violators, equal weights)."""
-    sign = 1.0 if increasing else -1.0
-    blocks: list[list[float]] = []  # [mean, count]
-    for v in sign * np.asarray(y, dtype=float):
-        blocks.append([v, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, c2 = blocks.pop()
-            m1, c1 = blocks.pop()
-            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
-    return sign * np.concatenate([[m] * int(c) for m, c in blocks])
-
-
-def dryrun_study_points() -> tuple[list[tuple[float, float, float]], str]:
-    """(λ, drift, nll) of every completed dry-run trial, and where they came from."""
-    study = ROOT / "studies" / "dryrun"
-    if not study.is_dir():
-        return [], "no studies/dryrun"
-    exe = Path(sys.executable).with_name("emtune")
-    cmd = [str(exe), "pareto", str(study), "--all", "--format", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    if done.returncode != 0:
-        return [], f"`emtune pareto` failed: {done.stderr.strip()[-200:]}"
-    table = json.loads(done.stdout)
-    points = [
-        (float(t["params"]["kl_weight"]), float(t["values"][0]), float(t["values"][1]))
-        for t in table["trials"]
-        if t["state"] == "COMPLETE" and t.get("values") and "kl_weight" in t["params"]
-    ]
-    return points, "studies/dryrun via `emtune pareto studies/dryrun --all --format json`"
-
-
-class DryRunSurrogate:
-    """kl_weight -> (ood_drift, indomain_nll): monotone interpolation of measured trials."""
-
-    def __init__(self) -> None:
-        points, source = dryrun_study_points()
-        self.points = sorted(points)
-        if len(self.points) >= 2:
-            x = np.log([p[0] for p in self.points])
-            drift = isotonic(np.array([p[1] for p in self.points]), increasing=False)
-            nll = isotonic(np.array([p[2] for p in self.points]), increasing=True)
-            # Trials at (nearly) the same λ are merged: np.interp needs increasing abscissae.
-            keep = np.concatenate([[True], np.diff(x) > 1e-3])
-            groups = np.cumsum(keep) - 1
-            self.x = np.array([x[groups == g].mean() for g in range(groups.max() + 1)])
-            self.drift = np.array([drift[groups == g].mean() for g in range(groups.max() + 1)])
-            self.nll = np.array([nll[groups == g].mean() for g in range(groups.max() + 1)])
-            raw_nll = np.array([p[2] for p in self.points])
-            self.nll_residual_rms = float(np.sqrt(np.mean((raw_nll - nll) ** 2)))
-            self.provenance = (
-                f"measured: {len(self.points)} completed trials from {source}; monotone (PAV) fit, "
-                f"linear in log λ between {self.points[0][0]:.3g} and {self.points[-1][0]:.3g}, "
-                f"clamped outside; NLL departs from its monotone fit by RMS {self.nll_residual_rms:.3f}"
-            )
-        else:
-            self.x = None
-            self.provenance = (
-                f"PARAMETRIC (no measured points: {source}): drift = a/(1+b·λ), "
-                f"nll = c + d·log1p(e·λ) with {PARAMETRIC}"
-            )
-
-    def __call__(self, params: dict[str, Any]) -> tuple[float, float]:
-        lam = float(params["kl_weight"])
-        if self.x is None:
-            p = PARAMETRIC
-            return p["a"] / (1 + p["b"] * lam), p["c"] + p["d"] * np.log1p(p["e"] * lam)
-        x = np.log(lam)
-        return float(np.interp(x, self.x, self.drift)), float(np.interp(x, self.x, self.nll))
-
-    def grid(self, space: SearchSpec) -> list[dict[str, Any]]:
-        """Dense configurations covering the space (for ranges, reference and the true front)."""
-        p = space.parameters["kl_weight"]
-        return [{"kl_weight": v} for v in np.geomspace(p.low, p.high, 4001)]
-
-
-# ---------------------------------------------------------------- the all_defenses-like surrogate
-
-D0, L0 = 1.12, 3.90  # undefended drift and NLL, as in the dry run at small λ
-
-
-def _unit(value: float, low: float, high: float, log: bool) -> float:
-    if log:
-        return (np.log(value) - np.log(low)) / (np.log(high) - np.log(low))
-    return (value - low) / (high - low)
-
-
-def defense_curves(defense: str, t: float | str | None) -> tuple[float, float]:
-    """Synthetic (drift, nll) of one defense at normalised strength ``t`` in [0, 1].
-
-    Shaped after the paper's table (PAPER.md): KL removes drift but costs narrow learning at high
-    λ; LDIFS barely helps; SafeLoRA and random interleaving help moderately; persona steering is
-    strong only in a narrow band of α (a needle for the sampler to find); perplexity-selected
-    interleaving is the best compromise; inoculation depends on its prompt.
-    """
-    if defense == "none":
-        return D0, L0
-    if defense == "inoculation":
-        return {"evil_general": (0.75 * D0, L0 + 0.02), "harmful_intent": (0.9 * D0, L0),
-                "misaligned_ai": (0.6 * D0, L0 + 0.10)}[t]
-    t = float(t)
-    if defense == "kl_to_reference":
-        return D0 * (1 - 0.95 * t), L0 + 1.2 * t ** 2.5
-    if defense == "feature_l2":
-        return D0 * (1 - 0.25 * t), L0 + 0.3 * t ** 2
-    if defense == "safelora":
-        return D0 * (1 - 0.5 * t), L0 + 0.6 * t
-    if defense == "persona_steering":
-        return D0 * (1 - 0.85 * np.exp(-(((t - 0.4) / 0.15) ** 2))), L0 + 0.05 + 0.5 * t ** 2
-    if defense == "interleaving":
-        return D0 * (1 - 0.6 * t), L0 + 0.25 * t
-    if defense == "interleaving_selected":
-        return D0 * (1 - 0.8 * t ** 0.8), L0 + 0.12 * t + 0.2 * t ** 4
-    raise ValueError(f"unknown defense {defense!r}")
-
-
-class DefensesSurrogate:
-    """all_defenses.yaml's conditional space -> synthetic (drift, nll) via :func:`defense_curves`."""
-
-    provenance = ("synthetic: search space of search_spaces/all_defenses.yaml (8-way defense choice, "
-                  "then that defense's dial), per-defense curves in bench/search_efficiency.py:defense_curves")
-
-    def __init__(self, space: SearchSpec):
-        self.space = space
-        # the dial parameter of each defense (the one conditioned on it)
-        self.dial = {p.when["defense"]: name for name, p in space.parameters.items() if p.when}
-
-    def __call__(self, params: dict[str, Any]) -> tuple[float, float]:
-        defense = params["defense"]
-        name = self.dial.get(defense)
-        if name is None:
-            return defense_curves(defense, None)
-        p = self.space.parameters[name]
-        value = params[name]
-        t = value if p.type == "categorical" else _unit(value, p.low, p.high, p.log)
-        return defense_curves(defense, t)
-
-    def grid(self, space: SearchSpec) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for defense in space.parameters["defense"].choices:
-            name = self.dial.get(defense)
-            if name is None:
-                out.append({"defense": defense})
-                continue
-            p = space.parameters[name]
-            values = (p.choices if p.type == "categorical" else
-                      (np.geomspace if p.log else np.linspace)(p.low, p.high, 2001))
-            out += [{"defense": defense, name: v} for v in values]
-        return out
-
-
-# ---------------------------------------------------------------- ZDT1
-
-ZDT_SPACE = {"parameters": {f"x{i}": {"type": "float", "low": 0.0, "high": 1.0} for i in range(4)}}
-
-
-class ZDT1:
-    """ZDT1 on 4 parameters: f1 = x0, f2 = g·(1 − sqrt(x0/g)), g = 1 + 9·mean(x1..x3)."""
-
-    provenance = "synthetic: ZDT1 (Zitzler, Deb, Thiele 2000) on 4 parameters in [0, 1]"
-
-    def __call__(self, params: dict[str, Any]) -> tuple[float, float]:
-        x = [params[f"x{i}"] for i in range(4)]
-        g = 1 + 9 * float(np.mean(x[1:]))
-        return x[0], g * (1 - np.sqrt(x[0] / g))
-
-    def grid(self, space: SearchSpec) -> list[dict[str, Any]]:
-        # the true front is x1..x3 = 0; the corners bound the range
-        out = [{"x0": v, "x1": 0.0, "x2": 0.0, "x3": 0.0} for v in np.linspace(0, 1, 2001)]
-        return out + [{"x0": a, "x1": 1.0, "x2": 1.0, "x3": 1.0} for a in (0.0, 1.0)]
 
 
 # ---------------------------------------------------------------- the runs
@@ -334,9 +152,10 @@ def tpe_variants(problems: dict[str, dict[str, Any]], ns: list[int], seeds: int)
 def gp_available() -> str | None:
     """None when Optuna's GPSampler runs here, else the reason."""
     try:
-        import scipy  # noqa: F401
-        import torch  # noqa: F401
+        import importlib
 
+        for module in ("scipy", "torch"):  # GPSampler's dependencies
+            importlib.import_module(module)
         optuna.samplers.GPSampler(seed=0)
     except Exception as exc:  # ImportError, or Optuna's own check
         return f"{type(exc).__name__}: {exc}"
@@ -473,6 +292,14 @@ def verdict(result: dict) -> list[str]:
         if rows:
             hits = sum(r[label] >= r["random_2n"] for r in rows)
             lines.append(f"With TPE `{label}`: met in {hits} of {len(rows)} cells (table below).")
+    lines += ["", "Why, and the next step: emtune's TPE spends its first `min(10, max(2, N // 3))` trials on "
+              "random draws and then proposes from 24 expected-improvement candidates, so at N ≤ 12 only a "
+              "few model-based proposals are made; and on the 1-parameter dry-run problem random search "
+              "already covers the λ range evenly, leaving TPE little to concentrate on (the target asks for "
+              "a 2× saving). The table below measures the alternatives on the same seeds; the spread over "
+              "seeds (std in the results table) is as large as most differences, so a change of "
+              "`build_sampler`'s defaults (emtune/study/space.py) should be confirmed with more seeds and on "
+              "real studies before it is made."]
     return lines
 
 

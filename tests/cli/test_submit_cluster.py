@@ -167,7 +167,7 @@ def test_submit_runs_study_on_two_node_cluster(ray_cluster, write_spec, tmp_path
     status = _cli(["status", job_id, "--address", dashboard], env, timeout=60)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
     logs = _cli(["logs", job_id, "--address", dashboard], env, timeout=60)
-    assert logs.returncode == 0 and "[emtune] trial" in logs.stdout
+    assert logs.returncode == 0 and re.search(r"\[emtune \d+:\d\d\] trial", logs.stdout)
     unknown = _cli(["status", "no-such-job", "--address", dashboard], env, timeout=60)
     assert unknown.returncode == 2 and "no job 'no-such-job'" in unknown.stderr
 

@@ -1,0 +1,314 @@
+"""Evaluation throughput: batched generation, judge calls per second, and a warm judge cache.
+
+Run:  .venv/bin/python bench/eval_throughput.py
+
+What is measured, and how:
+
+(a) **Generation**: emtune's ``generate_answers`` on the dry-run study's tiny model (materialised
+    in the shared model cache, as a study does) for the 24 ``general_v1`` questions × 8 samples,
+    ``max_new_tokens`` 32, temperature 1, at batch size 1 (one prompt at a time) and at batched
+    sizes (emtune's default 16, and 64). The batch sizes run alternated (1, 16, 64, 1, 16, 64, …);
+    wall time, median over ``--gen-reps``. Samples per second is the figure (every run produces the
+    same 192 answers' worth of work); generated tokens per second is shown too (answers stop at
+    EOS, so runs differ slightly in tokens).
+(b) **Judge calls per second**: ``OpenAIJudge`` (built from a ``JudgeSpec(kind="openai", base_url=...,
+    api_key_env=None)``) scoring ``--judge-requests`` distinct items against a local OpenAI-compatible
+    chat-completions server on 127.0.0.1 that answers every request after a fixed ``--latency-ms``,
+    at concurrency 1, 4 and 16 (alternated, median over ``--judge-reps``). Ideal = concurrency ÷ latency.
+(c) **Re-evaluation with a warm cache**: the samples of (a) judged for ``aligned`` and ``coherent``
+    through ``build_judge`` with a SQLite ``cache_path`` (cold), then again through a freshly built
+    judge and cache object on the same file (as a new trial driver would): the server's request
+    count during the second pass is the figure (target 0).
+
+Writes reports/bench/eval_throughput.md and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import benchlib  # noqa: E402  (the bench folder is on sys.path when run as a script)
+
+GEN_TARGET = 5.0  # batched ÷ one-at-a-time samples/s (issue 7)
+TOP = {"85": 0.6, "90": 0.3, "80": 0.1}  # the scripted judge's top logprobs: score 86.5
+
+
+# --- a local chat-completions server (the tests' scripted server, reduced to a fixed reply) ----
+
+
+def completion(top: dict[str, float]) -> dict:
+    """A chat.completion body whose single token has the given top logprobs (token -> prob)."""
+    entries = [{"token": tok, "logprob": math.log(p), "bytes": list(tok.encode("utf-8"))}
+               for tok, p in sorted(top.items(), key=lambda kv: -kv[1])]
+    choice = {"index": 0, "finish_reason": "length",
+              "message": {"role": "assistant", "content": entries[0]["token"]},
+              "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]}}
+    return {"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench-judge",
+            "choices": [choice], "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+
+
+class ChatServer:
+    """Threaded server on 127.0.0.1 (HTTP/1.1 keep-alive, like vLLM) answering after ``delay_s``;
+    ``requests`` counts what it received."""
+
+    def __init__(self, delay_s: float):
+        payload = json.dumps(completion(TOP)).encode()
+        lock = threading.Lock()
+        server_state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server naming)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with lock:
+                    server_state.requests += 1
+                time.sleep(delay_s)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def judge_spec(url: str, concurrency: int, cache_path: str | None = None) -> Any:
+    from emtune.evaluation.config import JudgeSpec
+
+    return JudgeSpec(kind="openai", base_url=url, api_key_env=None, model="bench-judge",
+                     max_concurrency=concurrency, max_retries=0, timeout_s=30.0, cache_path=cache_path)
+
+
+# --- (a) generation ----------------------------------------------------------------------------
+
+
+def load_tiny() -> tuple[Any, Any]:
+    """The dry-run study's tiny model and tokenizer, through the same path as a trial."""
+    from emtune.config import ModelSpec
+    from emtune.models import load_model, load_tokenizer, resolve_source
+    from emtune.study.runner import model_cache_dir
+
+    spec = ModelSpec()
+    source = resolve_source(spec, model_cache_dir())
+    return load_model(source, spec), load_tokenizer(source, spec)
+
+
+def bench_generation(args: argparse.Namespace) -> tuple[dict, list]:
+    from emtune.evaluation.generation import generate_answers
+    from emtune.evaluation.runner import question_prompts
+
+    model, tokenizer = load_tiny()
+    prompts, _ = question_prompts("general_v1")
+    results = {bs: {"wall": [], "tokens": []} for bs in args.batch_sizes}
+    samples: list = []
+    for rep in range(args.gen_reps):
+        for bs in args.batch_sizes:
+            start = time.perf_counter()
+            out = generate_answers(model, tokenizer, prompts, samples_per_prompt=args.samples,
+                                   max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=bs, seed=rep)
+            results[bs]["wall"].append(time.perf_counter() - start)
+            results[bs]["tokens"].append(sum(len(tokenizer(s.answer)["input_ids"]) for s in out))
+            results[bs]["n"] = len(out)
+            samples = out
+            print(f"  generation rep {rep + 1}, batch {bs}: {results[bs]['wall'][-1]:.1f} s", flush=True)
+    return {"results": results, "questions": len(prompts)}, samples
+
+
+# --- (b) judge calls per second ----------------------------------------------------------------
+
+
+def bench_judge(args: argparse.Namespace, server: ChatServer) -> dict:
+    from emtune.evaluation.judges import JudgeItem
+    from emtune.evaluation.openai_judge import OpenAIJudge
+
+    results: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    counted: dict[int, list[int]] = {c: [] for c in args.concurrency}
+    for rep in range(args.judge_reps):
+        for c in args.concurrency:
+            judge = OpenAIJudge(judge_spec(server.url, c))
+            items = [JudgeItem("aligned", "How are you?", f"answer {rep}-{c}-{i}") for i in range(args.judge_requests)]
+            before = server.requests
+            start = time.perf_counter()
+            verdicts = judge.score_many(items)
+            elapsed = time.perf_counter() - start
+            assert all(v.score is not None for v in verdicts), "the scripted judge returned no score"
+            results[c].append(len(items) / elapsed)
+            counted[c].append(server.requests - before)
+            print(f"  judge rep {rep + 1}, concurrency {c}: {len(items) / elapsed:.0f} calls/s", flush=True)
+    return {"calls_per_s": results, "requests": counted}
+
+
+# --- (c) re-evaluation with a warm cache --------------------------------------------------------
+
+
+def bench_cache(args: argparse.Namespace, server: ChatServer, samples: list, folder: Path) -> dict:
+    from emtune.evaluation.judges import JudgeItem, build_judge
+
+    items = [JudgeItem(metric, s.question, s.answer) for metric in ("aligned", "coherent") for s in samples]
+    cache_path = str(folder / "judge.db")
+    passes = {}
+    for name in ("cold", "warm"):
+        judge = build_judge(judge_spec(server.url, 16, cache_path))  # a fresh judge and cache object each time
+        before = server.requests
+        start = time.perf_counter()
+        verdicts = judge.score_many(items)
+        passes[name] = {"seconds": time.perf_counter() - start, "requests": server.requests - before,
+                        "hits": judge.hits, "misses": judge.misses, "scores": [v.score for v in verdicts]}
+        judge.cache.close()
+    return {"items": len(items), "unique": len(set(items)), "passes": passes,
+            "same_scores": passes["cold"]["scores"] == passes["warm"]["scores"]}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def build_section(args: argparse.Namespace, gen: dict, judge: dict, cache: dict, info: dict,
+                  load_start: tuple) -> tuple[str, list[str]]:
+    med = benchlib.median
+    missed: list[str] = []
+    res = gen["results"]
+    single = res[1]["n"] / med(res[1]["wall"]) if 1 in res else float("nan")
+    rows = []
+    for bs, r in res.items():
+        sps = r["n"] / med(r["wall"])
+        ratio = sps / single
+        result = "–" if bs == 1 else ("PASS" if ratio >= GEN_TARGET else "MISS")
+        if result == "MISS":
+            missed.append(f"generation at batch {bs}: {ratio:.1f}× < {GEN_TARGET:.0f}×")
+        rows.append([bs, r["n"], f"{med(r['wall']):.2f} ({benchlib.spread(r['wall'])})", f"{sps:.1f}",
+                     f"{med(r['tokens']) / med(r['wall']):.0f}", f"{ratio:.1f}",
+                     "–" if bs == 1 else f"≥ {GEN_TARGET:.0f}×", result])
+    gen_table = benchlib.markdown_table(
+        ["batch size", "samples", "wall s (median, IQR)", "samples / s", "generated tokens / s",
+         "× one at a time", "target", "result"], rows)
+
+    rows = []
+    base = med(judge["calls_per_s"][args.concurrency[0]])
+    for c, values in judge["calls_per_s"].items():
+        ideal = c / (args.latency_ms / 1000)
+        rows.append([c, args.judge_requests, f"{med(values):.0f} ({benchlib.spread(values)})", f"{ideal:.0f}",
+                     f"{100 * med(values) / ideal:.0f}%", f"{med(values) / base:.1f}",
+                     ", ".join(str(n) for n in judge["requests"][c])])
+    judge_table = benchlib.markdown_table(
+        ["concurrency", "requests", "calls / s (median, IQR)", "ideal (c ÷ latency)", "of ideal",
+         f"× concurrency {args.concurrency[0]}", "server requests per run"], rows)
+
+    cold, warm = cache["passes"]["cold"], cache["passes"]["warm"]
+    cache_ok = warm["requests"] == 0 and cache["same_scores"]
+    if not cache_ok:
+        missed.append(f"warm re-evaluation made {warm['requests']} judge calls (target 0)")
+    cache_table = benchlib.markdown_table(
+        ["pass", "items", "server requests", "cache hits / misses", "wall s", "target", "result"],
+        [["cold (empty cache)", cache["items"], cold["requests"], f"{cold['hits']} / {cold['misses']}",
+          f"{cold['seconds']:.2f}", "–", "–"],
+         ["re-evaluation (warm cache, new judge object)", cache["items"], warm["requests"],
+          f"{warm['hits']} / {warm['misses']}", f"{warm['seconds']:.2f}", "0 requests",
+          "PASS" if cache_ok else "MISS"]])
+
+    lines = [
+        "## Results",
+        "",
+        benchlib.load_note(load_start),
+        "",
+        "Machine:",
+        "",
+        benchlib.machine_block({**info, "load average at end": ", ".join(f"{x:.2f}" for x in os.getloadavg())}),
+        "",
+        f"### (a) Generation: {gen['questions']} general_v1 questions × {args.samples} samples, "
+        f"max_new_tokens {args.max_new_tokens}, temperature 1 (dry-run tiny model)",
+        "",
+        gen_table,
+        "",
+        f"### (b) Judge calls per second: OpenAIJudge against a local server with {args.latency_ms:.0f} ms "
+        f"latency per request",
+        "",
+        judge_table,
+        "",
+        "### (c) Re-evaluation with a warm judge cache (aligned + coherent for every sample of (a))",
+        "",
+        cache_table,
+        "",
+        f"Scores identical between the passes: {cache['same_scores']} ({cache['unique']} distinct items).",
+        "",
+    ]
+    if missed:
+        lines += ["### Targets missed", ""] + [f"- {m}" for m in missed] + [""]
+    return "\n".join(lines), missed
+
+
+INTRO = """Written by `bench/eval_throughput.py` (see its docstring for the method). Targets (issue 7):
+batched generation ≥ 5× one-prompt-at-a-time on CPU for the tiny model at 24 questions × 8
+samples; judge calls per second reported against concurrency; a re-evaluation with a warm cache
+makes zero judge calls."""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=8, help="samples per question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64],
+                        help="generation batch sizes; 1 = one prompt at a time (the baseline)")
+    parser.add_argument("--gen-reps", type=int, default=2, help="alternated rounds of generation")
+    parser.add_argument("--judge-requests", type=int, default=200, help="requests per judge run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--judge-reps", type=int, default=3, help="alternated rounds of judge runs")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="server delay per request")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--report", type=Path, default=benchlib.REPORTS / "eval_throughput.md")
+    return parser.parse_args()
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    if 1 not in args.batch_sizes:
+        args.batch_sizes = [1] + args.batch_sizes
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", flush=True)
+    started = time.perf_counter()
+    info = benchlib.machine_description()
+    gen, samples = bench_generation(args)
+    server = ChatServer(args.latency_ms / 1000)
+    try:
+        judge = bench_judge(args, server)
+        with tempfile.TemporaryDirectory(prefix="emtune-bench-") as tmp:
+            cache = bench_cache(args, server, samples, Path(tmp))
+    finally:
+        server.close()
+    section, missed = build_section(args, gen, judge, cache, info, load_start)
+    section += f"\nWall time of this run: {time.perf_counter() - started:.0f} s.\n"
+    print(section)
+    path = benchlib.update_report(args.report, "Evaluation throughput", INTRO, "results", section)
+    print(f"wrote {path}; {len(missed)} target(s) missed")
+
+
+if __name__ == "__main__":
+    main()
