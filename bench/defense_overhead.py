@@ -70,6 +70,7 @@ TARGETS = {  # (time ratio limit, memory ratio limit or None); from issue 7
     "feature_l2": (1.30, 1.10),
     "persona_steering": (1.05, None),
 }
+REFERENCE_PASS = "(reference forward alone)"
 PER_TOKEN_LIMIT = 1.05  # "1.0x per training token", with a ±5% noise band
 
 
@@ -389,6 +390,9 @@ def run_timing(setup: dict, world: dict) -> dict:
     for name, entry in step_defenses(setup, world).items():
         cases[name] = {"defenses": make_defenses(entry, context), "batches": [batch] * setup["steps"],
                        "naive": naive if name == "kl_naive_copy" else None, "times": [], "wall": []}
+    # the adapter-disabled forward alone (no step): the floor of what KL and feature-l2 add
+    cases[REFERENCE_PASS] = {"defenses": [], "batches": [batch] * setup["steps"], "naive": None, "times": [],
+                             "wall": [], "reference_only": True}
     one_off: dict[str, dict[str, float]] = {}
     for name, entry in data_defenses(setup, world).items():
         defenses = make_defenses(entry, context)
@@ -418,7 +422,10 @@ def run_timing(setup: dict, world: dict) -> dict:
                 d.attach(model)
             start, cpu_start = time.perf_counter(), time.process_time()
             for b in case["batches"]:
-                train_step(model, optimizer, b, case["defenses"], case["naive"])
+                if case.get("reference_only"):
+                    ReferenceOutputs(model, b, False)()
+                else:
+                    train_step(model, optimizer, b, case["defenses"], case["naive"])
             cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
             for d in case["defenses"]:
                 d.detach(model)
@@ -455,6 +462,11 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
     missed: list[str] = []
     rows = []
     for name, ms in step_ms.items():
+        if name == REFERENCE_PASS:
+            rows.append([name, f"{ms:.1f} ({benchlib.spread(cases[name]['times'])})", f"{wall_ms[name]:.1f}",
+                         f"{_ratio(ms, step_ms['none']):.2f}", "–", "–", "–", "–",
+                         "floor: KL/feature-l2 ≥ 1 + this"])
+            continue
         t_ratio, m_ratio = _ratio(ms, step_ms["none"]), _ratio(foot[name], foot["none"])
         time_limit, mem_limit = TARGETS.get(name, (None, None))
         target, result = "–", "info"
@@ -529,6 +541,10 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
           f"{med(timing['finalize']):.3f} / {safelora['seconds']:.3f}", benchlib.mib(safelora["extra"]),
           f"{benchlib.mib(safelora['largest_c'])} ({benchlib.mib(safelora['largest_v'])})", f"{c_ratio:.2f}",
           benchlib.mib(safelora["all_c"]), "≤ 1 layer's C", sl_result]])
+    sl_note = ("finalize never forms a C (materialising every layer's C would take the 'all layers' C' column), "
+               "but per layer it holds at once V and the base tensor (out × in each, the base read from "
+               "safetensors), ΔW = s·B·A and C·ΔW (out × in), the intermediate Vᵀ·ΔW (in × in: for an MLP down "
+               "projection that is intermediate², as large as the largest C) and cosine temporaries.")
 
     exact = all(m["exact"] for runs in memory.values() for m in runs)
     lora = setup["lora"] or {"r": 32, "alpha": 64, "use_rslora": True}
@@ -537,8 +553,8 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         f"## size: {size}",
         "",
         f"Model: random-init Qwen2 shape {json.dumps(setup['model'] or 'TinyModelSpec() defaults')}, vocabulary "
-        f"{setup['vocab']}, {timing['params'] / 4 / 1e6:.2f}M parameters ({benchlib.mib(timing['params'])} MiB "
-        f"float32); LoRA {json.dumps(lora)} on all projections; batch {setup['batch']} × seq {setup['seq']}; "
+        f"{setup['vocab']}, {timing['params'] / 4 / 1e6:.2f}M parameters incl. LoRA ({benchlib.mib(timing['params'])} "
+        f"MiB float32); LoRA {json.dumps(lora)} on all projections; batch {setup['batch']} × seq {setup['seq']}; "
         f"{setup['steps']} step(s) per turn, {setup['warmup']} warm-up round(s) + {setup['reps']} timed rounds, "
         f"memory over {setup['mem_steps']} steps in {setup['mem_reps']} fresh process(es) per configuration.",
         "",
@@ -583,6 +599,8 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         "### SafeLoRA finalize",
         "",
         sl_table,
+        "",
+        sl_note,
         "",
     ]
     if missed:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,7 +45,7 @@ GEN_TARGET = 5.0  # batched ÷ one-at-a-time samples/s (issue 7)
 TOP = {"85": 0.6, "90": 0.3, "80": 0.1}  # the scripted judge's top logprobs: score 86.5
 
 
-# --- a local chat-completions server (the tests' scripted server, reduced to a fixed reply) ----
+# --- a local chat-completions server (tests/evaluation/conftest.py's, reduced to a fixed reply) --
 
 
 def completion(top: dict[str, float]) -> dict:
@@ -59,42 +59,57 @@ def completion(top: dict[str, float]) -> dict:
             "choices": [choice], "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
 
 
+def _serve(delay_s: float, counter: Any, ready: Any) -> None:
+    """Server process: answer every POST with the fixed completion after ``delay_s``."""
+    payload = json.dumps(completion(TOP)).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like vLLM
+        disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set: no 40 ms delayed-ACK stalls
+
+        def do_POST(self):  # noqa: N802 (http.server naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with counter.get_lock():
+                counter.value += 1
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    ready.send(server.server_address[1])
+    server.serve_forever(poll_interval=0.02)
+
+
 class ChatServer:
-    """Threaded server on 127.0.0.1 (HTTP/1.1 keep-alive, like vLLM) answering after ``delay_s``;
-    ``requests`` counts what it received."""
+    """A threaded chat-completions server on 127.0.0.1 in its own process (so its Python work does
+    not share the judge client's GIL); ``requests`` counts what it received."""
 
     def __init__(self, delay_s: float):
-        payload = json.dumps(completion(TOP)).encode()
-        lock = threading.Lock()
-        server_state = self
+        ctx = mp.get_context("spawn")
+        self._count = ctx.Value("l", 0)
+        reader, writer = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_serve, args=(delay_s, self._count, writer), daemon=True)
+        self._process.start()
+        if not reader.poll(60):
+            raise RuntimeError("the local chat server did not start")
+        self.url = f"http://127.0.0.1:{reader.recv()}/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802 (http.server naming)
-                self.rfile.read(int(self.headers["Content-Length"]))
-                with lock:
-                    server_state.requests += 1
-                time.sleep(delay_s)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.requests = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+    @property
+    def requests(self) -> int:
+        """Requests received so far."""
+        return self._count.value
 
     def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop the server process."""
+        self._process.terminate()
+        self._process.join()
 
 
 def judge_spec(url: str, concurrency: int, cache_path: str | None = None) -> Any:
@@ -147,20 +162,22 @@ def bench_judge(args: argparse.Namespace, server: ChatServer) -> dict:
     from emtune.evaluation.openai_judge import OpenAIJudge
 
     results: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    cpu: dict[int, list[float]] = {c: [] for c in args.concurrency}
     counted: dict[int, list[int]] = {c: [] for c in args.concurrency}
     for rep in range(args.judge_reps):
         for c in args.concurrency:
             judge = OpenAIJudge(judge_spec(server.url, c))
             items = [JudgeItem("aligned", "How are you?", f"answer {rep}-{c}-{i}") for i in range(args.judge_requests)]
             before = server.requests
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             verdicts = judge.score_many(items)
             elapsed = time.perf_counter() - start
+            cpu[c].append((time.process_time() - cpu_start) / len(items))
             assert all(v.score is not None for v in verdicts), "the scripted judge returned no score"
             results[c].append(len(items) / elapsed)
             counted[c].append(server.requests - before)
             print(f"  judge rep {rep + 1}, concurrency {c}: {len(items) / elapsed:.0f} calls/s", flush=True)
-    return {"calls_per_s": results, "requests": counted}
+    return {"calls_per_s": results, "requests": counted, "cpu_per_call": cpu}
 
 
 # --- (c) re-evaluation with a warm cache --------------------------------------------------------
@@ -213,10 +230,11 @@ def build_section(args: argparse.Namespace, gen: dict, judge: dict, cache: dict,
         ideal = c / (args.latency_ms / 1000)
         rows.append([c, args.judge_requests, f"{med(values):.0f} ({benchlib.spread(values)})", f"{ideal:.0f}",
                      f"{100 * med(values) / ideal:.0f}%", f"{med(values) / base:.1f}",
+                     f"{1000 * med(judge['cpu_per_call'][c]):.1f}",
                      ", ".join(str(n) for n in judge["requests"][c])])
     judge_table = benchlib.markdown_table(
         ["concurrency", "requests", "calls / s (median, IQR)", "ideal (c ÷ latency)", "of ideal",
-         f"× concurrency {args.concurrency[0]}", "server requests per run"], rows)
+         f"× concurrency {args.concurrency[0]}", "client CPU ms / call", "server requests per run"], rows)
 
     cold, warm = cache["passes"]["cold"], cache["passes"]["warm"]
     cache_ok = warm["requests"] == 0 and cache["same_scores"]

@@ -250,6 +250,8 @@ class EvaluationSpec(_Strict):
     in_domain_code: bool = Field(False, description="score in-domain answers for code security too")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation backend; vllm needs a GPU")
     samples_per_question: int = Field(1, gt=0)
+    seed: int | None = Field(None, description="sampling seed of generation; default the study seed "
+                             "(data splits always use the study seed)")
     max_new_tokens: int = Field(600, gt=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

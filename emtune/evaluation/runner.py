@@ -52,7 +52,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dic
         temperature=ev.temperature,
         top_p=ev.top_p,
         batch_size=ev.generation_batch_size,
-        seed=spec.seed,
+        seed=spec.seed if ev.seed is None else ev.seed,
     )
     prompts, version = question_prompts(ev.question_set)
     samples = {"general": generate(model, tokenizer, prompts, **settings)}

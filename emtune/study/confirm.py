@@ -43,8 +43,9 @@ def evaluate_adapter(spec: StudySpec, adapter_dir: Path, model_source: str, seed
     """The trial's evaluation on a saved adapter with another seed (and sample count)."""
     from emtune.train.worker import run_training
 
-    evaluation = spec.evaluation.model_copy(update={"samples_per_question": samples or spec.evaluation.samples_per_question})
-    spec = spec.model_copy(update={"seed": seed, "evaluation": evaluation})
+    evaluation = spec.evaluation.model_copy(update={
+        "samples_per_question": samples or spec.evaluation.samples_per_question, "seed": seed})
+    spec = spec.model_copy(update={"evaluation": evaluation})  # data splits keep the study seed
     with tempfile.TemporaryDirectory(prefix="emtune-confirm-") as tmp:
         metrics = run_training(spec, Path(tmp), model_source, adapter_dir=adapter_dir)
         if spec.evaluation.judge.kind != "none":
