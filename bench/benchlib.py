@@ -80,10 +80,12 @@ def machine_block(info: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in info.items())
 
 
-def update_report(path: Path, title: str, intro: str, key: str, section: str) -> Path:
+def update_report(path: Path, title: str, intro: str, key: str, section: str,
+                  order: Sequence[str] = ()) -> Path:
     """Write ``section`` into ``path`` between markers for ``key``, keeping other keys' sections.
 
-    Lets a script run one size at a time without erasing the results of the other size.
+    Lets a script run one size at a time without erasing the results of the other size. Sections
+    come in ``order`` first, then the others by name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     begin, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
@@ -91,7 +93,7 @@ def update_report(path: Path, title: str, intro: str, key: str, section: str) ->
     sections = dict(re.findall(r"<!-- section:(\S+) -->\n(.*?)\n<!-- /section:\1 -->", old, flags=re.S))
     sections[key] = section.strip()
     body = [f"# {title}", "", intro.strip(), ""]
-    for name in sorted(sections):
+    for name in sorted(sections, key=lambda n: (list(order).index(n) if n in order else len(order), n)):
         body += [f"<!-- section:{name} -->", sections[name], f"<!-- /section:{name} -->", ""]
     path.write_text("\n".join(body), encoding="utf-8")
     return path
