@@ -167,3 +167,18 @@ def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path) 
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(finished) == 3 and not [c for c in children if c.info.status == "RUNNING"]
     assert {c.info.run_id for c in finished} == {t.user_attrs["mlflow_run_id"] for t in complete}
+
+
+def test_extend_adds_trials_to_the_same_study_and_parent_run(write_spec, fresh_ray) -> None:
+    import ray
+
+    path = write_spec(name="extended", num_trials=1)
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0
+    ray.shutdown()
+    assert main(["run", str(path), "--num-cpus", "2", "--extend", "1"]) == 0
+    study_dir = path.parent / "studies" / "extended"
+    trials = _study(study_dir, "extended").get_trials()
+    assert [t.state for t in trials] == [COMPLETE, COMPLETE]
+    children = _children(study_dir, "extended")
+    assert len(children) == 2 and len({c.data.tags["mlflow.parentRunId"] for c in children}) == 1
+    assert {c.info.run_id for c in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
