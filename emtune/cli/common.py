@@ -70,3 +70,16 @@ def resolve_study_dir(study: str, output_dir: str = "studies") -> Path:
 def load_study_spec(study_dir: Path) -> Any:
     """The resolved spec a study was started with."""
     return load_spec_or_exit(str(study_dir / "spec.yaml"))
+
+
+def load_optuna_study(study_dir: Path, spec: Any) -> Any:
+    """The study's persistent Optuna study (read-only use); exit 2 when it has not started."""
+    import optuna
+
+    from emtune.study.runner import StudyPaths
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=spec.name, storage=StudyPaths(study_dir).optuna_url)
+    except KeyError:
+        fail(f"{study_dir}: no Optuna study named {spec.name!r} yet (the study has not started a trial)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import fail, load_study_spec, resolve_study_dir
+from emtune.cli.common import fail, load_optuna_study, load_study_spec, resolve_study_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,22 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print each confirmed trial's objectives as mean ± 95% half-width over seeds."""
-    import optuna
     from mlflow.tracking import MlflowClient
 
     from emtune.study.confirm import confirm_front
-    from emtune.study.runner import StudyPaths
     from emtune.tracking.mlflow_runs import tracking_uri
 
     if args.seeds < 1 or (args.samples is not None and args.samples < 1):
         fail("--seeds and --samples must be at least 1")
     study_dir = resolve_study_dir(args.study)
     spec = load_study_spec(study_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=StudyPaths(study_dir).optuna_url)
-    except KeyError:
-        fail(f"{study_dir}: the study has no trials yet")
+    study = load_optuna_study(study_dir, spec)
     known = {t.number for t in study.get_trials()}
     missing = sorted(set(args.trial or []) - known)
     if missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from emtune.cli.common import fail, load_study_spec, resolve_study_dir
+from emtune.cli.common import load_optuna_study, load_study_spec, resolve_study_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,18 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Read the Optuna study (no Ray, no MLflow) and print its front."""
-    import optuna
-
-    from emtune.study.runner import StudyPaths
     from emtune.tracking.front import format_table, front_table
 
     study_dir = resolve_study_dir(args.study)
     spec = load_study_spec(study_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=StudyPaths(study_dir).optuna_url)
-    except KeyError:
-        fail(f"{study_dir}: no Optuna study named {spec.name!r} yet (the study has not started a trial)")
+    study = load_optuna_study(study_dir, spec)
     refs = [o.reference for o in spec.objectives]
     table = front_table(study, [o.name for o in spec.objectives], [o.direction for o in spec.objectives],
                         None if None in refs else refs)
