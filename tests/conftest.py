@@ -138,3 +138,19 @@ def save_perturbed_adapter():
         return str(folder)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def save_tiny_base():
+    """``save(folder) -> (model, tokenizer)``: a random tiny base model and its tokenizer, saved."""
+    from emtune.config import TinyModelSpec
+    from emtune.models import build_tiny_model, build_tiny_tokenizer
+
+    def save(folder: Path):
+        tokenizer = build_tiny_tokenizer(400)
+        model = build_tiny_model(TinyModelSpec(**TINY_TEST_MODEL), len(tokenizer))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return model, tokenizer
+
+    return save

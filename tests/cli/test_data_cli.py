@@ -14,20 +14,16 @@ from emtune.cli import data as data_cli  # noqa: E402
 from emtune.config import TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.fixtures import fixture_path  # noqa: E402
-from emtune.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
                      pretrain_steps=0)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, save_perturbed_adapter):
+def tiny(tmp_path_factory, save_perturbed_adapter, save_tiny_base):
     """A saved tiny base model, two perturbed adapters and a 20-row pool file."""
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = build_tiny_tokenizer(400)
-    base = build_tiny_model(TINY, len(tokenizer))
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    base, tokenizer = save_tiny_base(root / "base")
     adapters = []
     for k, scale in enumerate((0.6, -0.9)):
         adapters.append(save_perturbed_adapter(tokenizer, root / f"em_{k}", k + 1, scale))

@@ -21,7 +21,7 @@ from emtune.data.chat import pad_batch, tokenize_chat
 from emtune.data.fixtures import fixture_path
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.registry import DEFENSES
-from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
+from emtune.models import apply_lora, build_tiny_model
 from emtune.train.trainer import defended_loss
 
 TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -30,15 +30,12 @@ LOSS_TERMS = {"kl_to_reference", "feature_l2"}  # defenses that add a term to th
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, save_perturbed_adapter):
+def world(tmp_path_factory, save_perturbed_adapter, save_tiny_base):
     """Tokenizer, a saved base model folder, two misaligned adapters, a persona vector file."""
     from emtune.defenses.persona_vectors import PersonaVectors, save_persona_vectors
 
     root = tmp_path_factory.mktemp("contract")
-    tokenizer = build_tiny_tokenizer(400)
-    base = build_tiny_model(TINY, len(tokenizer))
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    base, tokenizer = save_tiny_base(root / "base")
     adapters = []
     for k in range(2):
         adapters.append(save_perturbed_adapter(tokenizer, root / f"misaligned-{k}", 100 + k, 0.3))
