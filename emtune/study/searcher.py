@@ -22,7 +22,7 @@ from ray.tune.search import Searcher
 from emtune.config import StudySpec
 from emtune.study.space import build_sampler, constraint_violations, suggest
 
-RESULT_ATTRS = ("mlflow_run_id", "adapter_uri")
+RESULT_ATTRS = ("mlflow_run_id", "adapter_uri", "evaluation_pending", "checkpoint_path")
 
 
 def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
@@ -35,6 +35,9 @@ def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
         sampler=sampler,
         load_if_exists=True,
     )
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:  # a resumed or extended study: fresh random draws, still reproducible
+        study.sampler, _ = build_sampler(spec.search, spec.seed, offset=existing)
     study.set_user_attr("sampler", description)
     study.set_user_attr("objectives", [o.name for o in spec.objectives])
     return study

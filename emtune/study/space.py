@@ -32,14 +32,16 @@ def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
     return values
 
 
-def build_sampler(space: SearchSpec, study_seed: int) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
+def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
     """The sampler the spec names, seeded; plus its description (stored in the study's attrs).
 
-    Constraints reach the samplers through ``Trial.set_constraint`` (Optuna 5's API), which the
-    searcher calls before ``tell``.
+    ``offset`` is added to the seed: a sampler re-created for a resumed or extended study is
+    seeded with the number of trials it already has, so its random draws (TPE's start-up trials,
+    random search) do not repeat the first driver's. Constraints reach the samplers through
+    ``Trial.set_constraint`` (Optuna 5's API), which the searcher calls before ``tell``.
     """
     spec = space.sampler
-    seed = spec.seed if spec.seed is not None else study_seed
+    seed = (spec.seed if spec.seed is not None else study_seed) + offset
     args = dict(spec.args)
     if spec.name == "tpe":
         args.setdefault("multivariate", True)

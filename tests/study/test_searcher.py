@@ -62,6 +62,21 @@ def test_pickled_searcher_reopens_the_study_and_finishes_live_trials(spec, tmp_p
     assert study.get_trials()[0].values == [1.0, 2.0]
 
 
+def test_a_reopened_study_does_not_repeat_the_first_drivers_draws(spec, tmp_path) -> None:
+    import shutil
+
+    first = _searcher(spec, tmp_path)
+    draw = first.suggest("ray-0")["params"]["kl_weight"]
+    first.on_trial_complete("ray-0", {"ood_drift": 1.0, "indomain_nll": 2.0})
+    shutil.copy(tmp_path / "optuna.db", tmp_path / "copy.db")
+    # `emtune run --extend` / `resume`: a new driver on the same study, still in TPE's random
+    # start-up phase (1 of 2 trials); the same seed again would draw the same value again
+    later = _searcher(spec, tmp_path).suggest("ray-1")["params"]["kl_weight"]
+    assert later != draw
+    twin = EmtuneSearcher(spec, f"sqlite:///{tmp_path / 'copy.db'}")
+    assert twin.suggest("ray-1")["params"]["kl_weight"] == later  # still reproducible
+
+
 def test_outcome_pruned_and_error_reason(spec) -> None:
     state, values, reason = outcome(spec, {"early_stopped": True}, False)
     assert state == optuna.trial.TrialState.PRUNED and values is None
