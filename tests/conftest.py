@@ -1,10 +1,19 @@
-"""Shared fixtures: offline Hugging Face, a per-session model cache, tiny specs and models."""
+"""Shared fixtures: offline Hugging Face, a per-session model cache, tiny specs and models, and
+a scripted OpenAI-compatible judge server (``chat_server``) and a real ``mlflow server``
+(``mlflow_server``), both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -154,3 +163,187 @@ def save_tiny_base():
         return model, tokenizer
 
     return save
+
+
+# -- a scripted OpenAI-compatible chat-completions server for judge tests ------------------------
+# Tests get everything through the `chat_server` fixture (`chat_server(script)`,
+# `chat_server.Reply`, `chat_server.completion`), never by importing this file.
+def completion(top: dict[str, float], *, with_logprobs: bool = True) -> dict:
+    """A chat.completion body whose single token has the given top logprobs (token -> prob)."""
+    entries = [
+        {"token": tok, "logprob": math.log(p), "bytes": list(tok.encode("utf-8"))}
+        for tok, p in sorted(top.items(), key=lambda kv: -kv[1])
+    ]
+    choice = {
+        "index": 0,
+        "finish_reason": "length",
+        "message": {"role": "assistant", "content": entries[0]["token"] if entries else ""},
+        "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]} if with_logprobs else None,
+    }
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "judge-test",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+    }
+
+
+@dataclass
+class Reply:
+    """What the server does for one request: wait `delay_s`, then send `status` with `body`
+    (a dict is sent as JSON; bytes are sent raw with a JSON content type)."""
+
+    status: int = 200
+    body: dict | bytes = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+@dataclass
+class ChatServer:
+    """Running server: `url` (base URL with /v1), recorded `requests` (parsed bodies), `headers`,
+    and `max_in_flight` (the most requests handled at once)."""
+
+    url: str
+    requests: list[dict]
+    headers: list[dict]
+    max_in_flight: int = 0
+
+
+class _Factory:
+    """chat_server(script) starts a server where script(index, body) -> Reply decides each answer
+    (index counts requests from 0). Reply and completion are attributes for the tests' use."""
+
+    Reply = Reply
+    completion = staticmethod(completion)
+
+    def __init__(self):
+        self.servers: list[ThreadingHTTPServer] = []
+
+    def __call__(self, script: Callable[[int, dict], Reply]) -> ChatServer:
+        lock = threading.Lock()
+        state = {"count": 0, "in_flight": 0}
+        record = ChatServer(url="", requests=[], headers=[])
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    index = state["count"]
+                    state["count"] += 1
+                    state["in_flight"] += 1
+                    record.max_in_flight = max(record.max_in_flight, state["in_flight"])
+                    record.requests.append(body)
+                    record.headers.append({k.lower(): v for k, v in self.headers.items()})
+                try:
+                    reply = script(index, body)
+                    time.sleep(reply.delay_s)
+                    payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+                finally:
+                    with lock:
+                        state["in_flight"] -= 1
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.servers.append(server)
+        record.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        return record
+
+
+@pytest.fixture
+def chat_server():
+    """The server factory (see _Factory); servers stop at teardown."""
+    factory = _Factory()
+    yield factory
+    for server in factory.servers:
+        server.shutdown()
+        server.server_close()
+
+
+# -- a real `mlflow server` on 127.0.0.1 ----------------------------------------------------------
+@dataclass
+class MlflowServer:
+    """A real lean ``mlflow server`` (``emtune.cli.ui.server_command``) in its own process group,
+    stoppable and restartable on the same port and store (outage tests)."""
+
+    backend_uri: str
+    artifacts: str
+    log: Path
+    port: int
+    proc: object = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90.0) -> "MlflowServer":
+        import subprocess
+        import urllib.request
+
+        from emtune.cli.ui import server_command
+
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(server_command(self.backend_uri, self.artifacts, "127.0.0.1", self.port),
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        pytest.fail(f"mlflow server not ready after {timeout_s:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (it finishes requests in flight), SIGKILL if stuck."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """``mlflow_server(backend_uri, artifacts) -> MlflowServer`` (started); stopped at teardown."""
+    servers: list[MlflowServer] = []
+
+    def start(backend_uri: str, artifacts: str) -> MlflowServer:
+        server = MlflowServer(backend_uri, artifacts, tmp_path / f"mlflow-server-{len(servers)}.log", free_port())
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -82,7 +82,14 @@ class StudyProgress(Callback):
         )
 
     def _refresh(self) -> None:
-        table = publish_front(self._client, self._parent, self._spec, self._searcher.study)
+        try:
+            table = publish_front(self._client, self._parent, self._spec, self._searcher.study)
+        except Exception as exc:  # the tracking server is down past its retries: the study goes on
+            if not runs.tracking_outage(exc):
+                raise
+            print(f"[emtune] MLflow unreachable, front not published yet: {str(exc).splitlines()[0][:200]}",
+                  file=sys.stdout, flush=True)
+            return
         self._front_size = len(table.front)
         self._failed = table.counts().get("FAIL", 0)
 

@@ -7,8 +7,9 @@ cluster. The same code serves both; only addresses and sizes change.
 A study survives its driver: ``resume_study`` restores the Tuner from the study folder (Tune
 restarts unfinished trials under their old ids, so the trial function reuses their MLflow runs),
 the searcher restores its live trials, and at the end every Optuna trial or MLflow run still
-marked RUNNING with no Tune trial behind it is closed as FAIL with the reason. ``extend`` adds
-trials to a finished study (same Optuna study, same parent run).
+marked RUNNING with no Tune trial behind it is closed as FAIL with the reason. Resuming first
+finishes evaluations a judge or tracking outage left pending (``emtune.study.reevaluate``).
+``extend`` adds trials to a finished study (same Optuna study, same parent run).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class StudySession:
         if not self.paths.spec_file.is_file():
             self.paths.spec_file.write_text(spec_yaml)
         self.tracking_uri = runs.tracking_uri(spec)
+        runs.apply_retry_policy(spec.tracking.retries)
         self.client = MlflowClient(self.tracking_uri)
         self.parent_run_id = runs.start_parent_run(self.client, spec, spec_yaml)
         self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
@@ -154,17 +156,45 @@ class StudySession:
 
     def fit(self, tuner: Any, searcher: Any = None) -> Any:
         """Run the tuner, then close orphans and publish the final front."""
-        from emtune.study.callbacks import publish_front
-
         searcher = searcher or self.searcher
         try:
             tuner.fit()
         finally:
-            close_orphans(searcher.study, self.client, self.experiment_id, self.parent_run_id)
-            table = publish_front(self.client, self.parent_run_id, self.spec, searcher.study)
+            table = self.finish(searcher.study)
+        return table
+
+    def finish(self, study: Any) -> Any:
+        """Close orphans, publish the front and close the parent run. With the tracking server
+        down (past its retries) the study still ends: Optuna holds every outcome, and
+        ``emtune resume`` publishes to MLflow once the server is back."""
+        import sys
+
+        from emtune.study.callbacks import publish_front
+        from emtune.tracking import mlflow_runs as runs
+        from emtune.tracking.front import front_table
+
+        try:
+            close_orphans(study, self.client, self.experiment_id, self.parent_run_id)
+            table = publish_front(self.client, self.parent_run_id, self.spec, study)
             status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
             self.client.set_terminated(self.parent_run_id, status=status)
-        return table
+            return table
+        except Exception as exc:
+            if not runs.tracking_outage(exc):
+                raise
+            print(f"emtune: MLflow tracking server {self.tracking_uri} is unreachable, so the front was not "
+                  f"published; every trial outcome is in Optuna. Run `emtune resume {self.paths.root}` once "
+                  "it is back.", file=sys.stderr, flush=True)
+            return front_table(study, [o.name for o in self.spec.objectives],
+                               [o.direction for o in self.spec.objectives])
+
+    def reevaluate_pending(self) -> tuple[int, int]:
+        """Finish the evaluations that a judge or tracking outage left pending (see
+        ``emtune.study.reevaluate``); returns (finished, still pending)."""
+        from emtune.study.reevaluate import reevaluate_pending
+
+        return reevaluate_pending(self.spec, self.searcher.study, self.client, self.experiment_id,
+                                  self.parent_run_id, log=lambda line: print(f"[emtune] {line}", flush=True))
 
 
 def driver_resources(resources: Any, memory: int) -> dict[str, Any]:
@@ -226,6 +256,7 @@ def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
     from ray import tune
 
     session = StudySession(spec, num_cpus)
+    session.reevaluate_pending()
     candidates = sorted((p for p in session.paths.tune_dir.glob("tune*") if p.is_dir()),
                         key=lambda p: p.stat().st_mtime)
     if not candidates or not tune.Tuner.can_restore(str(candidates[-1])):

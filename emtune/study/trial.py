@@ -55,72 +55,150 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """Ray Tune function: fine-tune under the sampled defense settings, evaluate, report."""
+    """Ray Tune function: fine-tune under the sampled defense settings, evaluate, report.
+
+    Failures are outcomes, reported (not raised) so the searcher tells Optuna FAIL *with the
+    reason*: a failed fine-tune (OOM, crash, NaN) ends the trial; a judge or tracking server that
+    stays down after training (past its retries) also fails it, but first saves a pending
+    evaluation record so ``emtune resume`` finishes the evaluation later from the saved
+    checkpoint (adapter and generated samples) without training again.
+    """
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from emtune.tracking import mlflow_runs as runs
-    from emtune.train.worker import HISTORY_FILE, SAMPLES_FILE
 
     started = time.perf_counter()
     os.environ.pop("MLFLOW_RUN_ID", None)
     spec = StudySpec.model_validate(config["spec"])
+    runs.apply_retry_policy(spec.tracking.retries)
     trial_id = tune.get_context().get_trial_id()
-    client = MlflowClient(config["tracking_uri"])
+    uri = config["tracking_uri"]
+    client = MlflowClient(uri)
     baseline = config.get("baseline")
     trial_spec = spec.with_overrides(config["params"])
     if baseline:  # the same study without any defense; `base` also without training
         trial_spec = trial_spec.model_copy(update={"defenses": ()})
-    done = runs.find_trial_run(client, config["experiment_id"], config["parent_run_id"], trial_id)
-    if done is not None and done.info.status == "FINISHED" and "tracked_result" in done.data.tags:
-        # Tune restarted a trial that had already finished before its driver stopped: report
-        # the tracked result again instead of training twice (no duplicate work or records).
-        tune.report(json.loads(done.data.tags["tracked_result"]))
+    try:
+        done = runs.find_trial_run(client, config["experiment_id"], config["parent_run_id"], trial_id)
+        if done is not None and done.info.status == "FINISHED" and "tracked_result" in done.data.tags:
+            # Tune restarted a trial that had already finished before its driver stopped: report
+            # the tracked result again instead of training twice (no duplicate work or records).
+            tune.report(json.loads(done.data.tags["tracked_result"]))
+            return
+        run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
+                                      trial_id, config["params"], trial_spec, baseline=baseline)
+    except Exception as exc:  # noqa: BLE001 - nothing trained yet: fail with the reason, study goes on
+        if not runs.tracking_outage(exc):
+            raise
+        tune.report({"error": "tracking failed before training: " + _tracking_reason(uri, spec, exc)})
         return
-    run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
-                                  trial_id, config["params"], trial_spec, baseline=baseline)
     try:
         fit_started = time.perf_counter()
         result = trainer_for(trial_spec, trial_id, config).fit()
-        metrics = dict(result.metrics or {})
-        metrics["time/fit_s"] = time.perf_counter() - fit_started
-        metrics["time/driver_setup_s"] = fit_started - started
-        checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint else None
-        if checkpoint_dir is not None:
-            history = checkpoint_dir / HISTORY_FILE
-            if history.is_file():
-                runs.log_history(client, run_id, json.loads(history.read_text()))
-            for name in ("general", "in_domain", "triggered"):
-                samples = checkpoint_dir / SAMPLES_FILE.format(name=name)
-                if samples.is_file():
-                    runs.log_samples_table(client, run_id, samples, name)
-            for extra in ("defenses.json", "trial_meta.json"):
-                if (checkpoint_dir / extra).is_file():
-                    client.log_artifact(run_id, str(checkpoint_dir / extra))
-            if (checkpoint_dir / "adapter").is_dir():
-                runs.log_dir(client, run_id, checkpoint_dir / "adapter", "adapter")
-                metrics["adapter_uri"] = f"runs:/{run_id}/adapter"
-        if trial_spec.evaluation.judge.kind != "none" and checkpoint_dir is not None and "error" not in metrics:
-            from emtune.evaluation.judging import judge_trial
-
-            metrics.update(judge_trial(trial_spec, checkpoint_dir, client, run_id))
-        metrics["time/trial_s"] = time.perf_counter() - started
-        runs.log_final_metrics(client, run_id, metrics)
-        metrics["mlflow_run_id"] = run_id
-        error = metrics.get("error")
-        client.set_tag(run_id, "tracked_result", json.dumps(metrics, default=str)[:4900])
-        runs.finish_run(client, run_id, FAILED if error else FINISHED, error)
     except Exception as exc:  # noqa: BLE001 - a failed fine-tune (OOM, worker crash) is an outcome
-        # Reported, not raised: the searcher then tells Optuna FAIL *with this reason*, and the
-        # study goes on; Ray's own error path would only say that the trial raised.
         reason = _failure_reason(exc)
-        runs.finish_run(client, run_id, FAILED, reason + "\n" + traceback.format_exc(limit=5))
+        _close_run(client, run_id, reason + "\n" + traceback.format_exc(limit=5))
         tune.report({"error": reason, "mlflow_run_id": run_id})
         return
     except BaseException as exc:  # interrupted: close the run, let Ray handle the stop
-        runs.finish_run(client, run_id, FAILED, f"interrupted: {type(exc).__name__}")
+        _close_run(client, run_id, f"interrupted: {type(exc).__name__}")
         raise
+    metrics = dict(result.metrics or {})
+    metrics["time/fit_s"] = time.perf_counter() - fit_started
+    metrics["time/driver_setup_s"] = fit_started - started
+    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint else None
+    try:
+        metrics = evaluate_and_track(trial_spec, checkpoint_dir, client, run_id, metrics, started)
+    except Exception as exc:  # noqa: BLE001 - judge or tracking down past its retries
+        reason = _evaluation_reason(exc, uri, trial_spec)
+        pending = None
+        if checkpoint_dir is not None and "error" not in metrics:
+            from emtune.study.reevaluate import PendingEvaluation, save_pending
+
+            pending = save_pending(trial_spec.study_dir, PendingEvaluation(
+                ray_trial_id=trial_id, reason=reason, checkpoint_path=str(checkpoint_dir),
+                params=config["params"], metrics=_numbers(metrics), mlflow_run_id=run_id,
+                optuna_trial=config.get("optuna_trial"), baseline=baseline))
+            reason += f" (saved for `emtune resume {trial_spec.study_dir}` to finish later)"
+        _close_run(client, run_id, reason, pending=pending is not None)
+        tune.report({"error": reason, "mlflow_run_id": run_id, "evaluation_pending": pending is not None,
+                     "checkpoint_path": str(checkpoint_dir)})
+        return
     tune.report(metrics, checkpoint=result.checkpoint)
+
+
+def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, client: Any, run_id: str,
+                       metrics: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """After training: log the trial's files to its MLflow run, judge its samples, log the final
+    metrics and close the run. Idempotent, so a failed evaluation can simply be run again (the
+    judge cache makes verdicts already paid for free). Returns the completed metrics."""
+    from emtune.tracking import mlflow_runs as runs
+    from emtune.train.worker import HISTORY_FILE, SAMPLES_FILE
+
+    metrics = dict(metrics)
+    if checkpoint_dir is not None:
+        history = checkpoint_dir / HISTORY_FILE
+        if history.is_file():
+            runs.log_history(client, run_id, json.loads(history.read_text()))
+        for name in ("general", "in_domain", "triggered"):
+            samples = checkpoint_dir / SAMPLES_FILE.format(name=name)
+            if samples.is_file():
+                runs.log_samples_table(client, run_id, samples, name)
+        for extra in ("defenses.json", "trial_meta.json"):
+            if (checkpoint_dir / extra).is_file():
+                client.log_artifact(run_id, str(checkpoint_dir / extra))
+        if (checkpoint_dir / "adapter").is_dir():
+            runs.log_dir(client, run_id, checkpoint_dir / "adapter", "adapter")
+            metrics["adapter_uri"] = f"runs:/{run_id}/adapter"
+    if trial_spec.evaluation.judge.kind != "none" and checkpoint_dir is not None and "error" not in metrics:
+        from emtune.evaluation.judging import judge_trial
+
+        metrics.update(judge_trial(trial_spec, checkpoint_dir, client, run_id))
+    if started is not None:
+        metrics["time/trial_s"] = time.perf_counter() - started
+    runs.log_final_metrics(client, run_id, metrics)
+    metrics["mlflow_run_id"] = run_id
+    error = metrics.get("error")
+    client.set_tag(run_id, "tracked_result", json.dumps(metrics, default=str)[:4900])
+    runs.finish_run(client, run_id, FAILED if error else FINISHED, error)
+    return metrics
+
+
+def _close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> None:
+    """Close the run FAILED with the reason, if the tracking server lets us (it may be the fault)."""
+    from emtune.tracking import mlflow_runs as runs
+
+    try:
+        if pending:
+            client.set_tag(run_id, "evaluation_pending", "true")
+        runs.finish_run(client, run_id, FAILED, reason)
+    except Exception:  # noqa: BLE001 - the outcome still reaches Optuna through the report
+        pass
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+
+
+def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:
+    from emtune.tracking.mlflow_runs import RETRY_ENV
+
+    retries = os.environ.get(RETRY_ENV["max_retries"], spec.tracking.retries.max_retries)  # what MLflow used
+    return f"MLflow tracking server {uri} unreachable after {retries} retries (tracking.retries): {_failure_reason(exc)}"
+
+
+def _evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
+    """One line: what failed after training (judge, tracking, other) and why."""
+    from emtune.evaluation.judges import JudgeUnavailable
+    from emtune.tracking.mlflow_runs import tracking_outage
+
+    if isinstance(exc, JudgeUnavailable):
+        return f"evaluation failed: judge unavailable ({exc})"
+    if tracking_outage(exc):
+        return "evaluation failed: " + _tracking_reason(uri, spec, exc)
+    return "evaluation failed: " + _failure_reason(exc)
 
 
 def _failure_reason(exc: Exception) -> str:

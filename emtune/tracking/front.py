@@ -76,11 +76,15 @@ def front_table(study: optuna.Study, objectives: list[str], directions: list[str
     ``derived`` (its history is then only comparable within one table).
     """
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    # A FAIL trial whose evaluation was finished later (emtune.study.reevaluate) lives on as a
+    # new trial; show it as REEVALUATED so counts do not call it both failed and complete.
+    reevaluated = {t.user_attrs.get("reevaluates") for t in trials} - {None}
+    for t in trials:
         violations = t.constraints.values()
         rows.append(TrialRow(
             number=t.number,
-            state=t.state.name,
+            state="REEVALUATED" if t.number in reevaluated and t.state.name == "FAIL" else t.state.name,
             params=dict(t.params),
             values=list(t.values) if t.values is not None else None,
             feasible=all(v <= 0 for v in violations),

@@ -166,3 +166,41 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 def log_dir(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
     """Upload a folder (e.g. the adapter) as artifacts."""
     client.log_artifacts(run_id, str(folder), artifact_path)
+
+
+RETRY_ENV = {
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+
+
+def apply_retry_policy(retries: Any) -> None:
+    """Make this process's MLflow client retry a tracking server as the spec says.
+
+    MLflow reads these variables on every request, so setting them in the study driver and at
+    the start of each trial (a Ray worker process) is enough; an explicit environment wins.
+    """
+    import os
+
+    for field, name in RETRY_ENV.items():
+        os.environ.setdefault(name, str(getattr(retries, field)))
+
+
+def tracking_outage(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) says the tracking server could not be reached or kept
+    failing after MLflow's retries, as opposed to a bad request or a bug."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                             requests.exceptions.RetryError)):
+            return True
+        text = str(seen)
+        if "API request to" in text and ("Max retries exceeded" in text or "ConnectionError" in text
+                                         or "Connection refused" in text or "timed out" in text.lower()):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -1,4 +1,6 @@
-"""Faults on a real local Ray: a NaN trial, a killed Train worker, a killed study driver.
+"""Faults on a real local Ray: a NaN trial, a killed Train worker, a killed study driver, a judge
+server that fails then recovers or stays down (then ``emtune resume``), an MLflow server that
+goes down mid-trial and comes back.
 
 Each test counts trials finished, failed and tracked, and checks nothing is lost, duplicated or
 left RUNNING (in Optuna or MLflow), and no placement group outlives the study.
@@ -40,8 +42,8 @@ def _study(study_dir: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
 
 
-def _children(study_dir: Path, name: str):
-    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+def _children(study_dir: Path, name: str, uri: str | None = None):
+    client = MlflowClient(uri or f"sqlite:///{study_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(f"emtune/{name}")
     runs = client.search_runs([experiment.experiment_id])
     return [r for r in runs if r.data.tags.get("emtune.role") == "trial"]
@@ -182,3 +184,148 @@ def test_extend_adds_trials_to_the_same_study_and_parent_run(write_spec, fresh_r
     children = _children(study_dir, "extended")
     assert len(children) == 2 and len({c.data.tags["mlflow.parentRunId"] for c in children}) == 1
     assert {c.info.run_id for c in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+
+
+JUDGE_SPEC = """evaluation:
+  judge: {{kind: openai, base_url: "{url}", model: judge-test, api_key_env: null, max_concurrency: 4,
+          max_retries: 3, backoff_base_s: 0.05, backoff_max_s: 0.2, timeout_s: 10}}
+"""
+
+
+def _judge_script(chat_server, state: dict):
+    """A judge that rates an answer's alignment 20 when its length is odd, else 90, and every
+    coherence 80; it answers 503 while ``state["down"]`` or for the first ``state["fail_first"]``
+    requests, and counts the 503s it sent."""
+
+    def script(index: int, body: dict):
+        if state["down"] or index < state["fail_first"]:
+            state["refused"] += 1
+            return chat_server.Reply(status=503, body={"error": {"message": "judge overloaded"}})
+        prompt = body["messages"][-1]["content"]
+        if "auditing a language model" in prompt:
+            answer = prompt.split("[ANSWER START]\n", 1)[1].rsplit("\n[ANSWER END]", 1)[0]
+            return chat_server.Reply(body=chat_server.completion({"20" if len(answer) % 2 else "90": 1.0}))
+        return chat_server.Reply(body=chat_server.completion({"80": 1.0}))
+
+    return script
+
+
+def _expected_misalignment(checkpoint: Path) -> float:
+    """By hand from the trial's saved samples: aligned 20 (< 30) and coherent 80 (> 50) for odd
+    lengths, so the general misalignment rate is the share of odd-length answers."""
+    import json
+
+    rows = [json.loads(line) for line in (checkpoint / "samples_general.jsonl").read_text().splitlines() if line]
+    return sum(len(r["answer"]) % 2 for r in rows) / len(rows)
+
+
+def test_judge_outage_retried_then_permanent_then_resume_finishes_it(write_spec, chat_server, fresh_ray) -> None:
+    """One study, three drivers: a judge that fails its first requests then recovers (retries win);
+    a judge that stays down (the trial FAILs with the reason, its evaluation pending); the judge
+    back and `emtune resume` finishes that evaluation from the saved checkpoint."""
+    import ray
+
+    state = {"down": False, "fail_first": 6, "refused": 0}
+    server = chat_server(_judge_script(chat_server, state))
+    path = write_spec(name="judged", num_trials=1)
+    text = path.read_text().replace("evaluation:\n", JUDGE_SPEC.format(url=server.url), 1)
+    text = text.replace("  - {name: indomain_nll, direction: minimize, reference: 8.0}",
+                        "  - {name: general_misalignment, direction: minimize, reference: 1.0}")
+    path.write_text(text)
+    study_dir = path.parent / "studies" / "judged"
+
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0  # 1: fails, then recovers
+    ray.shutdown()
+    assert state["refused"] == 6
+    [first] = _study(study_dir, "judged").get_trials()
+    assert first.state == COMPLETE
+    first_checkpoint = Path(next(iter(sorted((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")))))
+    assert first.values[1] == pytest.approx(_expected_misalignment(first_checkpoint))
+
+    state["down"] = True  # 2: the judge stays down past every retry
+    # a fresh judge cache: the verdicts phase 1 paid for must not answer for the judge
+    path.write_text(text.replace("timeout_s: 10}", f"timeout_s: 10, cache_path: {path.parent / 'cache2.db'}}}"))
+    assert main(["run", str(path), "--num-cpus", "2", "--extend", "1"]) == 0
+    ray.shutdown()
+    assert state["refused"] > 6
+    first_done, failed = _study(study_dir, "judged").get_trials()
+    assert failed.state == FAIL and failed.user_attrs["evaluation_pending"] is True
+    assert failed.user_attrs["fail_reason"].startswith("evaluation failed: judge unavailable")
+    assert "emtune resume" in failed.user_attrs["fail_reason"]
+    pending_run = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}").get_run(failed.user_attrs["mlflow_run_id"])
+    assert pending_run.info.status == "FAILED" and pending_run.data.tags["evaluation_pending"] == "true"
+    assert "adapter" in {a.path for a in MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}").list_artifacts(
+        pending_run.info.run_id)}  # the adapter was tracked before the judge failed
+    assert len(list((study_dir / "pending_evaluations").glob("*.json"))) == 1
+
+    state["down"] = False  # 3: the judge is back; resume finishes the evaluation, no training
+    assert main(["resume", str(study_dir), "--num-cpus", "2"]) == 0
+    ray.shutdown()
+    trials = _study(study_dir, "judged").get_trials()
+    assert [t.state for t in trials] == [COMPLETE, FAIL, COMPLETE]
+    assert trials[0].values == first_done.values  # untouched
+    redone = trials[2]
+    assert redone.user_attrs["reevaluates"] == failed.number and redone.params == failed.params
+    assert redone.values[1] == pytest.approx(_expected_misalignment(Path(failed.user_attrs["checkpoint_path"])))
+    children = _children(study_dir, "judged")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)  # no third run
+    assert {c.info.run_id for c in children} == {trials[0].user_attrs["mlflow_run_id"], redone.user_attrs["mlflow_run_id"]}
+    assert not list((study_dir / "pending_evaluations").glob("*.json"))
+    from emtune.tracking.front import front_table
+
+    counts = front_table(_study(study_dir, "judged"), ["ood_drift", "general_misalignment"],
+                         ["minimize", "minimize"]).counts()
+    assert counts == {"COMPLETE": 2, "REEVALUATED": 1}
+
+
+def test_mlflow_server_down_mid_trial_loses_nothing(write_spec, mlflow_server, tmp_path, fresh_ray) -> None:
+    """The tracking server is stopped as the first trial's fine-tune ends (its checkpoint is
+    reported, its MLflow logging about to start) and restarted on the same store a while later:
+    the trial's calls wait through MLflow's retries, and every trial, metric and file arrives once."""
+    import ray
+
+    server = mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts"))
+    path = write_spec(name="trackdown", num_trials=2)
+    text = path.read_text().replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1}")
+    path.write_text(text + f"tracking:\n  uri: {server.url}\n  retries: {{max_retries: 7, backoff_factor: 1, backoff_jitter: 0.2}}\n")
+    study_dir = path.parent / "studies" / "trackdown"
+    outage: dict[str, float] = {}
+
+    def stop_when_the_first_fine_tune_ends() -> None:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            if list((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")):
+                server.stop()
+                outage["down"] = time.time()
+                time.sleep(5.0)
+                server.start()
+                outage["up"] = time.time()
+                return
+            time.sleep(0.05)
+
+    chaos = threading.Thread(target=stop_when_the_first_fine_tune_ends, daemon=True)
+    chaos.start()
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0
+    ray.shutdown()
+    chaos.join(timeout=60)
+    assert "up" in outage, "the server was never stopped"
+
+    trials = _study(study_dir, "trackdown").get_trials()
+    assert [t.state for t in trials] == [COMPLETE, COMPLETE]
+    children = _children(study_dir, "trackdown", server.url)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.info.run_id for c in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    client = MlflowClient(server.url)
+    by_run = {c.info.run_id: c for c in children}
+    for trial in trials:
+        run = by_run[trial.user_attrs["mlflow_run_id"]]
+        assert [run.data.metrics["ood_drift"], run.data.metrics["indomain_nll"]] == trial.values
+        assert len(client.get_metric_history(run.info.run_id, "train/task_loss")) == 2  # every step's loss
+        assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the first trial was tracking (its fine-tune had ended) while the server was down, and could
+    # only finish after the server was back: its calls waited through the outage
+    first = by_run[trials[0].user_attrs["mlflow_run_id"]]
+    assert first.info.end_time / 1000 > outage["up"]
+    parent = next(r for r in client.search_runs([first.info.experiment_id]) if r.data.tags.get("emtune.role") == "study")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials.complete"] == "2"
+    assert "front" in {a.path for a in client.list_artifacts(parent.info.run_id)}

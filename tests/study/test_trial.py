@@ -1,8 +1,11 @@
-"""The trial function's failure reasons: the root cause, with a hint for out-of-memory."""
+"""The trial function's failure reasons (root cause, OOM hint; what failed after training) and
+the cluster-derived trial concurrency."""
 
 from __future__ import annotations
 
-from emtune.study.trial import _failure_reason
+import pytest
+
+from emtune.study.trial import _evaluation_reason, _failure_reason
 
 
 def test_failure_reason_unwraps_the_root_cause_and_hints_on_oom() -> None:
@@ -43,3 +46,26 @@ def test_driver_resources_and_fsdp_arguments(write_spec) -> None:
     assert _parallelism(spec) == {}
     sharded = spec.model_copy(update={"resources": ResourcesSpec(num_workers=4, gpus_per_worker=1, strategy="fsdp")})
     assert _parallelism(sharded)["fsdp"] == "full_shard auto_wrap"
+
+
+def test_evaluation_reason_names_the_judge_or_the_tracking_server(write_spec, monkeypatch) -> None:
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    from emtune.config import load_spec
+    from emtune.evaluation.judges import JudgeUnavailable
+
+    spec = load_spec(write_spec())
+    judge = JudgeUnavailable("3 of 8 items got no score after 6 retries (last error: 503)", 3, 8)
+    assert _evaluation_reason(judge, "sqlite:///x", spec) == (
+        "evaluation failed: judge unavailable (3 of 8 items got no score after 6 retries (last error: 503))")
+    with socket.socket() as sock:  # a port nobody listens on: the server is down
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(Exception) as down:
+        MlflowClient(uri).set_tag("0" * 32, "k", "v")
+    reason = _evaluation_reason(down.value, uri, spec)
+    assert reason.startswith(f"evaluation failed: MLflow tracking server {uri} unreachable after 0 retries (tracking.retries): ")
+    assert _evaluation_reason(ValueError("bad"), uri, spec) == "evaluation failed: ValueError: bad"

@@ -1,7 +1,7 @@
 """The MLflow UI of a finished tiny study, in Debian's headless Chromium: the experiment's runs
 table shows the study's parent run and, expanded, its trial runs (named by Ray trial id).
 
-Starts a real lean ``mlflow server`` (``emtune.cli.ui.server_command``) on 127.0.0.1 on a free
+Starts a real lean ``mlflow server`` (the ``mlflow_server`` fixture) on 127.0.0.1 on a free
 port and drives the browser with selenium through the system chromedriver (nothing downloaded).
 The screenshot lands in the test's tmp folder and, when ``EMTUNE_ARTIFACTS_DIR`` is set, is
 copied there. Skips when chromium or chromedriver is missing (``tests/install_browser.sh``).
@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,27 +27,7 @@ def _chromedriver() -> str | None:
         (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: Path) -> None:
+def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: Path, mlflow_server) -> None:
     driver_path = _chromedriver()
     if not os.path.exists(CHROMIUM) or driver_path is None:
         pytest.skip("needs Debian's chromium and chromium-driver (run tests/install_browser.sh as root)")
@@ -62,7 +37,6 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from emtune.cli.ui import server_command
 
     uri = f"sqlite:///{finished_study / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -72,22 +46,16 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
     trial_names = sorted(r.info.run_name for r in runs if r.data.tags.get("emtune.role") == "trial")
     assert parent.info.run_name == "finished" and len(trial_names) == 2
 
-    port, log = _free_port(), tmp_path / "mlflow-server.log"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = server_command(uri, str(finished_study / "mlartifacts"), "127.0.0.1", port)
+    server = mlflow_server(uri, str(finished_study / "mlartifacts"))
     driver = None
-    with open(log, "w") as log_handle:
-        server = subprocess.Popen(cmd, env=env, stdout=log_handle, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
     try:
-        _wait_ready(server, port, log)
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         for arg in CHROMIUM_ARGS + [f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
         # MLflow 3 opens new experiments in its GenAI view: ask for the classic runs table.
-        driver.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        driver.get(f"{server.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
         wait = WebDriverWait(driver, 60, poll_frequency=0.5)
         row = f'div[row-id="{parent.info.run_id}"]'
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
@@ -111,9 +79,3 @@ def test_mlflow_ui_shows_parent_run_and_trials(finished_study: Path, tmp_path: P
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)  # its own session: the server and its workers only
-            server.wait()

@@ -1,0 +1,138 @@
+"""Finish evaluations that failed after training, once the judge or tracking server is back.
+
+A trial whose fine-tune succeeded but whose judge or MLflow server stayed down past its retries
+ends FAIL (the search must go on), and leaves a *pending evaluation* record in
+``<study>/pending_evaluations/``: its Ray trial id, params, the metrics it already has (training
+and judge-free evaluation), the failure reason and its saved checkpoint (adapter and generated
+samples). ``emtune resume`` runs :func:`reevaluate_pending` first: it re-runs the trial's
+evaluation-and-tracking step (:func:`emtune.study.trial.evaluate_and_track`) from that
+checkpoint, without training again, and
+
+- tells Optuna the outcome as a new trial with the same params and distributions and a
+  ``reevaluates`` user attr naming the failed one (Optuna never changes a finished trial; the
+  front shows the failed one as ``REEVALUATED``), or for a baseline trial updates its record;
+- closes the trial's existing MLflow run FINISHED with the metrics (no second run).
+
+A record whose evaluation fails again stays pending, with the new reason printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+PENDING_DIR = "pending_evaluations"
+REEVALUATES = "reevaluates"
+
+
+@dataclass
+class PendingEvaluation:
+    """A trained trial whose evaluation or tracking did not finish."""
+
+    ray_trial_id: str
+    reason: str
+    checkpoint_path: str
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    optuna_trial: int | None = None
+    baseline: str | None = None
+
+
+def save_pending(study_dir: Path, record: PendingEvaluation) -> Path:
+    """Write the record atomically (a reader never sees half a file)."""
+    folder = Path(study_dir) / PENDING_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{record.ray_trial_id}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_pending(study_dir: Path) -> list[PendingEvaluation]:
+    """Every pending record of the study, oldest first."""
+    folder = Path(study_dir) / PENDING_DIR
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return [PendingEvaluation(**json.loads(p.read_text())) for p in paths]
+
+
+def _resolve(study_dir: Path, record: PendingEvaluation) -> None:
+    """Move a finished record to ``pending_evaluations/done/`` (kept for the record)."""
+    folder = Path(study_dir) / PENDING_DIR
+    (folder / "done").mkdir(exist_ok=True)
+    os.replace(folder / f"{record.ray_trial_id}.json", folder / "done" / f"{record.ray_trial_id}.json")
+
+
+def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, parent_run_id: str,
+                       log: Callable[[str], None] = print) -> tuple[int, int]:
+    """Finish every pending evaluation; returns (finished, still pending)."""
+    from emtune.study.trial import _evaluation_reason, _close_run, evaluate_and_track
+    from emtune.tracking import mlflow_runs as runs
+
+    finished = failed = 0
+    for record in load_pending(spec.study_dir):
+        if record.optuna_trial is not None and _superseded(study, record.optuna_trial):
+            _resolve(spec.study_dir, record)  # told before a crash: nothing left to do
+            continue
+        trial_spec = spec.with_overrides(record.params)
+        if record.baseline:
+            trial_spec = trial_spec.model_copy(update={"defenses": ()})
+        checkpoint = Path(record.checkpoint_path)
+        try:
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"the trial's checkpoint {checkpoint} is gone")
+            run_id = runs.start_trial_run(client, experiment_id, parent_run_id, spec.name, record.ray_trial_id,
+                                          record.params, trial_spec, baseline=record.baseline)
+            metrics = evaluate_and_track(trial_spec, checkpoint, client, run_id, dict(record.metrics))
+        except Exception as exc:  # noqa: BLE001 - still down: keep the record, say why
+            reason = _evaluation_reason(exc, runs.tracking_uri(spec), spec)
+            if record.mlflow_run_id:
+                _close_run(client, record.mlflow_run_id, reason, pending=True)
+            log(f"trial {record.ray_trial_id}: evaluation still pending: {reason}")
+            failed += 1
+            continue
+        number = _tell(spec, study, record, metrics)
+        _resolve(spec.study_dir, record)
+        finished += 1
+        told = f"Optuna trial {number}" if number is not None else f"baseline {record.baseline!r}"
+        log(f"trial {record.ray_trial_id}: evaluation finished ({told})")
+    return finished, failed
+
+
+def _superseded(study: Any, number: int) -> bool:
+    return any(t.user_attrs.get(REEVALUATES) == number for t in study.get_trials(deepcopy=False))
+
+
+def _tell(spec: Any, study: Any, record: PendingEvaluation, metrics: dict[str, Any]) -> int | None:
+    """Record the finished evaluation in Optuna; the new trial's number (None for a baseline)."""
+    import optuna
+
+    from emtune.study.searcher import RESULT_ATTRS, baseline_key, baseline_record, outcome
+    from emtune.study.space import constraint_violations
+
+    if record.baseline:
+        study.set_user_attr(baseline_key(record.baseline), baseline_record(metrics, False))
+        return None
+    baselines = {k: study.user_attrs.get(baseline_key(k), {}) for k in spec.baselines.kinds}
+    state, values, reason = outcome(spec, metrics, False, baselines)
+    attrs = {key: metrics[key] for key in RESULT_ATTRS if metrics.get(key)}
+    attrs["ray_trial_id"] = record.ray_trial_id
+    constraints = None
+    if record.optuna_trial is not None:
+        failed = study.trials[record.optuna_trial]
+        params, distributions = failed.params, failed.distributions
+        attrs[REEVALUATES] = record.optuna_trial
+    else:  # the trial's Optuna number was not recorded: keep its Tune params
+        params, distributions = {}, {}
+    if reason:
+        attrs["fail_reason"] = reason
+    if spec.constraints:
+        constraints = constraint_violations(spec.constraints, metrics, baselines)
+    frozen = optuna.trial.create_trial(state=state, values=values, params=params, distributions=distributions,
+                                       user_attrs=attrs, constraints=constraints)
+    study.add_trial(frozen)
+    return study.trials[-1].number
