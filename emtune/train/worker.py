@@ -130,6 +130,9 @@ def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], tra
     train_started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["time/train_s"] = time.perf_counter() - train_started
+    # With bf16/fp16 accelerate leaves model.forward wrapped in autocast; evaluating under it would
+    # give other numbers than a fresh model with the saved adapter (`emtune confirm`, resume).
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
     for defense in defenses:
         if defense.active:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from emtune.config import load_spec
 from emtune.models import resolve_source
 from emtune.study.runner import model_cache_dir
@@ -73,3 +75,18 @@ def test_periodic_checkpoints_resume_where_they_stopped(write_spec, tmp_path) ->
     history = json.loads((tmp_path / "second" / HISTORY_FILE).read_text())
     assert [row["step"] for row in history] == [3, 4]  # steps 1-2 came from the checkpoint
     assert metrics["train_steps"] == 4
+
+
+def test_bf16_trial_evaluates_like_a_re_evaluation_of_its_adapter(write_spec, tmp_path) -> None:
+    """With bf16 the Trainer (accelerate) wraps the model's forward in autocast; the trial's own
+    evaluation must not run under it, or `emtune confirm` / a resumed evaluation (a fresh model
+    with the saved adapter, full precision) would report different numbers for the same adapter."""
+    path = write_spec(max_steps=3)
+    path.write_text(path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  bf16: true\n"))
+    spec = load_spec(path)
+    source = resolve_source(spec.model, model_cache_dir())
+    trained = run_training(spec, tmp_path / "trial", source)
+    again = run_training(spec, tmp_path / "again", source, adapter_dir=tmp_path / "trial" / "adapter")
+    assert trained["train_steps"] == 3 and again["train_steps"] == 0
+    for key in ("indomain_nll", "ood_drift"):
+        assert again[key] == pytest.approx(trained[key], rel=1e-5, abs=1e-7), key
