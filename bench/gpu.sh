@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark (issue 7, item 5): emtune's defended LoRA step and generation at real Qwen2.5 shapes,
 # random-init (no weights are downloaded). Needs an NVIDIA GPU and a CUDA build of torch in .venv.
-# Writes reports/bench/gpu.md (0.5B section, then 7B). About 3-5 minutes on one H100.
+# Writes reports/bench/gpu.md (0.5B section, then 7B). About 3-5 minutes on one H100; each shape
+# has its own time limit, 150 s and 250 s (GPU_BENCH_LIMIT_SMALL / GPU_BENCH_LIMIT_LARGE override them).
 # Extra arguments go to both runs, e.g. `bench/gpu.sh --batch 2 --seq 1024`.
 # PYTHON=python3 bench/gpu.sh uses an interpreter that already has CUDA torch, transformers, peft,
 # pydantic and pyyaml (emtune itself is imported from this checkout), e.g. on an offline GPU image.
@@ -26,7 +27,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-# each shape under its own time limit, so the whole script stays within ~8 minutes; a shape that
+# each shape under its own time limit, so the whole script stays within ~7 minutes; a shape that
 # fails or times out is reported and the next one still runs (status 2 = no usable CUDA: stop)
 status=0
 append=()   # the first shape that succeeds starts a fresh report; later ones append to it
@@ -42,7 +43,7 @@ run_shape() {
         append=(--append)
     fi
 }
-run_shape 180 --shape qwen2.5-0.5b "$@"
-run_shape 300 --shape qwen2.5-7b "$@"
+run_shape "${GPU_BENCH_LIMIT_SMALL:-150}" --shape qwen2.5-0.5b "$@"
+run_shape "${GPU_BENCH_LIMIT_LARGE:-250}" --shape qwen2.5-7b "$@"
 echo "wrote reports/bench/gpu.md"
 exit "$status"
