@@ -167,7 +167,10 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_source, spec.model)
-    base = load_model(model_source, spec.model)
+    # Training moves the model to the GPU (the Trainer); an evaluation-only run (the `base`
+    # baseline, confirm, a resumed evaluation) must put it there itself, or it evaluates on CPU.
+    evaluate_only = skip_training or adapter_dir is not None
+    base = load_model(model_source, spec.model, device=_gpu_device() if evaluate_only else None)
     model = load_adapter(base, adapter_dir) if adapter_dir else apply_lora(base, spec.lora)
     context = DefenseContext(spec=spec, tokenizer=tokenizer, seed=spec.seed, cache_dir=cache_dir,
                              extras={"model_source": model_source})
@@ -203,6 +206,13 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
             "num_heldout_rows": len(heldout_rows)}
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return metrics
+
+
+def _gpu_device() -> Any:
+    """This process's GPU (Ray Train sets CUDA_VISIBLE_DEVICES per worker), or None on CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def _generator(spec: StudySpec, model_source: str, adapter_dir: Path) -> Any:
