@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from emtune.spec_errors import SpecError
 
@@ -83,3 +84,18 @@ def load_optuna_study(study_dir: Path, spec: Any) -> Any:
         return optuna.load_study(study_name=spec.name, storage=StudyPaths(study_dir).optuna_url)
     except KeyError:
         fail(f"{study_dir}: no Optuna study named {spec.name!r} yet (the study has not started a trial)")
+
+
+@contextmanager
+def exit_on_tracking_outage(spec: Any) -> Iterator[None]:
+    """Turn "the MLflow server never answered" (past ``tracking.retries``) into a one-line error
+    and exit status 2 instead of a stack trace; any other error propagates."""
+    try:
+        yield
+    except Exception as exc:
+        from emtune.tracking.mlflow_runs import tracking_outage, tracking_uri
+
+        if not tracking_outage(exc):
+            raise
+        fail(f"MLflow tracking server {tracking_uri(spec)} unreachable after tracking.retries: "
+             f"{str(exc).splitlines()[0][:300]}. Start it, or check tracking.uri / MLFLOW_TRACKING_URI.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import load_study_spec, resolve_study_dir
+from emtune.cli.common import exit_on_tracking_outage, load_study_spec, resolve_study_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,8 @@ def main(args: argparse.Namespace) -> int:
     from emtune.tracking.front import format_table
 
     spec = load_study_spec(resolve_study_dir(args.study))
-    table = resume_study(spec, num_cpus=args.num_cpus)
+    with exit_on_tracking_outage(spec):
+        table = resume_study(spec, num_cpus=args.num_cpus)
     print()
     print(format_table(table))
     return 0 if table.front else 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import check_inputs_or_exit, fail, load_spec_or_exit
+from emtune.cli.common import check_inputs_or_exit, exit_on_tracking_outage, fail, load_spec_or_exit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,8 @@ def main(args: argparse.Namespace) -> int:
     from emtune.study.runner import run_study
     from emtune.tracking.front import format_table
 
-    table = run_study(spec, num_cpus=args.num_cpus, extend=args.extend)
+    with exit_on_tracking_outage(spec):
+        table = run_study(spec, num_cpus=args.num_cpus, extend=args.extend)
     print()
     print(format_table(table))
     print(f"\nstudy folder: {spec.study_dir}")

@@ -106,6 +106,9 @@ class StudySession:
             self.paths.spec_file.write_text(spec_yaml)
         self.tracking_uri = runs.tracking_uri(spec)
         runs.apply_retry_policy(spec.tracking.retries)
+        waiting = runs.probe_server(self.tracking_uri, spec.tracking.retries)
+        if waiting:
+            print(f"[emtune] {waiting}", flush=True)
         self.client = MlflowClient(self.tracking_uri)
         self.parent_run_id = runs.start_parent_run(self.client, spec, spec_yaml)
         self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id

@@ -204,3 +204,20 @@ def tracking_outage(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def probe_server(uri: str, retries: Any) -> str | None:
+    """For an ``http(s)://`` tracking URI, one quick look at the server's ``/health``: None when it
+    answers (or the store is local), else a line saying it is not answering and how long MLflow's
+    retries will wait for it, so a study does not sit silent through a mistyped URI."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not answering now"
+        waits = sum(min(120, retries.backoff_factor * 2 ** (n - 1)) for n in range(2, retries.max_retries + 1))
+        return (f"MLflow tracking server {uri} is not answering ({type(exc).__name__}); "
+                f"retrying for up to ~{waits // 60} min {waits % 60} s (tracking.retries)")

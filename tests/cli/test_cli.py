@@ -54,3 +54,31 @@ def test_ui_binds_loopback_by_default(write_spec, tmp_path, capsys) -> None:
     assert main(["ui", str(study), "--print-command"]) == 0
     cmd = capsys.readouterr().out
     assert "--host 127.0.0.1" in cmd and f"sqlite:///{study.resolve()}/mlflow.db" in cmd
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys, monkeypatch) -> None:
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    path = write_spec(name="notrack", num_trials=1)
+    path.write_text(path.read_text() + f"tracking:\n  uri: {uri}\n  retries: {{max_retries: 2, backoff_factor: 0}}\n")
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0"),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")):
+        monkeypatch.setenv(name, value)  # the policy's values, undone after the test
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(path), "--num-cpus", "1"])
+    finally:
+        ray.shutdown()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert f"[emtune] MLflow tracking server {uri} is not answering (URLError); retrying for up to ~0 min 0 s" in out
+    last = err.strip().splitlines()[-1]  # earlier lines: the tiny model's progress bars
+    assert last.startswith(f"emtune: error: MLflow tracking server {uri} unreachable after tracking.retries: ")
+    assert last.endswith("Start it, or check tracking.uri / MLFLOW_TRACKING_URI.")
+    assert "Traceback" not in err

@@ -13,7 +13,8 @@ from emtune.tracking import mlflow_runs as runs
 
 def test_retry_policy_sets_mlflows_variables_and_an_explicit_environment_wins(monkeypatch) -> None:
     for name in runs.RETRY_ENV.values():
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "unset")  # recorded, so teardown removes what the policy sets
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
     runs.apply_retry_policy(TrackingRetrySpec(max_retries=3, backoff_factor=1, backoff_jitter=0.5))
     import os
