@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash tests/install_browser.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'

@@ -20,12 +20,17 @@ from emtune.tracking.front import FrontTable, front_table
 from emtune.tracking.plots import plot_front
 
 
+def study_front(spec: StudySpec, study: Any) -> FrontTable:
+    """The study's current front table, with the spec's reference point when it gives one."""
+    references = [o.reference for o in spec.objectives]
+    return front_table(study, [o.name for o in spec.objectives], [o.direction for o in spec.objectives],
+                       None if None in references else references)
+
+
 def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) -> FrontTable:
     """Write the current front to the parent run and ``pareto_rank`` tags to the children."""
     objectives = [o.name for o in spec.objectives]
-    directions = [o.direction for o in spec.objectives]
-    references = [o.reference for o in spec.objectives]
-    table = front_table(study, objectives, directions, None if None in references else references)
+    table = study_front(spec, study)
     for row in table.rows:
         if row.mlflow_run_id and row.state == "COMPLETE":
             runs.set_tags(client, row.mlflow_run_id, {

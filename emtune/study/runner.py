@@ -65,7 +65,12 @@ LOCAL_TRAIN_ENV = {
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray (dashboard off, loopback only)."""
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray (dashboard on 127.0.0.1 only).
+
+    The local dashboard is not optional: it serves Ray's state API, through which Ray Train's
+    placement-group cleaner learns that a stopped trial's controller died and frees that trial's
+    worker placement group. Without it a stopped trial's resources stay reserved.
+    """
     import ray
 
     if ray.is_initialized():
@@ -74,12 +79,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=False)
         return
-    # A single machine has no preemption to watch and no dashboard to reconcile; a faster
+    # A single machine has no preemption to watch and no train-state to reconcile; a faster
     # controller poll ends each trial sooner (bench/trial_overhead.py measures the saving).
     for name, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
         env[name] = os.environ[name]
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
              log_to_driver=False, configure_logging=False)
 
 
@@ -160,24 +165,30 @@ class StudySession:
     def fit(self, tuner: Any, searcher: Any = None) -> Any:
         """Run the tuner, then close orphans and publish the final front."""
         searcher = searcher or self.searcher
+        orphan_reason = LOST
         try:
             tuner.fit()
+            # the Tuner returned: a trial still RUNNING in Optuna was stopped by Tune, not lost
+            budget = self.spec.search.time_budget_s
+            orphan_reason = (f"stopped: the study's time budget (search.time_budget_s = {budget:g} s) ran out "
+                             "while this trial ran" if budget else "stopped by Ray Tune before it reported")
         finally:
-            table = self.finish(searcher.study)
+            table = self.finish(searcher.study, orphan_reason)
+        if not os.environ.get("RAY_ADDRESS"):
+            wait_for_placement_groups_released()
         return table
 
-    def finish(self, study: Any) -> Any:
+    def finish(self, study: Any, orphan_reason: str = LOST) -> Any:
         """Close orphans, publish the front and close the parent run. With the tracking server
         down (past its retries) the study still ends: Optuna holds every outcome, and
         ``emtune resume`` publishes to MLflow once the server is back."""
         import sys
 
-        from emtune.study.callbacks import publish_front
+        from emtune.study.callbacks import publish_front, study_front
         from emtune.tracking import mlflow_runs as runs
-        from emtune.tracking.front import front_table
 
         try:
-            close_orphans(study, self.client, self.experiment_id, self.parent_run_id)
+            close_orphans(study, self.client, self.experiment_id, self.parent_run_id, orphan_reason)
             table = publish_front(self.client, self.parent_run_id, self.spec, study)
             status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
             self.client.set_terminated(self.parent_run_id, status=status)
@@ -188,8 +199,7 @@ class StudySession:
             print(f"emtune: MLflow tracking server {self.tracking_uri} is unreachable, so the front was not "
                   f"published; every trial outcome is in Optuna. Run `emtune resume {self.paths.root}` once "
                   "it is back.", file=sys.stderr, flush=True)
-            return front_table(study, [o.name for o in self.spec.objectives],
-                               [o.direction for o in self.spec.objectives])
+            return study_front(self.spec, study)
 
     def reevaluate_pending(self) -> tuple[int, int]:
         """Finish the evaluations that a judge or tracking outage left pending (see
@@ -225,7 +235,30 @@ def concurrent_trials(resources: Any, cluster: dict[str, float] | None = None) -
     return max(1, min(resources.max_concurrent_trials, fit))
 
 
-def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str) -> int:
+def wait_for_placement_groups_released(timeout_s: float = 20.0) -> bool:
+    """Local Ray: wait until Ray Train's cleaner has freed the placement groups of trials Tune
+    stopped (it notices a dead controller within seconds) and exited; False, with a warning, if
+    some remain."""
+    import sys
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
+        cleaners = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        if not held and not cleaners:
+            return True
+        if time.monotonic() > deadline:
+            print(f"emtune: warning: {len(held)} placement group(s) of stopped trials still held after "
+                  f"{timeout_s:g} s: {', '.join(held)}", file=sys.stderr, flush=True)
+            return False
+        time.sleep(0.25)
+
+
+def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str, reason: str = LOST) -> int:
     """Mark Optuna trials and MLflow child runs still RUNNING (no trial behind them) as failed."""
     import optuna
 
@@ -233,13 +266,13 @@ def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: st
 
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", LOST)
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         closed += 1
     runs = client.search_runs([experiment_id], filter_string=(
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
     for run in runs:
-        finish_run(client, run.info.run_id, "FAILED", LOST)
+        finish_run(client, run.info.run_id, "FAILED", reason)
         closed += 1
     return closed
 

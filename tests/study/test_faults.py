@@ -38,6 +38,21 @@ def fresh_ray():
     ray.shutdown()
 
 
+# Cluster-wide singletons that Ray itself starts once and keeps (not per trial, not emtune's).
+RAY_SINGLETONS = {"AutoscalingCoordinator"}
+
+
+def _assert_nothing_left_behind() -> None:
+    """Every placement group removed and every actor dead, except Ray's own singletons."""
+    import ray
+    from ray._private import state
+
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+    alive = [(a.get("ActorClassName"), a.get("Name")) for a in state.actors().values() if a.get("State") != "DEAD"]
+    assert all(name in RAY_SINGLETONS for _, name in alive), alive
+    assert len(alive) == len({name for _, name in alive})  # at most one of each singleton
+
+
 def _study(study_dir: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
 
@@ -50,7 +65,6 @@ def _children(study_dir: Path, name: str, uri: str | None = None):
 
 
 def test_nan_trial_fails_with_reason_and_the_study_goes_on(write_spec, fresh_ray) -> None:
-    import ray
 
     path = write_spec(name="nan", num_trials=2)
     text = path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  max_grad_norm: 1.0e+30\n")
@@ -58,8 +72,7 @@ def test_nan_trial_fails_with_reason_and_the_study_goes_on(write_spec, fresh_ray
                         "    lr: {type: categorical, target: training.learning_rate, choices: [1.0e-2, 1.0e+30]}")
     path.write_text(text.replace("  sampler: {name: tpe}", "  sampler: {name: random, seed: 0}"))
     assert main(["run", str(path), "--num-cpus", "2"]) == 0
-    placement_groups = ray.util.placement_group_table()
-    assert all(pg["state"] == "REMOVED" for pg in placement_groups.values())
+    _assert_nothing_left_behind()
 
     study_dir = path.parent / "studies" / "nan"
     trials = {t.params["lr"]: t for t in _study(study_dir, "nan").get_trials()}
@@ -105,6 +118,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
     assert main(["run", str(path), "--num-cpus", "2"]) == 0
     killer.join(timeout=5)
     assert killed, "no Train worker was found to kill"
+    _assert_nothing_left_behind()
     [trial] = _study(study_dir, "workerkill").get_trials()
     assert trial.state == COMPLETE
     [run] = _children(study_dir, "workerkill")
@@ -329,3 +343,17 @@ def test_mlflow_server_down_mid_trial_loses_nothing(write_spec, mlflow_server, t
     parent = next(r for r in client.search_runs([first.info.experiment_id]) if r.data.tags.get("emtune.role") == "study")
     assert parent.info.status == "FINISHED" and parent.data.tags["trials.complete"] == "2"
     assert "front" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_trial_stopped_by_the_time_budget_leaves_nothing_behind(write_spec, fresh_ray) -> None:
+    path = write_spec(name="budget", num_trials=3, max_steps=5000)
+    text = path.read_text().replace("  num_trials: 3\n", "  num_trials: 3\n  time_budget_s: 25\n")
+    path.write_text(text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1}"))
+    assert main(["run", str(path), "--num-cpus", "2"]) == 1  # stopped before any trial finished: no front
+    _assert_nothing_left_behind()  # the stopped trial's worker placement group was freed too
+    study_dir = path.parent / "studies" / "budget"
+    [trial] = _study(study_dir, "budget").get_trials()
+    reason = "stopped: the study's time budget (search.time_budget_s = 25 s) ran out while this trial ran"
+    assert trial.state == FAIL and trial.user_attrs["fail_reason"] == reason
+    [run] = _children(study_dir, "budget")
+    assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == reason
