@@ -169,6 +169,7 @@ def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path) 
     assert main(["resume", str(study_dir), "--num-cpus", "2"]) == 0
     import ray
 
+    _assert_nothing_left_behind()
     ray.shutdown()
     trials = _study(study_dir, "driverkill").get_trials()
     complete = [t for t in trials if t.state == COMPLETE]
@@ -192,6 +193,7 @@ def test_extend_adds_trials_to_the_same_study_and_parent_run(write_spec, fresh_r
     assert main(["run", str(path), "--num-cpus", "2"]) == 0
     ray.shutdown()
     assert main(["run", str(path), "--num-cpus", "2", "--extend", "1"]) == 0
+    _assert_nothing_left_behind()
     study_dir = path.parent / "studies" / "extended"
     trials = _study(study_dir, "extended").get_trials()
     assert [t.state for t in trials] == [COMPLETE, COMPLETE]
