@@ -27,14 +27,24 @@ RESULT_ATTRS = ("mlflow_run_id", "adapter_uri", "evaluation_pending", "checkpoin
 
 def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
     """Create or load the study's Optuna study, with the sampler built explicitly from the spec."""
+    import sqlalchemy.exc
+
     sampler, description = build_sampler(spec.search, spec.seed)
-    study = optuna.create_study(
-        storage=storage_url,
-        study_name=spec.name,
-        directions=[o.direction for o in spec.objectives],
-        sampler=sampler,
-        load_if_exists=True,
-    )
+    for attempt in range(3):
+        try:
+            study = optuna.create_study(
+                storage=storage_url,
+                study_name=spec.name,
+                directions=[o.direction for o in spec.objectives],
+                sampler=sampler,
+                load_if_exists=True,
+            )
+            break
+        except sqlalchemy.exc.IntegrityError:
+            # another process (optuna-dashboard, `emtune pareto`) created the same new storage's
+            # schema at the same moment: it exists now, so opening it again succeeds
+            if attempt == 2:
+                raise
     existing = len(study.get_trials(deepcopy=False))
     if existing:  # a resumed or extended study: fresh random draws, still reproducible
         study.sampler, _ = build_sampler(spec.search, spec.seed, offset=existing)

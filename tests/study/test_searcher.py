@@ -142,3 +142,21 @@ def test_failed_baseline_fails_relative_trials_with_the_reason(write_spec, tmp_p
 
 
 RUNNING_STATE = optuna.trial.TrialState.RUNNING
+
+
+def test_open_study_retries_when_another_process_creates_the_schema_at_once(spec, tmp_path, monkeypatch) -> None:
+    import sqlalchemy.exc
+
+    from emtune.study import searcher as searcher_module
+
+    real, calls = optuna.create_study, []
+
+    def racing(**kwargs):
+        calls.append(kwargs["storage"])
+        if len(calls) == 1:  # what SQLite raises when two processes insert the alembic version
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(searcher_module.optuna, "create_study", racing)
+    study = searcher_module.open_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(calls) == 2 and study.study_name == spec.name
