@@ -278,13 +278,26 @@ def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: st
 
 
 def run_study(spec: StudySpec, num_cpus: int | None = None, extend: int | None = None) -> Any:
-    """Run every trial of ``spec`` (or ``extend`` more trials of an existing study)."""
+    """Run ``spec`` until its study holds ``search.num_trials`` finished trials (a second ``run``
+    of a finished study runs nothing), or ``extend`` more trials of an existing study."""
+    import optuna
+
     session = StudySession(spec, num_cpus)
-    name, count = "tune", spec.search.num_trials
+    previous = sorted(p.name for p in session.paths.tune_dir.glob("tune*") if p.is_dir())
+    name = f"tune-extend-{len(previous)}" if previous else "tune"
     if extend is not None:
-        previous = sorted(p.name for p in session.paths.tune_dir.glob("tune*") if p.is_dir())
-        name, count = f"tune-extend-{len(previous)}", extend
-    return session.fit(session.new_tuner(name, count + len(session.searcher.pending_baselines())))
+        count = extend
+    else:
+        finished = session.searcher.study.get_trials(deepcopy=False, states=(
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED))
+        count = max(0, spec.search.num_trials - len(finished))
+        if len(finished):
+            print(f"[emtune] study {spec.name!r} already has {len(finished)} of {spec.search.num_trials} trials: "
+                  f"running {count} more (`--extend N` adds trials beyond that)", flush=True)
+    count += len(session.searcher.pending_baselines())
+    if count == 0:
+        return session.finish(session.searcher.study)
+    return session.fit(session.new_tuner(name, count))
 
 
 def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
