@@ -178,8 +178,9 @@ def _close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> 
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+    from emtune.config import is_finite_number
+
+    return {k: float(v) for k, v in metrics.items() if is_finite_number(v)}
 
 
 def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:

@@ -176,16 +176,22 @@ RETRY_ENV = {
 }
 
 
+_APPLIED: dict[str, str] = {}  # what apply_retry_policy set in this process
+
+
 def apply_retry_policy(retries: Any) -> None:
     """Make this process's MLflow client retry a tracking server as the spec says.
 
     MLflow reads these variables on every request, so setting them in the study driver and at
-    the start of each trial (a Ray worker process) is enough; an explicit environment wins.
+    the start of each trial (a Ray worker process) is enough. A value the user exported wins;
+    one this function set for an earlier study in the same process is replaced.
     """
     import os
 
     for field, name in RETRY_ENV.items():
-        os.environ.setdefault(name, str(getattr(retries, field)))
+        current = os.environ.get(name)
+        if current is None or current == _APPLIED.get(name):
+            os.environ[name] = _APPLIED[name] = str(getattr(retries, field))
 
 
 def tracking_outage(exc: BaseException) -> bool:

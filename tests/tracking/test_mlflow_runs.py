@@ -26,6 +26,11 @@ def test_retry_policy_sets_mlflows_variables_and_an_explicit_environment_wins(mo
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 3  # MLflow itself reads the value
+    # a second study in the same process (tests, a notebook) gets its own values, not the first's
+    runs.apply_retry_policy(TrackingRetrySpec(max_retries=5, backoff_factor=0, backoff_jitter=0.0))
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # still the user's
 
 
 def test_retry_defaults_are_mlflows_and_bounds_are_checked() -> None:
