@@ -80,6 +80,12 @@ def machine_block(info: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in info.items())
 
 
+def conditions_lines(load_at_start: tuple[float, float, float], info: dict[str, Any]) -> list[str]:
+    """Report lines on how busy the machine was and what it is (with the load average at the end)."""
+    at_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [load_note(load_at_start), "", "Machine:", "", machine_block({**info, "load average at end": at_end})]
+
+
 def update_report(path: Path, title: str, intro: str, key: str, section: str,
                   order: Sequence[str] = ()) -> Path:
     """Write ``section`` into ``path`` between markers for ``key``, keeping other keys' sections.

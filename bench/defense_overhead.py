@@ -594,11 +594,7 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         f"{setup['steps']} step(s) per turn, {setup['warmup']} warm-up round(s) + {setup['reps']} timed rounds, "
         f"memory over {setup['mem_steps']} steps in {setup['mem_reps']} fresh process(es) per configuration.",
         "",
-        benchlib.load_note(load_start),
-        "",
-        "Machine:",
-        "",
-        benchlib.machine_block({**info, "load average at end": ", ".join(f"{x:.2f}" for x in os.getloadavg())}),
+        *benchlib.conditions_lines(load_start, info),
         "",
         "Peak memory method: " + ("VmHWM after resetting it through /proc/self/clear_refs" if exact else
                                   "ru_maxrss (the peak could not be reset)") +

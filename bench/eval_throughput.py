@@ -253,11 +253,7 @@ def build_section(args: argparse.Namespace, gen: dict, judge: dict, cache: dict,
     lines = [
         "## Results",
         "",
-        benchlib.load_note(load_start),
-        "",
-        "Machine:",
-        "",
-        benchlib.machine_block({**info, "load average at end": ", ".join(f"{x:.2f}" for x in os.getloadavg())}),
+        *benchlib.conditions_lines(load_start, info),
         "",
         f"### (a) Generation: {gen['questions']} general_v1 questions × {args.samples} samples, "
         f"max_new_tokens {args.max_new_tokens}, temperature 1 (dry-run tiny model)",
