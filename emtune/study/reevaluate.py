@@ -70,7 +70,7 @@ def _resolve(study_dir: Path, record: PendingEvaluation) -> None:
 def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, parent_run_id: str,
                        log: Callable[[str], None] = print) -> tuple[int, int]:
     """Finish every pending evaluation; returns (finished, still pending)."""
-    from emtune.study.trial import _evaluation_reason, _close_run, evaluate_and_track
+    from emtune.study.trial import evaluation_reason, close_run, evaluate_and_track
     from emtune.tracking import mlflow_runs as runs
 
     finished = failed = 0
@@ -89,9 +89,9 @@ def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, p
                                           record.params, trial_spec, baseline=record.baseline)
             metrics = evaluate_and_track(trial_spec, checkpoint, client, run_id, dict(record.metrics))
         except Exception as exc:  # noqa: BLE001 - still down: keep the record, say why
-            reason = _evaluation_reason(exc, runs.tracking_uri(spec), spec)
+            reason = evaluation_reason(exc, runs.tracking_uri(spec), spec)
             if record.mlflow_run_id:
-                _close_run(client, record.mlflow_run_id, reason, pending=True)
+                close_run(client, record.mlflow_run_id, reason, pending=True)
             log(f"trial {record.ray_trial_id}: evaluation still pending: {reason}")
             failed += 1
             continue

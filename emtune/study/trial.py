@@ -98,11 +98,11 @@ def run_trial(config: dict[str, Any]) -> None:
         result = trainer_for(trial_spec, trial_id, config).fit()
     except Exception as exc:  # noqa: BLE001 - a failed fine-tune (OOM, worker crash) is an outcome
         reason = _failure_reason(exc)
-        _close_run(client, run_id, reason + "\n" + traceback.format_exc(limit=5))
+        close_run(client, run_id, reason + "\n" + traceback.format_exc(limit=5))
         tune.report({"error": reason, "mlflow_run_id": run_id})
         return
     except BaseException as exc:  # interrupted: close the run, let Ray handle the stop
-        _close_run(client, run_id, f"interrupted: {type(exc).__name__}")
+        close_run(client, run_id, f"interrupted: {type(exc).__name__}")
         raise
     metrics = dict(result.metrics or {})
     metrics["time/fit_s"] = time.perf_counter() - fit_started
@@ -111,7 +111,7 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         metrics = evaluate_and_track(trial_spec, checkpoint_dir, client, run_id, metrics, started)
     except Exception as exc:  # noqa: BLE001 - judge or tracking down past its retries
-        reason = _evaluation_reason(exc, uri, trial_spec)
+        reason = evaluation_reason(exc, uri, trial_spec)
         pending = None
         if checkpoint_dir is not None and "error" not in metrics:
             from emtune.study.reevaluate import PendingEvaluation, save_pending
@@ -121,7 +121,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 params=config["params"], metrics=_numbers(metrics), mlflow_run_id=run_id,
                 optuna_trial=config.get("optuna_trial"), baseline=baseline))
             reason += f" (saved for `emtune resume {trial_spec.study_dir}` to finish later)"
-        _close_run(client, run_id, reason, pending=pending is not None)
+        close_run(client, run_id, reason, pending=pending is not None)
         tune.report({"error": reason, "mlflow_run_id": run_id, "evaluation_pending": pending is not None,
                      "checkpoint_path": str(checkpoint_dir)})
         return
@@ -165,7 +165,7 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
     return metrics
 
 
-def _close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> None:
+def close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> None:
     """Close the run FAILED with the reason, if the tracking server lets us (it may be the fault)."""
     from emtune.tracking import mlflow_runs as runs
 
@@ -190,7 +190,7 @@ def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:
     return f"MLflow tracking server {uri} unreachable after {retries} retries (tracking.retries): {_failure_reason(exc)}"
 
 
-def _evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
+def evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
     """One line: what failed after training (judge, tracking, other) and why."""
     from emtune.evaluation.judges import JudgeUnavailable
     from emtune.tracking.mlflow_runs import tracking_outage

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from emtune.study.trial import _evaluation_reason, _failure_reason
+from emtune.study.trial import evaluation_reason, _failure_reason
 
 
 def test_failure_reason_unwraps_the_root_cause_and_hints_on_oom() -> None:
@@ -48,7 +48,7 @@ def test_driver_resources_and_fsdp_arguments(write_spec) -> None:
     assert _parallelism(sharded)["fsdp"] == "full_shard auto_wrap"
 
 
-def test_evaluation_reason_names_the_judge_or_the_tracking_server(write_spec, monkeypatch) -> None:
+def testevaluation_reason_names_the_judge_or_the_tracking_server(write_spec, monkeypatch) -> None:
     import socket
 
     from mlflow.tracking import MlflowClient
@@ -58,7 +58,7 @@ def test_evaluation_reason_names_the_judge_or_the_tracking_server(write_spec, mo
 
     spec = load_spec(write_spec())
     judge = JudgeUnavailable("3 of 8 items got no score after 6 retries (last error: 503)", 3, 8)
-    assert _evaluation_reason(judge, "sqlite:///x", spec) == (
+    assert evaluation_reason(judge, "sqlite:///x", spec) == (
         "evaluation failed: judge unavailable (3 of 8 items got no score after 6 retries (last error: 503))")
     with socket.socket() as sock:  # a port nobody listens on: the server is down
         sock.bind(("127.0.0.1", 0))
@@ -66,6 +66,6 @@ def test_evaluation_reason_names_the_judge_or_the_tracking_server(write_spec, mo
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(Exception) as down:
         MlflowClient(uri).set_tag("0" * 32, "k", "v")
-    reason = _evaluation_reason(down.value, uri, spec)
+    reason = evaluation_reason(down.value, uri, spec)
     assert reason.startswith(f"evaluation failed: MLflow tracking server {uri} unreachable after 0 retries (tracking.retries): ")
-    assert _evaluation_reason(ValueError("bad"), uri, spec) == "evaluation failed: ValueError: bad"
+    assert evaluation_reason(ValueError("bad"), uri, spec) == "evaluation failed: ValueError: bad"
