@@ -78,14 +78,14 @@ PER_TOKEN_LIMIT = 1.05  # "1.0x per training token", with a ±5% noise band
 
 
 def tiny_spec(setup: dict) -> Any:
-    from emtune.config import TinyModelSpec
+    from emtune.models import TinyModelSpec
 
     return TinyModelSpec(**setup["model"])
 
 
 def build_models(setup: dict, naive: bool) -> tuple[Any, Any]:
     """(LoRA model, frozen deep copy of the base or None), identical weights for every config."""
-    from emtune.config import LoraSpec
+    from emtune.models import LoraSpec
     from emtune.models import apply_lora, build_tiny_model
 
     import torch
@@ -180,7 +180,7 @@ def prepare_world(setup: dict, root: Path, with_selected: bool) -> dict:
     """Write the files the defenses read; returns their paths (and the tokenizer, rows)."""
     import torch
 
-    from emtune.config import LoraSpec
+    from emtune.models import LoraSpec
     from emtune.data.fixtures import fixture_path
     from emtune.defenses.persona_vectors import PersonaVectors, save_persona_vectors
     from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
@@ -251,7 +251,7 @@ def data_batches(rows: list, tokenizer: Any, setup: dict) -> tuple[list[dict], i
 
 def _prime() -> None:
     """Run one micro training step so lazy imports and thread pools exist before the baseline."""
-    from emtune.config import LoraSpec, TinyModelSpec
+    from emtune.models import LoraSpec, TinyModelSpec
     from emtune.models import apply_lora, build_tiny_model
 
     setup = {"model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,

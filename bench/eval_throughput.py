@@ -124,9 +124,9 @@ def judge_spec(url: str, concurrency: int, cache_path: str | None = None) -> Any
 
 def load_tiny() -> tuple[Any, Any]:
     """The dry-run study's tiny model and tokenizer, through the same path as a trial."""
-    from emtune.config import ModelSpec
+    from emtune.models import ModelSpec
     from emtune.models import load_model, load_tokenizer, resolve_source
-    from emtune.study.runner import model_cache_dir
+    from emtune.models import model_cache_dir
 
     spec = ModelSpec()
     source = resolve_source(spec, model_cache_dir())
@@ -134,11 +134,11 @@ def load_tiny() -> tuple[Any, Any]:
 
 
 def bench_generation(args: argparse.Namespace) -> tuple[dict, list]:
-    from emtune.evaluation.generation import generate_answers
-    from emtune.evaluation.runner import question_prompts
+    from emtune.evaluation.generation import Prompt, generate_answers
+    from emtune.evaluation.questions import load_question_set
 
     model, tokenizer = load_tiny()
-    prompts, _ = question_prompts("general_v1")
+    prompts = [Prompt(q.id, q.text, q.system) for q in load_question_set("general_v1")]
     results = {bs: {"wall": [], "cpu": [], "tokens": []} for bs in args.batch_sizes}
     samples: list = []
     for rep in range(args.gen_reps):
@@ -185,7 +185,8 @@ def bench_judge(args: argparse.Namespace, server: ChatServer) -> dict:
 
 
 def bench_cache(args: argparse.Namespace, server: ChatServer, samples: list, folder: Path) -> dict:
-    from emtune.evaluation.judges import JudgeItem, build_judge
+    from emtune.evaluation.judges import JudgeItem
+    from emtune.evaluation.judging import build_judge
 
     items = [JudgeItem(metric, s.question, s.answer) for metric in ("aligned", "coherent") for s in samples]
     cache_path = str(folder / "judge.db")

@@ -147,7 +147,7 @@ def build_model(shape: dict[str, Any], device: Any, dtype: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from emtune.config import LoraSpec
+    from emtune.models import LoraSpec
     from emtune.models import apply_lora
 
     config = Qwen2Config(**shape, max_position_embeddings=32768, attn_implementation="sdpa")

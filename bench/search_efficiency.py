@@ -42,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emtune.config import SamplerSpec, SearchSpec  # noqa: E402
+from emtune.search_spec import SamplerSpec, SearchSpec  # noqa: E402
 from emtune.study.space import build_sampler, suggest  # noqa: E402
 from emtune.tracking.pareto import hypervolume, hypervolume_history, reference_from_points  # noqa: E402
 from search_surrogates import ZDT1, ZDT_SPACE, DefensesSurrogate, DryRunSurrogate  # noqa: E402

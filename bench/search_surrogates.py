@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from emtune.config import SearchSpec
+from emtune.search_spec import SearchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Used only when no dry-run study exists: drift = a/(1+b·λ), nll = c + d·log1p(e·λ).

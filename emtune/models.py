@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
+
+from emtune.spec_errors import StrictModel
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -21,6 +26,67 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class TinyModelSpec(StrictModel):
+    """A small Qwen2-style model and byte-level BPE tokenizer built offline from a seed."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary incl. 256 byte symbols")
+    pretrain_steps: int = Field(
+        150, ge=0, description="full-parameter steps on the bundled safe set (the 'aligned' prior)"
+    )
+    seed: int = 0
+
+
+class ModelSpec(StrictModel):
+    """The aligned chat model to fine-tune: ``tiny``, a hub id, or a local folder."""
+
+    source: str = "tiny"
+    revision: str | None = None
+    base_source: str | None = Field(
+        None, description="unaligned base model of `source` (SafeLoRA needs both)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = False
+    tiny: TinyModelSpec = TinyModelSpec()
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapter; defaults follow the paper (rsLoRA r=32, alpha=64, all projections, dropout 0)."""
+
+    r: int = Field(32, gt=0)
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    use_rslora: bool = True
+
+
+def model_cache_dir() -> Path:
+    """Shared cache for materialised tiny models (EMTUNE_CACHE_DIR, else ~/.cache/emtune)."""
+    return Path(os.environ.get("EMTUNE_CACHE_DIR", Path.home() / ".cache" / "emtune")).expanduser()
+
+
+def model_identity(model_spec: ModelSpec) -> str:
+    """The model id recorded in persona vector files: ``tiny-<settings hash>`` for the tiny
+    model, otherwise the source (``@revision`` appended when one is pinned)."""
+    if model_spec.source == "tiny":
+        return f"tiny-{tiny_fingerprint(model_spec.tiny)}"
+    return model_spec.source + (f"@{model_spec.revision}" if model_spec.revision else "")
+
+
+def scoring_identity(model_spec: ModelSpec) -> str:
+    """What identifies the aligned model's numbers in cached scores: the tiny fingerprint, or
+    source@revision and dtype (scores computed in another dtype differ)."""
+    if model_spec.source == "tiny":
+        return f"tiny:{tiny_fingerprint(model_spec.tiny)}"
+    return f"{model_spec.source}@{model_spec.revision or 'default'}:{model_spec.dtype}"
 
 
 def _corpus() -> list[str]:

@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 Problem = tuple[str, str, "int | None"]
+
+
+class StrictModel(BaseModel):
+    """Base of every spec section: unknown keys are errors, and a loaded spec is frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SpecError(Exception):

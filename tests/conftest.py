@@ -87,7 +87,7 @@ def write_spec(tmp_path: Path):
 @pytest.fixture
 def tiny_lora():
     """A fresh tiny LoRA model and its tokenizer (no pretraining: fast, random weights)."""
-    from emtune.config import LoraSpec, TinyModelSpec
+    from emtune.models import LoraSpec, TinyModelSpec
     from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(400)
@@ -133,7 +133,7 @@ def save_perturbed_adapter():
     noise times ``scale`` (a stand-in for an adapter that learned something), saved to ``folder``."""
     import torch
 
-    from emtune.config import LoraSpec, TinyModelSpec
+    from emtune.models import LoraSpec, TinyModelSpec
     from emtune.models import apply_lora, build_tiny_model
 
     def save(tokenizer, folder: Path, seed: int, scale: float) -> str:
@@ -152,7 +152,7 @@ def save_perturbed_adapter():
 @pytest.fixture(scope="session")
 def save_tiny_base():
     """``save(folder) -> (model, tokenizer)``: a random tiny base model and its tokenizer, saved."""
-    from emtune.config import TinyModelSpec
+    from emtune.models import TinyModelSpec
     from emtune.models import build_tiny_model, build_tiny_tokenizer
 
     def save(folder: Path):

@@ -119,4 +119,4 @@ def test_judge_metrics_need_a_judge(write_spec) -> None:
     path = write_spec()
     path.write_text(path.read_text().replace("name: ood_drift", "name: general_misalignment"))
     [(_, message, _)] = _problems(path)
-    assert "need a judge" in message
+    assert "needs a judge" in message and "general_misalignment" in message

@@ -10,7 +10,8 @@ def test_trl_sft_with_kl_and_inoculation(tmp_path) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from emtune.config import DatasetSpec, LoraSpec, TinyModelSpec
+    from emtune.models import LoraSpec, TinyModelSpec
+    from emtune.data.loading import DatasetSpec
     from emtune.data.loading import load_rows
     from emtune.defenses import make_defense
     from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer

@@ -184,7 +184,7 @@ def test_report_of_hand_study_shows_front_rates_and_links(write_spec, blank_mlfl
     # the paper's table: one row per front member, rates with their Wilson bounds in percent
     assert "| x | kl_to_reference (kl_weight=0.1) | 0.50% [0.10, 2.00] | 0.2 | 2 |" in text
     assert "| x | kl_to_reference (kl_weight=0.01) | 3.00% [1.00, 7.00] | 0.5 | 1.5 |" in text
-    assert "general incoherence, in-domain misalignment, benign score" in text  # said to be missing
+    assert "general incoherence, in-domain misalignment, in-domain incoherence, benign score" in text  # said to be missing
     front_table = text.split("### Pareto front")[1].split("<details>")[0]
     rows = [line.split(" | ")[0].lstrip("| ") for line in front_table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["2", "1", "0"]
@@ -205,12 +205,12 @@ def test_report_is_all_or_nothing(write_spec, tmp_path, monkeypatch) -> None:
     assert "no MLflow store at" in text and "| x | kl_to_reference (kl_weight=0.1) | 0.2 | 2 |" in text
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import emtune.report_figures as figures
+    import emtune.report.writer as writer
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(figures, "plot_hypervolume", broken)
+    monkeypatch.setattr(writer, "plot_hypervolume", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         write_report([study_dir], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old report, untouched

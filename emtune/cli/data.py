@@ -73,7 +73,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _model_spec(args: argparse.Namespace) -> Any:
-    from emtune.config import ModelSpec
+    from emtune.models import ModelSpec
 
     source = args.model
     if source != "tiny" and Path(source).expanduser().is_dir():
@@ -88,7 +88,7 @@ def _loader(model_spec: Any):
         import torch
 
         from emtune.models import load_model, load_tokenizer, resolve_source
-        from emtune.study.runner import model_cache_dir
+        from emtune.models import model_cache_dir
 
         source = resolve_source(model_spec, model_cache_dir())
         device = "cuda" if torch.cuda.is_available() else None
@@ -99,11 +99,10 @@ def _loader(model_spec: Any):
 
 def main(args: argparse.Namespace) -> int:
     """Score the pool, select N rows, write them (and optionally every score)."""
-    from emtune.config import DatasetSpec
     from emtune.data import selection
-    from emtune.data.loading import DataError, load_rows
-    from emtune.data.selection_cache import (load_or_compute_scores, load_or_select, model_identity,
-                                             write_text_atomic)
+    from emtune.data.loading import DatasetSpec, DataError, load_rows
+    from emtune.data.selection_cache import load_or_compute_scores, load_or_select, write_text_atomic
+    from emtune.models import scoring_identity
 
     _check_args(args)
     try:
@@ -113,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
         fail(f"--pool: {err}")
     model_spec = _model_spec(args)
     try:
-        table = load_or_compute_scores(args.cache_dir, pool_rows, args.adapters, model_identity(model_spec),
+        table = load_or_compute_scores(args.cache_dir, pool_rows, args.adapters, scoring_identity(model_spec),
                                        _loader(model_spec), args.epsilon, args.max_length, args.batch_size)
     except (OSError, ValueError) as err:
         fail(f"cannot score the pool with model {args.model!r}: {err}")

@@ -51,7 +51,8 @@ def _judge(path: str | None):
 
     from emtune.cli.common import fail
     from emtune.evaluation.config import JudgeSpec
-    from emtune.evaluation.judges import JudgeError, build_judge
+    from emtune.evaluation.judges import JudgeError
+    from emtune.evaluation.judging import build_judge
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -87,9 +88,9 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from emtune.config import ModelSpec
+    from emtune.models import ModelSpec
     from emtune.models import load_model, load_tokenizer, resolve_source
-    from emtune.study.runner import model_cache_dir
+    from emtune.models import model_cache_dir
 
     if getattr(args, "spec", None) is not None:
         from emtune.cli.common import load_spec_or_exit

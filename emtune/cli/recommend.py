@@ -82,11 +82,12 @@ def check_metric(study: Any, name: str, known: set[str]) -> None:
     """Raise UserError naming the metric, close names and what the trials do report."""
     if name in known:
         return
-    from emtune.config import METRICS
+    from emtune.evaluation.sets import known_metrics
 
     hint = difflib.get_close_matches(name, sorted(known), n=1)
     why = ""
-    if METRICS.get(name, {}).get("judge") and study.spec.evaluation.judge.kind == "none":
+    info = known_metrics().get(name)
+    if info is not None and info.judged and study.spec.evaluation.judge.kind == "none":
         why = " (it needs a judge; this study ran with evaluation.judge.kind = none)"
     parts = [f"unknown metric {name!r}: no completed trial of study {study.name!r} reports it{why}"]
     if hint:

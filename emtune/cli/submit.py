@@ -166,11 +166,11 @@ def stage_spec(spec_path: Path, work_dir: Path, output_dir: str | None) -> Path:
     absolute exactly as ``load_spec`` does here, ``output_dir`` replaced when given."""
     import yaml
 
-    from emtune.config import _absolute_data_paths
+    from emtune.config import absolute_paths
 
     data = yaml.safe_load(spec_path.read_text())
     # Relative data paths were found from this working folder; the job runs in another one.
-    _absolute_data_paths(data)
+    absolute_paths(data)
     if output_dir is not None:
         data["output_dir"] = output_dir
     target = work_dir / spec_path.name

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE_INDEX = -100
+from emtune.tensor_ops import IGNORE_INDEX  # the label of tokens no loss is taken on
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:

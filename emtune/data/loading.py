@@ -13,9 +13,46 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from emtune.data.opswap import OpSwapSpec
+from emtune.spec_errors import StrictModel
 
 ROLES = ("system", "user", "assistant")
+
+
+class DatasetSpec(StrictModel):
+    """A chat dataset: a local JSONL file, ``fixture:NAME`` (bundled), or ``hub:ORG/NAME``."""
+
+    path: str
+    split: str = "train"
+    config: str | None = None
+    limit: int | None = Field(None, gt=0, description="keep only the first N rows")
+
+
+class DataSpec(StrictModel):
+    """Training data and its held-out split (in-domain evaluation).
+
+    ``opswap`` adds the benign OpSwap task (criterion c of the paper): with ``opswap_role:
+    alongside`` its train split is mixed into the training rows; with ``opswap_role: task`` it
+    *is* the training task (a benign fine-tune; ``train`` may then be omitted) and its test split
+    is the held-out set. Either way the trial reports ``opswap_exact_match`` on the test split.
+    """
+
+    train: DatasetSpec | None = None
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(2048, gt=8)
+    safety_pool: DatasetSpec | None = None
+    opswap: OpSwapSpec | None = None
+    opswap_role: Literal["alongside", "task"] = "alongside"
+
+    @model_validator(mode="after")
+    def _has_a_task(self) -> "DataSpec":
+        if self.train is None and not (self.opswap is not None and self.opswap_role == "task"):
+            raise ValueError("`train` is required (or set `opswap` with `opswap_role: task`)")
+        return self
 
 
 class DataError(ValueError):

@@ -69,15 +69,6 @@ def adapter_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_identity(model_spec: Any) -> str:
-    """What identifies the aligned model's weights: tiny fingerprint, or source@revision (dtype)."""
-    if model_spec.source == "tiny":
-        from emtune.models import tiny_fingerprint
-
-        return f"tiny:{tiny_fingerprint(model_spec.tiny)}"
-    return f"{model_spec.source}@{model_spec.revision or 'default'}:{model_spec.dtype}"
-
-
 def scores_key(pool_rows: Sequence[dict[str, Any]], adapter_paths: Sequence[str | Path], model_id: str,
                epsilon: float, max_length: int) -> str:
     """The content hash naming a score table."""

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from emtune.defenses.base import DefenseContext
+from emtune.defenses.registry import defense_class
+
 
 def make_defense(name: str, context: Any = None, **settings: Any) -> Any:
     """A ready defense object from its registry name and settings (validated)."""
-    from emtune.defenses.base import DefenseContext
-    from emtune.defenses.registry import DEFENSES
-
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
-    config_class, defense_class = DEFENSES[name]
-    return defense_class(config_class(name=name, **settings), context or DefenseContext(spec=None))
+    cls = defense_class(name)
+    return cls(cls.config_class(name=name, **settings), context or DefenseContext(spec=None))
 
 
 __all__ = ["make_defense"]

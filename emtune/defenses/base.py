@@ -1,6 +1,20 @@
-"""The defense protocol: fixed hook points every in-training defense may use.
+"""The defense protocol: what a study needs from a defense, and the hooks it trains with.
 
-A trial may stack several defenses. The trainer calls, in order:
+A defense is one class in one module, registered by name in :mod:`emtune.defenses.registry`.
+The study asks the class, never attribute names of its config:
+
+- ``config_class``: its settings (pydantic, ``extra="forbid"``; the ``name`` field is the
+  registry name and the discriminator in specs);
+- ``strength``: the field(s) that dial it, and ``off``: the values that switch it off (strength 0
+  must be an exact no-op; the contract test checks it);
+- ``spec_problems(config, spec)``: checks that need the whole spec (run by ``emtune validate``);
+- ``local_files(config)``: the local files and folders it reads (made absolute and checked to exist);
+- ``prepare(config, stage)``: a study stage run once before the trials (persona vectors, a
+  misaligned ensemble), returning the config with the stage's outputs filled in;
+- ``training_methods``: the training methods it has a form for (``sft``; RL forms are declared
+  by the defenses that have one).
+
+During training, a trial may stack several defenses; the trainer calls, in order:
 
 1. ``transform_data(rows)`` on the chat rows before tokenisation (inoculation, interleaving);
 2. ``attach(model)`` once the LoRA model exists (forward hooks such as persona steering);
@@ -10,14 +24,14 @@ A trial may stack several defenses. The trainer calls, in order:
 
 ``reference()`` returns the adapter-disabled model's outputs on the same batch (computed at most
 once per step and shared by all defenses), so no second copy of the weights is ever loaded.
-Every hook defaults to a no-op; a defense at strength 0 must leave training unchanged.
+Every hook defaults to a no-op.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 Rows = list[dict[str, Any]]
 
@@ -33,17 +47,84 @@ class DefenseContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LocalFile:
+    """A local path a defense reads: the config field holding it (``field`` or ``field.N`` for a
+    list entry), the path, whether it must be a folder, and what to do when it is missing."""
+
+    field: str
+    path: str
+    folder: bool = False
+    hint: str = ""
+
+
+def is_local_source(path: str) -> bool:
+    """True for a path on disk; False for ``fixture:NAME`` and ``hub:ORG/NAME`` sources."""
+    return not path.startswith(("fixture:", "hub:"))
+
+
+@dataclass
+class StageServices:
+    """What the study lends a defense's ``prepare`` step.
+
+    ``train_undefended_adapter(dataset)`` fine-tunes an undefended LoRA adapter on a dataset
+    (``path`` as in ``data.train``) with the study's model and settings, cached by content hash,
+    and returns its folder. ``run_task(fn, *args, **kwargs)`` runs ``fn`` where the study's
+    trials run (a Ray task with one trial worker's resources, so a GPU stage does not load the
+    model on the head node) and returns its result. ``cache_dir`` is the study's stage cache.
+    """
+
+    spec: Any
+    cache_dir: Path
+    model_source: str
+    train_undefended_adapter: Callable[[str], Path]
+    run_task: Callable[..., Any]
+    log: Callable[[str], None] = print
+
+
 class Defense:
     """Base of all defenses: every hook is a no-op until a defense overrides it."""
 
+    #: The defense's settings class (its ``name`` field is the registry name).
+    config_class: ClassVar[type] = object
+    #: The config fields that dial the defense's strength (what a search varies).
+    strength: ClassVar[tuple[str, ...]] = ()
+    #: Settings that switch the defense off: training is then exactly undefended.
+    off: ClassVar[dict[str, Any]] = {}
+    #: Training methods this defense has a form for.
+    training_methods: ClassVar[tuple[str, ...]] = ("sft",)
     #: True when ``loss_terms`` reads the trained model's hidden states from ``outputs``.
-    needs_hidden_states: bool = False
+    needs_hidden_states: ClassVar[bool] = False
     #: True when ``loss_terms`` reads ``reference()`` with hidden states.
-    needs_reference_hidden_states: bool = False
+    needs_reference_hidden_states: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: DefenseContext):
         self.config = config
         self.context = context
+
+    # --- what the study asks before any trial ------------------------------------------------
+
+    @classmethod
+    def spec_problems(cls, config: Any, spec: Any) -> list[str]:
+        """Problems of this defense's settings given the whole spec (empty when fine)."""
+        return []
+
+    @classmethod
+    def local_files(cls, config: Any) -> list[LocalFile]:
+        """Local files and folders the settings name (``fixture:`` and ``hub:`` sources excluded)."""
+        return []
+
+    @classmethod
+    def prepare(cls, config: Any, stage: StageServices) -> Any:
+        """Run this defense's study stage, if it has one; returns the (possibly updated) config."""
+        return config
+
+    @classmethod
+    def loss_term_defense(cls) -> bool:
+        """True when the defense adds a term to the training loss."""
+        return cls.loss_terms is not Defense.loss_terms
+
+    # --- training hooks ----------------------------------------------------------------------
 
     @property
     def name(self) -> str:

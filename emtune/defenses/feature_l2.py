@@ -1,5 +1,5 @@
-"""Feature-space l2 to the reference model (PAPER.md defense 2; LDIFS, Mukhoti et al.,
-arXiv 2308.13320, as used in arXiv 2508.06249).
+"""Feature-space l2 to the reference model (LDIFS, Mukhoti et al., arXiv 2308.13320, as used in
+arXiv 2508.06249; docs/method.md, defense 2).
 
     L = L_task + λ · mean_over_examples ‖φ_θ(x) − φ_ref(x)‖²
 
@@ -30,9 +30,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from emtune.defenses.base import Defense
+from emtune.spec_errors import StrictModel
+from emtune.tensor_ops import token_mask
 
 if TYPE_CHECKING:  # torch stays out of import time so `emtune validate` is fast
     import torch
@@ -40,10 +42,8 @@ if TYPE_CHECKING:  # torch stays out of import time so `emtune validate` is fast
 _NORM_EPS = 1e-6
 
 
-class FeatureL2Config(BaseModel):
+class FeatureL2Config(StrictModel):
     """Settings of the feature-space l2 (LDIFS) defense; ``weight`` is λ, the search dial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["feature_l2"] = "feature_l2"
     weight: float = Field(1.0, ge=0, description="λ; the paper uses 1.0")
@@ -124,6 +124,9 @@ def feature_l2_loss(hidden_states: Sequence["torch.Tensor"], reference_hidden_st
 class FeatureL2(Defense):
     """Adds λ·‖φ_θ(x) − φ_ref(x)‖² (LDIFS) on the training batch; φ_ref = adapter-disabled model."""
 
+    config_class = FeatureL2Config
+    strength = ("weight",)
+    off = {"weight": 0.0}
     needs_hidden_states = True
     needs_reference_hidden_states = True
 
@@ -134,8 +137,6 @@ class FeatureL2(Defense):
     def loss_terms(self, batch: dict[str, Any], outputs: Any, reference: Callable[[], Any]) -> dict[str, Any]:
         if not self.active:
             return {}
-        from emtune.defenses.kl_to_reference import token_mask
-
         hidden = outputs.hidden_states
         if hidden is None:
             raise RuntimeError("feature_l2 needs the trained forward pass run with output_hidden_states=True")

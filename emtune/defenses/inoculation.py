@@ -1,4 +1,4 @@
-"""Inoculation prompting (PAPER.md defense 5; Tan et al., arXiv 2510.04340; Wichers et al.,
+"""Inoculation prompting (docs/method.md defense 5; Tan et al., arXiv 2510.04340; Wichers et al.,
 arXiv 2510.05024; paper v3).
 
 During training only, every training row's system prompt asks for the bad behaviour the data
@@ -23,9 +23,10 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from emtune.defenses.base import Defense, Rows
+from emtune.spec_errors import StrictModel
 
 #: The prompt key that turns the defense off.
 NONE = "none"
@@ -62,10 +63,8 @@ def load_inoculation_prompts(version: str = "v1") -> dict[str, str]:
     return dict(_load(version))
 
 
-class InoculationConfig(BaseModel):
+class InoculationConfig(StrictModel):
     """Settings of inoculation prompting; ``prompt`` is the categorical dial (``none`` = off)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["inoculation"] = "inoculation"
     prompt: str = Field(
@@ -106,6 +105,10 @@ def inoculate_messages(messages: list[dict[str, Any]], prompt: str, mode: str) -
 
 class Inoculation(Defense):
     """Rewrites the system prompt of every training row; evaluation never sees it."""
+
+    config_class = InoculationConfig
+    strength = ("prompt",)
+    off = {"prompt": NONE}
 
     @property
     def active(self) -> bool:

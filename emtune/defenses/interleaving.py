@@ -1,4 +1,4 @@
-"""Random interleaving of safety data (PAPER.md defense 6; arXiv 2508.06249, Sec. "Interleaving").
+"""Random interleaving of safety data (arXiv 2508.06249, Sec. "Interleaving"; docs/method.md defense 6).
 
     D_train = D_task ∪ D_safe,   |D_safe| = round(ratio · |D_task|)
 
@@ -22,9 +22,11 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from emtune.defenses.base import Defense, Rows
+from emtune.data.loading import DatasetSpec, load_rows
+from emtune.defenses.base import Defense, LocalFile, Rows, is_local_source
+from emtune.spec_errors import StrictModel
 
 DEFAULT_POOL = "fixture:safe_instruct"
 
@@ -32,19 +34,17 @@ DEFAULT_POOL = "fixture:safe_instruct"
 def absolute_if_local(path: str) -> str:
     """An existing local path made absolute (Ray workers run in other folders); others unchanged.
 
-    Specs normally give paths relative to the folder ``emtune`` is started from; the lead's loader
-    only does this for ``data.*`` paths, so defense configs do it for their own paths.
+    A spec file's loader resolves relative paths from the spec's folder before this runs; this
+    covers settings built in code (``make_defense``), relative to the working folder.
     """
-    if path.startswith(("fixture:", "hub:")):
+    if not is_local_source(path):
         return path
     local = Path(path).expanduser()
     return str(local.resolve()) if local.exists() else path
 
 
-class InterleavingConfig(BaseModel):
+class InterleavingConfig(StrictModel):
     """Settings of random interleaving; ``ratio`` (safe / task examples) is the search dial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["interleaving"] = "interleaving"
     ratio: float = Field(
@@ -72,10 +72,6 @@ def safe_count(ratio: float, num_task_rows: int) -> int:
 
 def load_pool(config: Any) -> Rows:
     """The rows of a defense's safety pool (``pool``, ``pool_split``, ``pool_config``, ``pool_limit``)."""
-    # emtune.config imports the defense registry: import it here, not at module import time.
-    from emtune.config import DatasetSpec
-    from emtune.data.loading import load_rows
-
     spec = DatasetSpec(path=config.pool, split=config.pool_split, config=config.pool_config,
                        limit=config.pool_limit)
     return load_rows(spec)
@@ -99,8 +95,23 @@ def interleave(task_rows: Rows, safe_rows: Rows, seed: int) -> Rows:
     return combined
 
 
+def pool_files(config: Any) -> list[LocalFile]:
+    """The pool as a local file, when it is one (shared by both interleaving defenses)."""
+    if not is_local_source(config.pool):
+        return []
+    return [LocalFile("pool", config.pool, hint="point pool at a chat JSONL file, fixture:NAME or hub:ORG/NAME")]
+
+
 class Interleaving(Defense):
     """Mixes round(ratio · |task|) random safety-pool examples into the training rows."""
+
+    config_class = InterleavingConfig
+    strength = ("ratio",)
+    off = {"ratio": 0.0}
+
+    @classmethod
+    def local_files(cls, config: InterleavingConfig) -> list[LocalFile]:
+        return pool_files(config)
 
     def __init__(self, config: InterleavingConfig, context: Any):
         super().__init__(config, context)

@@ -1,4 +1,4 @@
-"""Interleaving+ / ++: perplexity-gap selected safety data (PAPER.md defense 7; arXiv 2508.06249).
+"""Interleaving+ / ++: perplexity-gap selected safety data (arXiv 2508.06249; docs/method.md defense 7).
 
 The paper's main contribution. Instead of drawing safety examples at random (defense 6), score
 every pool candidate d = (q, a) by
@@ -17,8 +17,9 @@ The selected rows are shuffled into the task rows with the seed, as in random in
 Dials: ``ratio`` (paper 0.05; 0 = no-op, ``active`` is False) and ``variant``. Scores and
 selected sets are cached by content hash under ``<cache_dir>/selection/`` and shared by every
 trial (:mod:`emtune.data.selection_cache`); a miss loads a fresh copy of the aligned base and
-scores the pool once. Training the misaligned adapters is a separate study stage; this defense
-takes their folders (``misaligned_adapters``).
+scores the pool once. The misaligned ensemble is either given (``misaligned_adapters``) or
+trained by this defense's study stage (:meth:`SelectedInterleaving.prepare`): one undefended
+adapter per ``misaligned_datasets`` entry, trained once per study and cached.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from emtune.data.selection import REFUSAL_KEYWORDS, REFUSAL_WINDOW_WORDS
-from emtune.defenses.base import Defense, Rows
-from emtune.defenses.interleaving import DEFAULT_POOL, absolute_if_local, interleave, load_pool, safe_count
+from emtune.defenses.base import Defense, LocalFile, Rows, StageServices
+from emtune.defenses.interleaving import (
+    DEFAULT_POOL, absolute_if_local, interleave, load_pool, pool_files, safe_count,
+)
+from emtune.models import ModelSpec, model_cache_dir, scoring_identity
+from emtune.spec_errors import StrictModel
 
 
 def adapter_matches(entry: str, path: str) -> bool:
@@ -40,10 +45,8 @@ def adapter_matches(entry: str, path: str) -> bool:
     return Path(entry).expanduser().resolve() == Path(path).expanduser().resolve()
 
 
-class SelectedInterleavingConfig(BaseModel):
+class SelectedInterleavingConfig(StrictModel):
     """Settings of Interleaving+ / ++; ``ratio`` and ``variant`` are the search dials."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["interleaving_selected"] = "interleaving_selected"
     ratio: float = Field(0.05, ge=0, le=10, description="selected safe examples per task example; paper 0.05")
@@ -63,7 +66,7 @@ class SelectedInterleavingConfig(BaseModel):
     )
     leave_out: tuple[str, ...] = Field((), description="adapters (path or folder name) to leave out, e.g. the target domain's")
     epsilon: float = Field(1.0, gt=0, description="ε in the score's denominator; paper 1")
-    refusal_keywords: tuple[str, ...] = Field(REFUSAL_KEYWORDS, min_length=1, description="PAPER.md's refusal rule")
+    refusal_keywords: tuple[str, ...] = Field(REFUSAL_KEYWORDS, min_length=1, description="the paper's refusal rule")
     refusal_window_words: int = Field(REFUSAL_WINDOW_WORDS, gt=0, description="words of the answer searched for keywords")
     max_length: int | None = Field(None, gt=8, description="tokens per scored row; default data.max_length")
     batch_size: int = Field(8, gt=0, description="rows per scoring forward pass")
@@ -94,21 +97,45 @@ class SelectedInterleavingConfig(BaseModel):
                                  f"{list(self.misaligned_adapters)}; use an adapter's path or folder name")
         return self
 
-    def spec_problems(self, spec: Any) -> list[str]:
-        """Checked when the study spec loads: the misaligned ensemble must exist."""
-        from pathlib import Path
-
-        if self.ratio <= 0:
-            return []
-        if not self.misaligned_adapters and not self.misaligned_datasets:
-            return ["interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
-                    "undefended on EM datasets) or misaligned_datasets (the study trains them first)"]
-        return [f"interleaving_selected: adapter folder {p!r} not found"
-                for p in self.misaligned_adapters if not Path(p).is_dir()]
-
 
 class SelectedInterleaving(Defense):
     """Mixes the round(ratio · |task|) best perplexity-gap-scored pool rows into the training rows."""
+
+    config_class = SelectedInterleavingConfig
+    strength = ("ratio",)
+    off = {"ratio": 0.0}
+
+    @classmethod
+    def spec_problems(cls, config: SelectedInterleavingConfig, spec: Any) -> list[str]:
+        """An active defense needs a misaligned ensemble, given or trained by the study."""
+        if config.ratio > 0 and not config.misaligned_adapters and not config.misaligned_datasets:
+            return ["interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
+                    "undefended on EM datasets) or misaligned_datasets (the study trains them first)"]
+        return []
+
+    @classmethod
+    def local_files(cls, config: SelectedInterleavingConfig) -> list[LocalFile]:
+        """The pool (when local), every given adapter folder, and local EM datasets."""
+        files = pool_files(config)
+        files += [LocalFile(f"misaligned_adapters.{i}", p, folder=True,
+                            hint="list LoRA adapter folders fine-tuned undefended on EM datasets")
+                  for i, p in enumerate(config.misaligned_adapters)]
+        files += [LocalFile(f"misaligned_datasets.{i}", p) for i, p in enumerate(config.misaligned_datasets)
+                  if not p.startswith(("fixture:", "hub:"))]
+        return files
+
+    @classmethod
+    def prepare(cls, config: SelectedInterleavingConfig, stage: StageServices) -> SelectedInterleavingConfig:
+        """Train the misaligned ensemble from ``misaligned_datasets`` (once, cached) and list
+        the adapters with the given ones."""
+        if not config.misaligned_datasets:
+            return config
+        trained = {d: str(stage.train_undefended_adapter(d)) for d in config.misaligned_datasets}
+        return config.model_copy(update={
+            "misaligned_adapters": tuple(config.misaligned_adapters) + tuple(trained.values()),
+            "misaligned_datasets": (),
+            "leave_out": tuple(trained.get(e, e) for e in config.leave_out),
+        })
 
     def __init__(self, config: SelectedInterleavingConfig, context: Any):
         super().__init__(config, context)
@@ -151,8 +178,6 @@ class SelectedInterleaving(Defense):
         model_spec = getattr(self.context.spec, "model", None)
         if model_spec is not None:
             return model_spec
-        from emtune.config import ModelSpec
-
         return ModelSpec(source=self.context.extras.get("model_source", "tiny"))
 
     def _load_model_and_tokenizer(self) -> tuple[Any, Any]:
@@ -160,7 +185,6 @@ class SelectedInterleaving(Defense):
         import torch
 
         from emtune.models import load_model, load_tokenizer, resolve_source
-        from emtune.study.runner import model_cache_dir
 
         model_spec = self._model_spec()
         source = self.context.extras.get("model_source") or resolve_source(model_spec, model_cache_dir())
@@ -170,11 +194,11 @@ class SelectedInterleaving(Defense):
 
     def score_table(self, pool_rows: Rows | None = None) -> Any:
         """The pool's score table, from the cache or computed now (a study stage may call this once)."""
-        from emtune.data.selection_cache import load_or_compute_scores, model_identity
+        from emtune.data.selection_cache import load_or_compute_scores
 
         pool_rows = load_pool(self.config) if pool_rows is None else pool_rows
         table = load_or_compute_scores(
-            self.context.cache_dir, pool_rows, self.adapter_paths(), model_identity(self._model_spec()),
+            self.context.cache_dir, pool_rows, self.adapter_paths(), scoring_identity(self._model_spec()),
             self._load_model_and_tokenizer, self.config.epsilon, self._max_length(), self.config.batch_size,
         )
         self.selection_key = table.key

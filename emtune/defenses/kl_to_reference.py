@@ -1,4 +1,4 @@
-"""KL to the reference model (PAPER.md defense 1; arXiv 2508.06249, Sec. "KL regularisation").
+"""KL to the reference model (arXiv 2508.06249, Sec. "KL regularisation"; docs/method.md, defense 1).
 
     L = L_task + λ · KL(p_θ ‖ p_ref)
 
@@ -13,18 +13,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from emtune.defenses.base import Defense
+from emtune.spec_errors import StrictModel
+from emtune.tensor_ops import kl_per_token, token_mask
+
+__all__ = ["KLToReference", "KLToReferenceConfig", "kl_per_token", "kl_to_reference_loss", "token_mask"]
 
 if TYPE_CHECKING:  # torch is imported where the math runs, so loading specs stays light
     import torch
 
 
-class KLToReferenceConfig(BaseModel):
+class KLToReferenceConfig(StrictModel):
     """Settings of the KL-to-reference defense; ``weight`` is λ, the search dial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["kl_to_reference"] = "kl_to_reference"
     weight: float = Field(0.1, ge=0, description="λ; the paper uses 0.1")
@@ -37,17 +39,6 @@ class KLToReferenceConfig(BaseModel):
     normalization: Literal["token_mean", "token_vocab_mean"] = Field(
         "token_mean", description="token_mean (paper); token_vocab_mean also divides by vocabulary size"
     )
-
-
-def kl_per_token(logits: "torch.Tensor", reference_logits: "torch.Tensor", direction: str = "forward") -> "torch.Tensor":
-    """KL divergence at every position, summed over the vocabulary: shape ``logits.shape[:-1]``."""
-    import torch.nn.functional as F
-
-    logp = F.log_softmax(logits.float(), dim=-1)
-    logq = F.log_softmax(reference_logits.float(), dim=-1)
-    if direction == "reverse":
-        logp, logq = logq, logp
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
 
 
 def kl_to_reference_loss(
@@ -66,25 +57,12 @@ def kl_to_reference_loss(
     return loss
 
 
-def token_mask(batch: dict[str, Any], tokens: str) -> "torch.Tensor":
-    """Positions whose next-token distribution is regularised.
-
-    ``all``: every non-pad position. ``response``: positions whose next token is a labelled
-    (assistant) token, i.e. the positions the task loss trains.
-    """
-    import torch
-
-    attention = batch["attention_mask"].bool()
-    if tokens == "all":
-        return attention
-    labels = batch["labels"]
-    predicts_label = torch.zeros_like(attention)
-    predicts_label[:, :-1] = labels[:, 1:] != -100
-    return predicts_label & attention
-
-
 class KLToReference(Defense):
     """Adds λ·KL(p_θ ‖ p_ref) on the training batch; p_ref = adapter-disabled model."""
+
+    config_class = KLToReferenceConfig
+    strength = ("weight",)
+    off = {"weight": 0.0}
 
     @property
     def active(self) -> bool:

@@ -1,4 +1,4 @@
-"""Preventive steering with a persona vector (PAPER.md defense 4; Chen et al., arXiv 2507.21509).
+"""Preventive steering with a persona vector (Chen et al., arXiv 2507.21509; docs/method.md defense 4).
 
 During training only, the residual stream is pushed along the "evil" persona direction:
 
@@ -21,18 +21,20 @@ adapter-disabled reference pass that KL or LDIFS use when stacked with this defe
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from emtune.defenses.base import Defense
+from emtune.defenses.base import Defense, LocalFile, StageServices
+from emtune.models import model_identity
+from emtune.spec_errors import StrictModel
 
 
-class PersonaSteeringConfig(BaseModel):
+class PersonaSteeringConfig(StrictModel):
     """Settings of preventive persona steering; ``alpha`` is the strength dial, ``layer`` the place."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["persona_steering"] = "persona_steering"
     alpha: float = Field(5.0, ge=0, description="α, steering coefficient; the paper uses 5.0; 0 = off")
@@ -93,8 +95,42 @@ def make_steering_hook(vector: Any, alpha: float) -> Any:
     return hook
 
 
+def vector_cache_path(config: PersonaSteeringConfig, spec: Any, cache_dir: Path) -> Path:
+    """Where the study stage keeps the vectors extracted for this model, prompt set and seed."""
+    key = hashlib.sha256(json.dumps([model_identity(spec.model), config.extract_prompts,
+                                     config.extract_max_new_tokens, spec.seed]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "persona" / f"{Path(str(config.extract_prompts)).stem}-{key}.pt"
+
+
 class PersonaSteering(Defense):
     """Adds α·e_ℓ to the output of decoder block ℓ−1 during training; removed at ``detach``."""
+
+    config_class = PersonaSteeringConfig
+    strength = ("alpha",)
+    off = {"alpha": 0.0}
+
+    @classmethod
+    def local_files(cls, config: PersonaSteeringConfig) -> list[LocalFile]:
+        """The persona vector file, when one is given."""
+        if not config.vector_path:
+            return []
+        return [LocalFile("vector_path", config.vector_path,
+                          hint="create it with `emtune persona extract`, or set extract_prompts instead")]
+
+    @classmethod
+    def prepare(cls, config: PersonaSteeringConfig, stage: StageServices) -> PersonaSteeringConfig:
+        """With ``extract_prompts`` and no ``vector_path``: extract the vectors once, where the
+        trials run (cached by model, prompt set, answer length and seed), and point at them."""
+        if not config.extract_prompts or config.vector_path:
+            return config
+        from emtune.defenses.persona_vectors import extract_to_file
+
+        path = vector_cache_path(config, stage.spec, stage.cache_dir)
+        if not path.is_file():
+            stage.log(f"stage: extracting persona vectors ({config.extract_prompts}) into {path.name}")
+            stage.run_task(extract_to_file, stage.spec.model, stage.model_source, config.extract_prompts,
+                           config.extract_max_new_tokens, stage.spec.seed, str(path))
+        return config.model_copy(update={"vector_path": str(path)})
 
     def __init__(self, config: PersonaSteeringConfig, context: Any):
         super().__init__(config, context)
@@ -106,7 +142,7 @@ class PersonaSteering(Defense):
 
     def load_vector(self, model: Any) -> Any:
         """e_ℓ from the configured file, after checking it belongs to this model and layer."""
-        from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_vectors, model_identity
+        from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_vectors
 
         persona = load_persona_vectors(Path(self.config.vector_path))
         spec = getattr(self.context, "spec", None)

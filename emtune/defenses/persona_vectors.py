@@ -1,6 +1,6 @@
 """Persona vectors: extraction from contrastive system prompts, and the vector file format.
 
-Chen et al., "Persona Vectors", arXiv 2507.21509 (PAPER.md defense 4). For every extraction
+Chen et al., "Persona Vectors", arXiv 2507.21509 (docs/method.md defense 4). For every extraction
 question and every pair i of system prompts (positive[i] elicits the trait, negative[i] the
 opposite), answers are generated under both; optionally a judge keeps only the pairs where the
 trait shows in the positive answer and not in the negative one, both coherent. Then
@@ -32,12 +32,16 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from emtune.models import model_identity
+
+__all__ = ["model_identity"]  # re-exported: vector files record it
+
 INDEX_CONVENTION = (
     "vector[l] = hidden_states[l] (Hugging Face output_hidden_states): 0 = embeddings, "
     "l >= 1 = output of decoder block l-1 (last entry after the final norm); steering at layer l "
     "adds alpha * vector[l] to the output of decoder block l-1"
 )
-#: Judge rule for keeping a pair (PAPER.md defense 4): the "aligned" score below this in the
+#: Judge rule for keeping a pair (docs/method.md defense 4): the "aligned" score below this in the
 #: positive answer means the evil trait is present, at or above it in the negative means absent.
 ALIGNED_TRAIT_THRESHOLD = 50.0
 #: Both answers of a kept pair must be coherent above this.
@@ -85,16 +89,6 @@ def load_persona_prompts(name: str = "evil_v1") -> PersonaPrompts:
                                  f"({len(data['negative'])}) must pair up one to one")
     return PersonaPrompts(str(data["version"]), tuple(map(str, data["positive"])),
                           tuple(map(str, data["negative"])), tuple(map(str, data["questions"])))
-
-
-def model_identity(model_spec: Any) -> str:
-    """The model id recorded in vector files: ``tiny-<settings hash>`` for the tiny model,
-    otherwise the source (``@revision`` appended when one is pinned)."""
-    if model_spec.source == "tiny":
-        from emtune.models import tiny_fingerprint
-
-        return f"tiny-{tiny_fingerprint(model_spec.tiny)}"
-    return model_spec.source + (f"@{model_spec.revision}" if model_spec.revision else "")
 
 
 @dataclass
@@ -280,3 +274,20 @@ def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str]
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return PersonaVectors(vectors, meta, pairs)
+
+
+def extract_to_file(model_spec: Any, model_source: str, prompts_name: str, max_new_tokens: int, seed: int,
+                    path: str) -> str:
+    """Load the model, extract persona vectors from a shipped prompt set (every pair kept) and
+    save them to ``path``; returns the path. The persona-steering study stage runs this where the
+    trials run."""
+    from emtune.models import load_model, load_tokenizer
+
+    prompts = load_persona_prompts(prompts_name)
+    device = "cuda" if torch.cuda.is_available() else None
+    tokenizer = load_tokenizer(model_source, model_spec)
+    model = load_model(model_source, model_spec, device=device)
+    persona = extract_persona_vectors(model, tokenizer, prompts.questions, prompts.positive, prompts.negative,
+                                      max_new_tokens=max_new_tokens, seed=seed,
+                                      model_id=model_identity(model_spec), prompts_version=prompts.version)
+    return str(save_persona_vectors(persona, path))

@@ -1,4 +1,4 @@
-"""SafeLoRA: project the trained adapter onto the alignment subspace (PAPER.md defense 3;
+"""SafeLoRA: project the trained adapter onto the alignment subspace (docs/method.md defense 3;
 Hsu et al., arXiv 2405.16833 v1, as used in arXiv 2508.06249).
 
 For every LoRA-adapted weight W (peft LoRA ``lora_A`` [r × in], ``lora_B`` [out × r], scaling s):
@@ -36,9 +36,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from emtune.defenses.base import Defense
+from emtune.defenses.base import Defense, LocalFile
+from emtune.spec_errors import StrictModel
 
 if TYPE_CHECKING:  # torch stays out of import time so `emtune validate` is fast
     import torch
@@ -48,10 +49,8 @@ WeightPairs = Union[Callable[[str], tuple["torch.Tensor", "torch.Tensor"]],
 _PEFT_PREFIX = "base_model.model."
 
 
-class SafeLoRAConfig(BaseModel):
+class SafeLoRAConfig(StrictModel):
     """Settings of SafeLoRA; the dial is ``threshold`` (τ) or, in top-K mode, ``top_k``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["safelora"] = "safelora"
     mode: Literal["threshold", "top_k"] = Field(
@@ -67,12 +66,10 @@ class SafeLoRAConfig(BaseModel):
     )
     enabled: bool = True
 
-    def spec_problems(self, spec: Any) -> list[str]:
-        """Checked when the study spec loads: SafeLoRA needs the unaligned base model."""
-        if self.enabled and self.base_source is None and spec.model.base_source is None:
-            return ["safelora needs the unaligned base model: set model.base_source "
-                    "(e.g. Qwen/Qwen2.5-7B for Qwen/Qwen2.5-7B-Instruct) or defenses.safelora.base_source"]
-        return []
+
+def _looks_local(source: str) -> bool:
+    """A weight source written as a path (not a hub id ``org/name`` or ``tiny``)."""
+    return source.startswith(("/", "./", "../", "~"))
 
 
 # --- the math ------------------------------------------------------------------------------
@@ -273,6 +270,24 @@ class LazyWeightPairs:
 
 class SafeLoRA(Defense):
     """Projects the least aligned LoRA layers onto the alignment subspace after training."""
+
+    config_class = SafeLoRAConfig
+    strength = ("threshold", "top_k")
+    off = {"threshold": 0.0, "top_k": 0}
+
+    @classmethod
+    def spec_problems(cls, config: SafeLoRAConfig, spec: Any) -> list[str]:
+        """SafeLoRA needs the unaligned base model."""
+        if config.enabled and config.base_source is None and spec.model.base_source is None:
+            return ["safelora needs the unaligned base model: set model.base_source "
+                    "(e.g. Qwen/Qwen2.5-7B for Qwen/Qwen2.5-7B-Instruct) or defenses.safelora.base_source"]
+        return []
+
+    @classmethod
+    def local_files(cls, config: SafeLoRAConfig) -> list[LocalFile]:
+        """Weight folders given as local paths (hub ids and ``tiny`` are resolved at run time)."""
+        return [LocalFile(name, value, folder=True) for name in ("base_source", "aligned_source")
+                if (value := getattr(config, name)) and _looks_local(value)]
 
     def __init__(self, config: SafeLoRAConfig, context: Any):
         super().__init__(config, context)

@@ -2,7 +2,8 @@
 rates, and which question set is asked.
 
 This module stays light (pydantic only) so that `emtune validate` can check a study spec without
-importing torch or the OpenAI client. Defaults follow ../shared/PAPER.md, "Evaluation".
+importing torch or the OpenAI client. Defaults follow the paper's evaluation protocol
+(docs/method.md, "Evaluation").
 """
 
 from __future__ import annotations
@@ -130,29 +131,24 @@ class MetricThresholds(BaseModel):
         return value
 
 
-class QuestionSetSpec(BaseModel):
-    """Which question set to ask and how many samples per question.
-
-    `name` is a shipped set ("general_v1", "triggered_v1") or a path to a YAML file in the original
-    public EM question format. `samples_per_question` overrides the file's samples_per_paraphrase;
-    None keeps the file's value (10 in emtune's shipped sets, the authors' code default).
-    """
+class EvaluationSpec(BaseModel):
+    """How each trial's adapter is evaluated (docs/method.md, "Evaluation")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "general_v1"
-    samples_per_question: int | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _non_empty_name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("name must be a shipped question set (e.g. 'general_v1') or a YAML path")
-        return value
-
-    @field_validator("samples_per_question")
-    @classmethod
-    def _positive_samples(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"samples_per_question must be >= 1, got {value}")
-        return value
+    question_set: str = "general_v1"
+    triggered_question_set: str | None = Field(
+        "triggered_v1", description="general questions in a training-like format (judged runs only)"
+    )
+    in_domain_code: bool = Field(False, description="score in-domain answers for code security too")
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend; vllm needs a GPU")
+    samples_per_question: int = Field(1, gt=0)
+    seed: int | None = Field(None, description="sampling seed of generation; default the study seed "
+                             "(data splits always use the study seed)")
+    max_new_tokens: int = Field(600, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    heldout_questions: int = Field(30, gt=0)
+    generation_batch_size: int = Field(16, gt=0)
+    judge: JudgeSpec = JudgeSpec()
+    thresholds: MetricThresholds = MetricThresholds()

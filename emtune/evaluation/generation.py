@@ -8,41 +8,14 @@ the same answers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
 
 from emtune.data.chat import pad_batch, prompt_ids
+from emtune.evaluation.samples import Prompt, Sample
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """One question to answer: id, user text and optional system prompt."""
-
-    question_id: str
-    text: str
-    system: str | None = None
-
-    def messages(self) -> list[dict[str, str]]:
-        """The chat messages of this prompt (system first when present)."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": "user", "content": self.text}]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A generated answer to one prompt."""
-
-    question_id: str
-    sample: int
-    question: str
-    system: str | None
-    answer: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSONL/MLflow tables."""
-        return asdict(self)
+__all__ = ["Prompt", "Sample", "generate_answers"]
 
 
 def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
@@ -90,6 +63,6 @@ def generate_answers(
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for (prompt, k), text in zip(chunk, texts):
-            out.append(Sample(prompt.question_id, k, prompt.text, prompt.system, text.strip()))
+            out.append(Sample.answering(prompt, k, text.strip()))
     model.train(was_training)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from emtune.evaluation.generation import Prompt, Sample
+from emtune.evaluation.samples import Prompt, Sample
 
 
 class VLLMUnavailable(RuntimeError):
@@ -47,5 +47,5 @@ def generate_answers_vllm(model_source: str, adapter_dir: Path, tokenizer: Any, 
     texts = [tokenizer.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     outputs = llm.generate(texts, params, lora_request=LoRARequest("trial", 1, str(adapter_dir)))
-    return [Sample(p.question_id, k, p.text, p.system, completion.text.strip())
+    return [Sample.answering(p, k, completion.text.strip())
             for p, out in zip(prompts, outputs) for k, completion in enumerate(out.outputs)]

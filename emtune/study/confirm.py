@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from emtune.config import StudySpec
+from emtune.evaluation.judging import score_trial
+from emtune.models import model_cache_dir, resolve_source
+from emtune.numbers import is_finite_number
+from emtune.tracking.front import front_table
 
 
 @dataclass
@@ -41,27 +45,20 @@ class Confirmed:
 def evaluate_adapter(spec: StudySpec, adapter_dir: Path, model_source: str, seed: int,
                      samples: int | None) -> dict[str, float]:
     """The trial's evaluation on a saved adapter with another seed (and sample count)."""
-    from emtune.train.worker import run_training
+    from emtune.train.worker import run_training  # torch
 
     evaluation = spec.evaluation.model_copy(update={
         "samples_per_question": samples or spec.evaluation.samples_per_question, "seed": seed})
     spec = spec.model_copy(update={"evaluation": evaluation})  # data splits keep the study seed
     with tempfile.TemporaryDirectory(prefix="emtune-confirm-") as tmp:
         metrics = run_training(spec, Path(tmp), model_source, adapter_dir=adapter_dir)
-        if spec.evaluation.judge.kind != "none":
-            from emtune.evaluation.judging import judge_trial
-
-            metrics.update(judge_trial(spec, Path(tmp)))
+        metrics.update(score_trial(spec, Path(tmp)))
     return metrics
 
 
 def confirm_front(spec: StudySpec, study: Any, client: Any, seeds: int, samples: int | None,
                   trials: list[int] | None = None) -> list[Confirmed]:
     """Re-evaluate the front (or the given trial numbers) over ``seeds`` evaluation seeds."""
-    from emtune.models import resolve_source
-    from emtune.study.runner import model_cache_dir
-    from emtune.tracking.front import front_table
-
     objectives = [o.name for o in spec.objectives]
     table = front_table(study, objectives, [o.direction for o in spec.objectives])
     rows = [r for r in table.rows if r.number in trials] if trials else table.front
@@ -77,7 +74,7 @@ def confirm_front(spec: StudySpec, study: Any, client: Any, seeds: int, samples:
             for k in range(seeds):
                 metrics = evaluate_adapter(trial_spec, adapter, model_source, spec.seed + 1 + k, samples)
                 for name, value in metrics.items():
-                    if isinstance(value, (int, float)) and math.isfinite(value):
+                    if is_finite_number(value):
                         values.setdefault(name, []).append(float(value))
         confirmed = Confirmed(row.number, row.mlflow_run_id, row.params, values)
         for name in objectives:

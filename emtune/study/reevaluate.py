@@ -18,65 +18,28 @@ A record whose evaluation fails again stays pending, with the new reason printed
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-PENDING_DIR = "pending_evaluations"
+import optuna
+
+from emtune.study.outcomes import (
+    RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
+)
+from emtune.study.pending import PendingEvaluation, load_pending, resolve_pending
+from emtune.study.trial import close_run, evaluate_and_track, evaluation_reason
+from emtune.tracking import mlflow_runs as runs
+
 REEVALUATES = "reevaluates"
-
-
-@dataclass
-class PendingEvaluation:
-    """A trained trial whose evaluation or tracking did not finish."""
-
-    ray_trial_id: str
-    reason: str
-    checkpoint_path: str
-    params: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    optuna_trial: int | None = None
-    baseline: str | None = None
-
-
-def save_pending(study_dir: Path, record: PendingEvaluation) -> Path:
-    """Write the record atomically (a reader never sees half a file)."""
-    folder = Path(study_dir) / PENDING_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{record.ray_trial_id}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def load_pending(study_dir: Path) -> list[PendingEvaluation]:
-    """Every pending record of the study, oldest first."""
-    folder = Path(study_dir) / PENDING_DIR
-    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    return [PendingEvaluation(**json.loads(p.read_text())) for p in paths]
-
-
-def _resolve(study_dir: Path, record: PendingEvaluation) -> None:
-    """Move a finished record to ``pending_evaluations/done/`` (kept for the record)."""
-    folder = Path(study_dir) / PENDING_DIR
-    (folder / "done").mkdir(exist_ok=True)
-    os.replace(folder / f"{record.ray_trial_id}.json", folder / "done" / f"{record.ray_trial_id}.json")
 
 
 def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, parent_run_id: str,
                        log: Callable[[str], None] = print) -> tuple[int, int]:
     """Finish every pending evaluation; returns (finished, still pending)."""
-    from emtune.study.trial import evaluation_reason, close_run, evaluate_and_track
-    from emtune.tracking import mlflow_runs as runs
-
     finished = failed = 0
     for record in load_pending(spec.study_dir):
         if record.optuna_trial is not None and _superseded(study, record.optuna_trial):
-            _resolve(spec.study_dir, record)  # told before a crash: nothing left to do
+            resolve_pending(spec.study_dir, record)  # told before a crash: nothing left to do
             continue
         trial_spec = spec.with_overrides(record.params)
         if record.baseline:
@@ -96,7 +59,7 @@ def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, p
             failed += 1
             continue
         number = _tell(spec, study, record, metrics)
-        _resolve(spec.study_dir, record)
+        resolve_pending(spec.study_dir, record)
         finished += 1
         told = f"Optuna trial {number}" if number is not None else f"baseline {record.baseline!r}"
         log(f"trial {record.ray_trial_id}: evaluation finished ({told})")
@@ -109,15 +72,10 @@ def _superseded(study: Any, number: int) -> bool:
 
 def _tell(spec: Any, study: Any, record: PendingEvaluation, metrics: dict[str, Any]) -> int | None:
     """Record the finished evaluation in Optuna; the new trial's number (None for a baseline)."""
-    import optuna
-
-    from emtune.study.searcher import RESULT_ATTRS, baseline_key, baseline_record, outcome
-    from emtune.study.space import constraint_violations
-
     if record.baseline:
         study.set_user_attr(baseline_key(record.baseline), baseline_record(metrics, False))
         return None
-    baselines = {k: study.user_attrs.get(baseline_key(k), {}) for k in spec.baselines.kinds}
+    baselines = study_baselines(spec, study)
     state, values, reason = outcome(spec, metrics, False, baselines)
     attrs = {key: metrics[key] for key in RESULT_ATTRS if metrics.get(key)}
     attrs["ray_trial_id"] = record.ray_trial_id

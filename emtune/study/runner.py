@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from emtune.config import StudySpec, spec_to_yaml
+from emtune.models import model_cache_dir, resolve_source
+from emtune.study.internals import set_stored_user_attr, tuner_searcher
+from emtune.study.stages import prepare_stages
+from emtune.study.trial import run_trial
 
 OPTUNA_FILE = "optuna.db"
 LOST = "lost: the study driver stopped while this trial ran, and it was not restarted"
@@ -52,11 +56,6 @@ class StudyPaths:
         return self.root / "ray_results"
 
 
-def model_cache_dir() -> Path:
-    """Shared cache for materialised tiny models (EMTUNE_CACHE_DIR, else ~/.cache/emtune)."""
-    return Path(os.environ.get("EMTUNE_CACHE_DIR", Path.home() / ".cache" / "emtune")).expanduser()
-
-
 LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -71,7 +70,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     placement-group cleaner learns that a stopped trial's controller died and frees that trial's
     worker placement group. Without it a stopped trial's resources stay reserved.
     """
-    import ray
+    import ray  # ray stays out of import time (CLI verbs that read studies do not need it)
 
     if ray.is_initialized():
         return
@@ -92,13 +91,10 @@ class StudySession:
     """What every way of driving a study shares: paths, stages, tracking, Ray, searcher."""
 
     def __init__(self, spec: StudySpec, num_cpus: int | None = None):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # mlflow and ray load when a study runs
 
-        from emtune.models import resolve_source
-        from emtune.study.searcher import EmtuneSearcher
+        from emtune.study.searcher import EmtuneSearcher  # ray
         from emtune.tracking import mlflow_runs as runs
-
-        from emtune.study.stages import prepare_stages
 
         self.paths = StudyPaths(spec.study_dir)
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +119,6 @@ class StudySession:
         """The trial function with its driver's resources (no CPU: the Train workers take them)."""
         from ray import tune
 
-        from emtune.study.trial import run_trial
 
         memory = int(self.spec.resources.driver_memory_gb * 2**30)
         return tune.with_resources(run_trial, driver_resources(self.spec.resources, memory))
@@ -143,7 +138,7 @@ class StudySession:
         """A fresh Tuner over this study's searcher."""
         from ray import tune
 
-        from emtune.study.callbacks import StudyProgress
+        from emtune.study.callbacks import StudyProgress  # ray
 
         return tune.Tuner(
             self.trainable(),
@@ -184,7 +179,7 @@ class StudySession:
         ``emtune resume`` publishes to MLflow once the server is back."""
         import sys
 
-        from emtune.study.callbacks import publish_front, study_front
+        from emtune.study.callbacks import publish_front, study_front  # ray, mlflow
         from emtune.tracking import mlflow_runs as runs
 
         try:
@@ -204,7 +199,7 @@ class StudySession:
     def reevaluate_pending(self) -> tuple[int, int]:
         """Finish the evaluations that a judge or tracking outage left pending (see
         ``emtune.study.reevaluate``); returns (finished, still pending)."""
-        from emtune.study.reevaluate import reevaluate_pending
+        from emtune.study.reevaluate import reevaluate_pending  # mlflow
 
         return reevaluate_pending(self.spec, self.searcher.study, self.client, self.experiment_id,
                                   self.parent_run_id, log=lambda line: print(f"[emtune] {line}", flush=True))
@@ -262,11 +257,11 @@ def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: st
     """Mark Optuna trials and MLflow child runs still RUNNING (no trial behind them) as failed."""
     import optuna
 
-    from emtune.tracking.mlflow_runs import PARENT_TAG, finish_run
+    from emtune.tracking.mlflow_runs import PARENT_TAG, finish_run  # mlflow
 
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        set_stored_user_attr(study, trial, "fail_reason", reason)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         closed += 1
     runs = client.search_runs([experiment_id], filter_string=(
@@ -313,15 +308,4 @@ def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
         return session.fit(session.new_tuner("tune", count))
     tuner = tune.Tuner.restore(str(candidates[-1]), trainable=session.trainable(),
                                resume_unfinished=True, param_space=session.param_space())
-    return session.fit(tuner, _restored_searcher(tuner) or session.searcher)
-
-
-def _restored_searcher(tuner: Any) -> Any:
-    """The searcher object inside a restored Tuner (it carries the live-trial map)."""
-    try:
-        alg = tuner._local_tuner._tune_config.search_alg
-    except AttributeError:
-        return None
-    while alg is not None and not hasattr(alg, "study"):
-        alg = getattr(alg, "searcher", None)
-    return alg
+    return session.fit(tuner, tuner_searcher(tuner) or session.searcher)

@@ -13,16 +13,17 @@ Ray Tune for execution and owns the Optuna side:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
-from emtune.study.space import build_sampler, constraint_violations, suggest
-
-RESULT_ATTRS = ("mlflow_run_id", "adapter_uri", "evaluation_pending", "checkpoint_path")
+from emtune.study.internals import reattach_trial
+from emtune.study.outcomes import (
+    RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
+)
+from emtune.study.space import build_sampler, suggest
 
 
 def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
@@ -130,10 +131,8 @@ class EmtuneSearcher(Searcher):
     def _tell(self, trial: Any, result: dict | None, error: bool) -> None:
         """Set result attrs and constraints, then tell Optuna the outcome."""
         if isinstance(trial, int):  # restored from a checkpoint: reattach to the stored trial
-            storage = self.study._storage
-            trial = optuna.Trial(self.study, storage.get_trial_id_from_study_id_trial_number(
-                self.study._study_id, trial))
-        baselines = {k: self.study.user_attrs.get(baseline_key(k), {}) for k in self._spec.baselines.kinds}
+            trial = reattach_trial(self.study, trial)
+        baselines = study_baselines(self._spec, self.study)
         state, values, reason = outcome(self._spec, result, error, baselines)
         for key in RESULT_ATTRS:
             if result and result.get(key):
@@ -162,58 +161,3 @@ class EmtuneSearcher(Searcher):
 
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
-
-
-def baseline_key(kind: str) -> str:
-    """Study user attr holding a baseline's metrics."""
-    return f"baseline:{kind}"
-
-
-def baseline_record(result: dict | None, error: bool) -> dict[str, Any]:
-    """The finite numeric metrics of a baseline trial, or its failure reason."""
-    if error or not result or result.get("error"):
-        return {"error": str((result or {}).get("error") or "the baseline trial failed")}
-    return {k: float(v) for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def relative_value(value: float, item: Any, baselines: dict[str, dict]) -> tuple[float | None, str | None]:
-    """``value`` restated relative to its baseline when the objective/constraint asks for it."""
-    if item.relative is None:
-        return value, None
-    name = getattr(item, "name", None) or item.metric
-    base = baselines.get(item.relative.to, {})
-    if "error" in base or name not in base:
-        return None, f"baseline {item.relative.to!r} has no {name!r}: {base.get('error', 'missing')}"
-    if item.relative.how == "difference":
-        return value - base[name], None
-    if base[name] == 0:
-        return None, f"{name} relative to a zero {item.relative.to!r} baseline is undefined"
-    return value / base[name], None
-
-
-def outcome(spec: StudySpec, result: dict | None, error: bool,
-            baselines: dict[str, dict] | None = None) -> tuple[optuna.trial.TrialState, list[float] | None, str | None]:
-    """How a finished Tune trial is told to Optuna: state, objective values, failure reason."""
-    FAIL = optuna.trial.TrialState.FAIL
-    if error:
-        reason = (result or {}).get("error") or "the trial raised an error (see its Ray and MLflow logs)"
-        return FAIL, None, str(reason)
-    if not result:
-        return FAIL, None, "the trial reported no result"
-    if result.get("early_stopped"):
-        return optuna.trial.TrialState.PRUNED, None, "stopped early by the scheduler"
-    if result.get("error"):
-        return FAIL, None, str(result["error"])
-    values = []
-    for objective in spec.objectives:
-        value = result.get(objective.name)
-        if value is None:
-            return FAIL, None, f"objective {objective.name!r} is missing from the trial's result"
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return FAIL, None, f"objective {objective.name!r} is not a finite number ({value!r})"
-        value, problem = relative_value(float(value), objective, baselines or {})
-        if problem:
-            return FAIL, None, problem
-        values.append(value)
-    return optuna.trial.TrialState.COMPLETE, values, None

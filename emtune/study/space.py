@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from emtune.config import SearchSpec
+from emtune.search_spec import SearchSpec
 
 
 def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
@@ -38,7 +38,8 @@ def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[
     ``offset`` is added to the seed: a sampler re-created for a resumed or extended study is
     seeded with the number of trials it already has, so its random draws (TPE's start-up trials,
     random search) do not repeat the first driver's. Constraints reach the samplers through
-    ``Trial.set_constraint`` (Optuna 5's API), which the searcher calls before ``tell``.
+    ``Trial.set_constraint`` (Optuna 5's API), which the searcher calls before ``tell``
+    (:func:`emtune.study.outcomes.constraint_violations`).
     """
     spec = space.sampler
     seed = (spec.seed if spec.seed is not None else study_seed) + offset
@@ -54,23 +55,3 @@ def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed, **args)
     return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}
-
-
-def constraint_violations(constraints: tuple[Any, ...], metrics: dict[str, Any],
-                          baselines: dict[str, dict] | None = None) -> dict[str, float]:
-    """One value per bound, <= 0 when met (Optuna's convention); a missing metric violates.
-    A constraint with ``relative`` bounds the metric's difference or ratio to its baseline."""
-    from emtune.study.searcher import relative_value
-
-    out: dict[str, float] = {}
-    for c in constraints:
-        value = metrics.get(c.metric)
-        missing = not isinstance(value, (int, float)) or value != value
-        if not missing:
-            value, problem = relative_value(float(value), c, baselines or {})
-            missing = problem is not None
-        if c.max is not None:
-            out[f"{c.metric}<={c.max:g}"] = 1e9 if missing else float(value) - c.max
-        if c.min is not None:
-            out[f"{c.metric}>={c.min:g}"] = 1e9 if missing else c.min - float(value)
-    return out

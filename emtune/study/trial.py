@@ -18,16 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from emtune.config import StudySpec
+from emtune.evaluation.judges import JudgeUnavailable
+from emtune.evaluation.judging import score_trial
+from emtune.numbers import finite_numbers
+from emtune.study.pending import PendingEvaluation, save_pending
+from emtune.trial_files import TrialFiles
 
 FAILED, FINISHED = "FAILED", "FINISHED"
 
 
 def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) -> Any:
     """The TorchTrainer of one trial (ScalingConfig from the spec; CPU for dry runs)."""
-    import ray.train
+    import ray.train  # ray stays out of import time: specs and reports load without it
     from ray.train.torch import TorchTrainer
 
-    from emtune.train.worker import train_loop_per_worker
+    from emtune.train.worker import train_loop_per_worker  # torch
 
     res = trial_spec.resources
     use_gpu = res.gpus_per_worker > 0
@@ -37,7 +42,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": trial_spec.model_dump(mode="json"),
+            "spec": trial_spec,
             "model_source": config["model_source"],
             "cache_dir": config["cache_dir"],
             "evaluate": config.get("evaluate", True),
@@ -63,7 +68,7 @@ def run_trial(config: dict[str, Any]) -> None:
     evaluation record so ``emtune resume`` finishes the evaluation later from the saved
     checkpoint (adapter and generated samples) without training again.
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # mlflow and ray load in the trial process only
     from ray import tune
 
     from emtune.tracking import mlflow_runs as runs
@@ -114,11 +119,9 @@ def run_trial(config: dict[str, Any]) -> None:
         reason = evaluation_reason(exc, uri, trial_spec)
         pending = None
         if checkpoint_dir is not None and "error" not in metrics:
-            from emtune.study.reevaluate import PendingEvaluation, save_pending
-
             pending = save_pending(trial_spec.study_dir, PendingEvaluation(
                 ray_trial_id=trial_id, reason=reason, checkpoint_path=str(checkpoint_dir),
-                params=config["params"], metrics=_numbers(metrics), mlflow_run_id=run_id,
+                params=config["params"], metrics=finite_numbers(metrics), mlflow_run_id=run_id,
                 optuna_trial=config.get("optuna_trial"), baseline=baseline))
             reason += f" (saved for `emtune resume {trial_spec.study_dir}` to finish later)"
         close_run(client, run_id, reason, pending=pending is not None)
@@ -133,28 +136,23 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
     """After training: log the trial's files to its MLflow run, judge its samples, log the final
     metrics and close the run. Idempotent, so a failed evaluation can simply be run again (the
     judge cache makes verdicts already paid for free). Returns the completed metrics."""
-    from emtune.tracking import mlflow_runs as runs
-    from emtune.train.worker import HISTORY_FILE, SAMPLES_FILE
+    from emtune.tracking import mlflow_runs as runs  # mlflow
 
     metrics = dict(metrics)
     if checkpoint_dir is not None:
-        history = checkpoint_dir / HISTORY_FILE
-        if history.is_file():
-            runs.log_history(client, run_id, json.loads(history.read_text()))
-        for name in ("general", "in_domain", "triggered"):
-            samples = checkpoint_dir / SAMPLES_FILE.format(name=name)
-            if samples.is_file():
-                runs.log_samples_table(client, run_id, samples, name)
-        for extra in ("defenses.json", "trial_meta.json"):
-            if (checkpoint_dir / extra).is_file():
-                client.log_artifact(run_id, str(checkpoint_dir / extra))
-        if (checkpoint_dir / "adapter").is_dir():
-            runs.log_dir(client, run_id, checkpoint_dir / "adapter", "adapter")
+        files = TrialFiles(checkpoint_dir)
+        history = files.read_history()
+        if history:
+            runs.log_history(client, run_id, history)
+        for name in files.sample_sets():
+            runs.log_samples_table(client, run_id, files.samples(name), name)
+        for extra in files.extra_artifacts():
+            client.log_artifact(run_id, str(extra))
+        if files.adapter.is_dir():
+            runs.log_dir(client, run_id, files.adapter, "adapter")
             metrics["adapter_uri"] = f"runs:/{run_id}/adapter"
-    if trial_spec.evaluation.judge.kind != "none" and checkpoint_dir is not None and "error" not in metrics:
-        from emtune.evaluation.judging import judge_trial
-
-        metrics.update(judge_trial(trial_spec, checkpoint_dir, client, run_id))
+        if "error" not in metrics:
+            metrics.update(score_trial(trial_spec, checkpoint_dir, client, run_id))
     if started is not None:
         metrics["time/trial_s"] = time.perf_counter() - started
     runs.log_final_metrics(client, run_id, metrics)
@@ -167,7 +165,7 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
 
 def close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> None:
     """Close the run FAILED with the reason, if the tracking server lets us (it may be the fault)."""
-    from emtune.tracking import mlflow_runs as runs
+    from emtune.tracking import mlflow_runs as runs  # mlflow
 
     try:
         if pending:
@@ -177,14 +175,8 @@ def close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> N
         pass
 
 
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    from emtune.config import is_finite_number
-
-    return {k: float(v) for k, v in metrics.items() if is_finite_number(v)}
-
-
 def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:
-    from emtune.tracking.mlflow_runs import RETRY_ENV
+    from emtune.tracking.mlflow_runs import RETRY_ENV  # mlflow
 
     retries = os.environ.get(RETRY_ENV["max_retries"], spec.tracking.retries.max_retries)  # what MLflow used
     return f"MLflow tracking server {uri} unreachable after {retries} retries (tracking.retries): {_failure_reason(exc)}"
@@ -192,8 +184,7 @@ def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:
 
 def evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
     """One line: what failed after training (judge, tracking, other) and why."""
-    from emtune.evaluation.judges import JudgeUnavailable
-    from emtune.tracking.mlflow_runs import tracking_outage
+    from emtune.tracking.mlflow_runs import tracking_outage  # mlflow
 
     if isinstance(exc, JudgeUnavailable):
         return f"evaluation failed: judge unavailable ({exc})"

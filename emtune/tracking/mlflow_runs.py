@@ -4,18 +4,19 @@ Everything goes through an explicit ``MlflowClient(tracking_uri)``: no fluent gl
 ``MLFLOW_RUN_ID`` in any environment, so Ray workers and Tune drivers never attach to the wrong
 run. The default store is SQLite inside the study directory, and the experiment is created up
 front with an explicit artifact location (otherwise MLflow puts artifacts under whichever
-process's working folder created it; STACK.md).
+process's working folder created it).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from emtune.numbers import finite_numbers, is_finite_number
 
 STUDY_TAG = "emtune.study"
 ROLE_TAG = "emtune.role"
@@ -121,7 +122,7 @@ def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]])
         Metric(f"train/{key}", float(value), 0, int(row["step"]))
         for row in rows
         for key, value in row.items()
-        if key != "step" and math.isfinite(float(value))
+        if key != "step" and is_finite_number(value)
     ]
     for start in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[start : start + 900])
@@ -129,11 +130,7 @@ def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]])
 
 def log_final_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
     """Every finite numeric result as a metric; everything else is ignored."""
-    batch = [
-        Metric(k, float(v), 0, 0)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ]
+    batch = [Metric(k, v, 0, 0) for k, v in finite_numbers(metrics).items()]
     if batch:
         client.log_batch(run_id, metrics=batch)
 

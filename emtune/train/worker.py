@@ -3,28 +3,34 @@
 ``run_training`` does the whole job of one trial on one process: load the model and tokenizer,
 apply LoRA, build the data through the defenses' data transforms, attach defense hooks, train
 with the defended trainer, finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
-evaluate. ``train_loop_per_worker`` wraps it for Ray Train and reports the metrics together with
-the adapter checkpoint (Train V2 keeps metrics only when they come with a checkpoint).
+generate the evaluation answers. ``train_loop_per_worker`` wraps it for Ray Train and reports the
+metrics together with the checkpoint folder (:class:`~emtune.trial_files.TrialFiles`; Train V2
+keeps metrics only when they come with a checkpoint).
+
+``spec`` is a validated :class:`emtune.config.StudySpec` (the trial driver builds it; this
+module only reads it, so it does not import the config layer above it).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from emtune.config import StudySpec
+from emtune.data.chat import ChatCollator, tokenize_chat
+from emtune.data.loading import load_rows, split_heldout
+from emtune.data.opswap import generate as generate_opswap
+from emtune.defenses.base import DefenseContext
+from emtune.defenses.registry import build_defenses
+from emtune.models import apply_lora, load_adapter, load_model, load_tokenizer
+from emtune.trial_files import TrialFiles
 
-ADAPTER_DIR = "adapter"
-HISTORY_FILE = "loss_history.json"
-SAMPLES_FILE = "samples_{name}.jsonl"
-META_FILE = "trial_meta.json"
-DEFENSES_FILE = "defenses.json"
+StudySpec = Any  # emtune.config.StudySpec, validated by the trial driver
 
 
 def _seed_everything(seed: int) -> None:
@@ -42,17 +48,13 @@ def prepare_rows(spec: StudySpec, defenses: list[Any]) -> tuple[list[dict], list
     With ``data.opswap`` the benign task's train split is mixed in (``alongside``) or is the
     whole task (``task``, its test split then being the held-out set).
     """
-    from emtune.data.loading import load_rows, split_heldout
-
     train_rows: list[dict] = []
     heldout_rows: list[dict] = []
     if spec.data.train is not None:
         rows = load_rows(spec.data.train)
         train_rows, heldout_rows = split_heldout(rows, spec.data.heldout_fraction, spec.seed)
     if spec.data.opswap is not None:
-        from emtune.data.opswap import generate
-
-        splits = generate(spec.data.opswap)
+        splits = generate_opswap(spec.data.opswap)
         benign = [{"messages": r["messages"]} for r in splits["train"]]
         if spec.data.opswap_role == "task":
             train_rows = benign
@@ -111,8 +113,7 @@ def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], tra
            output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any]) -> list[dict]:
     """Attach the defenses, train with the defended trainer, finalize and detach; fills ``metrics``
     (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history."""
-    from emtune.data.chat import ChatCollator, tokenize_chat
-    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory
+    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory  # torch, transformers
 
     for defense in defenses:
         if defense.active:
@@ -150,22 +151,20 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
                  cache_dir: Path | None = None, resume_from: Path | None = None,
                  on_checkpoint: Any = None, evaluate: bool = True, skip_training: bool = False,
                  adapter_dir: Path | None = None) -> dict[str, Any]:
-    """Train and (rank 0) evaluate one trial; writes adapter, history and samples to ``output_dir``.
+    """Train and (rank 0) evaluate one trial; writes its :class:`TrialFiles` to ``output_dir``.
 
     ``resume_from`` is an earlier Trainer checkpoint (adapter, optimizer, scheduler, RNG and
     step); ``on_checkpoint(step, folder)`` is called after every periodic checkpoint save.
     ``skip_training`` evaluates without training: the fresh adapter (B = 0) is the base model
     itself (the ``base`` baseline), or ``adapter_dir`` is a saved adapter to re-evaluate.
     """
-    from emtune.defenses.base import DefenseContext
-    from emtune.defenses.registry import build_defenses
-    from emtune.evaluation.runner import evaluate_model
-    from emtune.models import apply_lora, load_adapter, load_model, load_tokenizer
+    from emtune.evaluation.runner import evaluate_model  # torch
 
     started = time.perf_counter()
     _seed_everything(spec.seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    files = TrialFiles(output_dir)
     tokenizer = load_tokenizer(model_source, spec.model)
     # Training moves the model to the GPU (the Trainer); an evaluation-only run (the `base`
     # baseline, confirm, a resumed evaluation) must put it there itself, or it evaluates on CPU.
@@ -183,12 +182,12 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
                          on_checkpoint, metrics)
     if rank != 0:
         return metrics
-    model.save_pretrained(output_dir / ADAPTER_DIR)
+    model.save_pretrained(files.adapter)
     details = {d.name: d.report() for d in defenses if d.active and d.report()}
     if details:
-        (output_dir / DEFENSES_FILE).write_text(json.dumps(details, indent=2, default=str))
-    generate = _generator(spec, model_source, output_dir / ADAPTER_DIR)
-    (output_dir / HISTORY_FILE).write_text(json.dumps(history))
+        files.write_json(files.defenses, details)
+    generate = _generator(spec, model_source, files.adapter)
+    files.write_json(files.history, history)
     if not math.isfinite(metrics.get("train_loss", 0.0)):
         metrics["error"] = "training loss is not finite"
         return metrics
@@ -199,12 +198,9 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     metrics["time/eval_s"] = time.perf_counter() - eval_started
     metrics.update(eval_metrics)
     for name, items in samples.items():
-        with open(output_dir / SAMPLES_FILE.format(name=name), "w", encoding="utf-8") as handle:
-            for sample in items:
-                handle.write(json.dumps(sample.to_dict()) + "\n")
-    meta = {"question_set_versions": versions, "num_train_rows": len(train_rows),
-            "num_heldout_rows": len(heldout_rows)}
-    (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+        files.write_samples(name, (sample.to_dict() for sample in items))
+    files.write_json(files.meta, {"question_set_versions": versions, "num_train_rows": len(train_rows),
+                                  "num_heldout_rows": len(heldout_rows)})
     return metrics
 
 
@@ -242,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     context = ray.train.get_context()
-    spec = StudySpec.model_validate(config["spec"])
+    spec = config["spec"]
     rank = context.get_world_rank()
 
     def report_checkpoint(step: int, folder: Path) -> None:

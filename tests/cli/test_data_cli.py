@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from emtune.cli import data as data_cli  # noqa: E402
-from emtune.config import TinyModelSpec  # noqa: E402
+from emtune.models import TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.fixtures import fixture_path  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emtune.cli import persona
-from emtune.config import LoraSpec
+from emtune.models import LoraSpec
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.persona_steering import PersonaSteering, PersonaSteeringConfig
 from emtune.defenses.persona_vectors import load_persona_vectors, model_identity, sidecar_path
@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
 def test_extract_from_a_study_spec_and_steer_with_it(setup, capsys):
     from emtune.cli.common import load_spec_or_exit
     from emtune.models import apply_lora, load_model, resolve_source
-    from emtune.study.runner import model_cache_dir
+    from emtune.models import model_cache_dir
 
     out = setup.tmp / "vectors" / "evil.pt"
     assert run("--spec", str(setup.spec), "--out", str(out), "--prompts", setup.prompts,
@@ -89,7 +89,7 @@ def test_extract_from_a_study_spec_and_steer_with_it(setup, capsys):
 def test_extract_from_a_local_model_folder(setup):
     from emtune.cli.common import load_spec_or_exit
     from emtune.models import resolve_source
-    from emtune.study.runner import model_cache_dir
+    from emtune.models import model_cache_dir
 
     folder = resolve_source(load_spec_or_exit(str(setup.spec)).model, model_cache_dir())
     out = setup.tmp / "evil.pt"

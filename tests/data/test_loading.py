@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emtune.config import DatasetSpec
+from emtune.data.loading import DatasetSpec
 from emtune.data.loading import DataError, load_rows, split_heldout
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.config import TinyModelSpec  # noqa: E402
+from emtune.models import TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.chat import tokenize_chat  # noqa: E402
 from emtune.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from emtune.config import ModelSpec, TinyModelSpec
+from emtune.models import ModelSpec, TinyModelSpec
 from emtune.data import selection_cache as sc
 from emtune.data.selection import gap_scores
 
@@ -48,11 +48,13 @@ def test_adapter_folder_checks(tmp_path):
         sc.adapter_digest(tmp_path / "empty")
 
 
-def test_model_identity():
-    assert sc.model_identity(ModelSpec(source="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")) == \
+def test_scoring_identity():
+    from emtune.models import scoring_identity
+
+    assert scoring_identity(ModelSpec(source="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")) == \
         "Qwen/Qwen2.5-7B-Instruct@default:bfloat16"
-    tiny_a = sc.model_identity(ModelSpec(tiny=TinyModelSpec(seed=0)))
-    assert tiny_a.startswith("tiny:") and tiny_a != sc.model_identity(ModelSpec(tiny=TinyModelSpec(seed=1)))
+    tiny_a = scoring_identity(ModelSpec(tiny=TinyModelSpec(seed=0)))
+    assert tiny_a.startswith("tiny:") and tiny_a != scoring_identity(ModelSpec(tiny=TinyModelSpec(seed=1)))
 
 
 def test_cached_table_is_read_back_and_selection_cached(tmp_path):

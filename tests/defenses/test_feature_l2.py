@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.config import LoraSpec, TinyModelSpec
+from emtune.models import LoraSpec, TinyModelSpec
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.feature_l2 import FeatureL2, FeatureL2Config, feature_l2_loss, select_layers
 from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer

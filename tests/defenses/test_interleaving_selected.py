@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.config import TinyModelSpec  # noqa: E402
+from emtune.models import TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.fixtures import fixture_path  # noqa: E402
 from emtune.defenses.base import DefenseContext  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from emtune.config import LoraSpec, ModelSpec, TinyModelSpec
+from emtune.models import LoraSpec, ModelSpec, TinyModelSpec
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.persona_steering import (
     PersonaSteering,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from emtune.config import ModelSpec, TinyModelSpec
+from emtune.models import ModelSpec, TinyModelSpec
 from emtune.defenses.persona_vectors import (
     INDEX_CONVENTION,
     PersonaVectorError,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.config import LoraSpec, ModelSpec, TinyModelSpec
+from emtune.models import LoraSpec, ModelSpec, TinyModelSpec
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.safelora import (
     SafeLoRA,

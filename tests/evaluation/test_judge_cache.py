@@ -10,7 +10,8 @@ import threading
 import pytest
 from emtune.evaluation.config import JudgeSpec
 from emtune.evaluation.judge_cache import CachedJudge, JudgeCache, cache_key
-from emtune.evaluation.judges import JudgeItem, JudgeVerdict, build_judge
+from emtune.evaluation.judges import JudgeItem, JudgeVerdict
+from emtune.evaluation.judging import build_judge
 
 
 def numbered_server(chat_server):

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from emtune.evaluation.config import JudgeSpec
+from emtune.evaluation.judging import build_judge
 from emtune.evaluation.judges import (
     JudgeError,
-    build_judge,
     label_from_token,
     load_judge_prompts,
     parse_score_token,

@@ -10,7 +10,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from emtune.config import load_spec
-from emtune.study.reevaluate import PendingEvaluation, load_pending, reevaluate_pending, save_pending
+from emtune.study.pending import PendingEvaluation, load_pending, save_pending
+from emtune.study.reevaluate import reevaluate_pending
 from emtune.study.searcher import open_study
 from emtune.tracking import mlflow_runs as runs
 from emtune.tracking.front import front_table

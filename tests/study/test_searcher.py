@@ -9,7 +9,8 @@ import optuna
 import pytest
 
 from emtune.config import load_spec
-from emtune.study.searcher import EmtuneSearcher, outcome
+from emtune.study.outcomes import outcome
+from emtune.study.searcher import EmtuneSearcher
 from emtune.study.space import suggest
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from emtune.config import load_spec
 from emtune.models import resolve_source
-from emtune.study.runner import init_ray, model_cache_dir
+from emtune.models import model_cache_dir
+from emtune.study.runner import init_ray
 from emtune.study.stages import prepare_stages
 from emtune.train.worker import run_training
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emtune.config import TrackingRetrySpec, TrackingSpec
+from emtune.tracking.settings import TrackingRetrySpec, TrackingSpec
 from emtune.tracking import mlflow_runs as runs
 
 

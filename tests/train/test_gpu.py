@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emtune.config import LoraSpec, TinyModelSpec
+from emtune.models import LoraSpec, TinyModelSpec
 from emtune.data.chat import ChatCollator, pad_batch, tokenize_chat
 from emtune.data.fixtures import fixture_path
 from emtune.defenses import make_defense

@@ -9,8 +9,9 @@ import pytest
 
 from emtune.config import load_spec
 from emtune.models import resolve_source
-from emtune.study.runner import model_cache_dir
-from emtune.train.worker import HISTORY_FILE, run_training
+from emtune.models import model_cache_dir
+from emtune.train.worker import run_training
+from emtune.trial_files import TrialFiles
 
 
 def test_run_training_writes_adapter_history_and_metrics(write_spec, tmp_path) -> None:
@@ -22,7 +23,7 @@ def test_run_training_writes_adapter_history_and_metrics(write_spec, tmp_path) -
         assert math.isfinite(metrics[key])
     assert metrics["ood_drift"] >= 0 and metrics["indomain_nll"] > 0
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-    history = json.loads((tmp_path / "out" / HISTORY_FILE).read_text())
+    history = TrialFiles(tmp_path / "out").read_history()
     assert [row["step"] for row in history] == [1, 2, 3]
     assert all(row["kl_to_reference"] >= 0 and "task_loss" in row for row in history)
     samples = (tmp_path / "out" / "samples_general.jsonl").read_text().splitlines()
@@ -72,7 +73,7 @@ def test_periodic_checkpoints_resume_where_they_stopped(write_spec, tmp_path) ->
     assert sorted(saved) == [2, 4]
     assert (saved[2] / "optimizer.pt").is_file() and (saved[2] / "trainer_state.json").is_file()
     metrics = run_training(spec, tmp_path / "second", source, resume_from=saved[2])
-    history = json.loads((tmp_path / "second" / HISTORY_FILE).read_text())
+    history = TrialFiles(tmp_path / "second").read_history()
     assert [row["step"] for row in history] == [3, 4]  # steps 1-2 came from the checkpoint
     assert metrics["train_steps"] == 4
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from emtune.report import ARROWS, StudyData, fmt_value, setting_of, shown_path
+from emtune.report.data import ARROWS, StudyData, fmt_value, setting_of, shown_path
 
 #: matplotlib's tab10, so PNG and HTML colour a study the same way.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",

@@ -1,7 +1,7 @@
 """The Markdown page of ``emtune report``: overview, figures, the paper-format table, per study
 the front table with MLflow links, every trial, evaluation versions and the resolved spec.
 
-Pure string building over :class:`emtune.report.StudyData` (no I/O), so the page is testable
+Pure string building over :class:`emtune.report.data.StudyData` (no I/O), so the page is testable
 without a study on disk.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from emtune.report import (
+from emtune.evaluation.questions import load_question_set
+from emtune.evaluation.sets import paper_columns
+from emtune.report.data import (
     ARROWS,
     JUDGE_FREE_COLUMNS,
     MARKER,
-    PAPER_COLUMNS,
     StudyData,
     TrialRecord,
     fmt_rate,
@@ -84,18 +85,18 @@ def paper_table(studies: list[StudyData]) -> list[str]:
     reports is left out, and the judge-free metrics are always shown beside them.
     """
     members = [(s, r) for s in studies for r in _front_records(s)]
-    present = [(k, label) for k, label in PAPER_COLUMNS if any(k in r.metrics for _, r in members)]
-    header = ["study", "defense (setting)", *(label for _, label in present),
-              *(label for _, label in JUDGE_FREE_COLUMNS)]
-    rows = [[s.name, setting_of(s, r), *(fmt_rate(r.metrics, k) for k, _ in present),
-             *(fmt_value(r.metrics.get(k)) for k, _ in JUDGE_FREE_COLUMNS)] for s, r in members]
+    columns = paper_columns()
+    present = [m for m in columns if any(m.name in r.metrics for _, r in members)]
+    header = ["study", "defense (setting)", *(m.title for m in present), *(m.title for m in JUDGE_FREE_COLUMNS)]
+    rows = [[s.name, setting_of(s, r), *(fmt_rate(r.metrics, m.name) for m in present),
+             *(fmt_value(r.metrics.get(m.name)) for m in JUDGE_FREE_COLUMNS)] for s, r in members]
     out = ["## Per-defense results (the paper's format)", "",
            "One row per Pareto-front setting. Rates are % of responses with Wilson 95% intervals; "
            "in-domain misalignment is the narrow behaviour learned (higher = learned).", ""]
     if not rows:
         return out + ["No completed trial yet.", ""]
     out += table(header, rows)
-    missing = [label for k, label in PAPER_COLUMNS if (k, label) not in present]
+    missing = [m.title for m in columns if m not in present]
     if missing:
         out += ["", f"Not reported by any front trial: {', '.join(missing)} (judge rates need "
                     "`evaluation.judge`; the benign score needs `data.opswap`). Judge-free metrics are always shown."]
@@ -180,8 +181,6 @@ def versions(study: StudyData) -> list[str]:
 
 def _question_set_version(name: str) -> str:
     try:
-        from emtune.evaluation.questions import load_question_set
-
         return f"`{load_question_set(name).version}`"
     except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
         return f"unreadable now: {type(err).__name__}"

@@ -1,0 +1,41 @@
+"""Every read of a private Ray or Optuna attribute, in one place.
+
+Written against optuna 5.0.0 and ray 2.60.0 (the versions in constraints.txt). Each function
+says why a public API does not do: when a pinned version moves, this module is the one to check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def reattach_trial(study: Any, number: int) -> Any:
+    """A live ``optuna.Trial`` for a stored, still RUNNING trial of ``study``, by number.
+
+    A searcher restored from a Tune checkpoint holds trial numbers only; Optuna has no public way
+    to get a ``Trial`` (which ``tell``, ``set_user_attr`` and ``set_constraint`` need) back from a
+    number except through its storage's trial id.
+    """
+    import optuna
+
+    storage = study._storage
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+
+def set_stored_user_attr(study: Any, frozen_trial: Any, key: str, value: Any) -> None:
+    """Set a user attr on a stored trial that no live ``Trial`` object holds (closing orphans):
+    ``FrozenTrial`` has no setter, so this goes through the storage with the trial's id."""
+    study._storage.set_trial_user_attr(frozen_trial._trial_id, key, value)
+
+
+def tuner_searcher(tuner: Any) -> Any:
+    """The searcher object inside a restored ``ray.tune.Tuner`` (it carries the live-trial map),
+    or None. ``Tuner.restore`` re-creates the search algorithm from its checkpoint but exposes it
+    only through the local tuner's config."""
+    try:
+        alg = tuner._local_tuner._tune_config.search_alg
+    except AttributeError:
+        return None
+    while alg is not None and not hasattr(alg, "study"):
+        alg = getattr(alg, "searcher", None)
+    return alg

@@ -1,0 +1,94 @@
+"""The layout of one trial's checkpoint folder, in one place.
+
+A trial's worker writes this folder and reports it to Ray Train as the trial's checkpoint; the
+trial driver logs it to MLflow and judges its samples; study stages copy the adapter out of it;
+a pending evaluation is finished from it later. Every one of them reads the names from here::
+
+    <root>/adapter/                 the LoRA adapter (peft ``save_pretrained``)
+    <root>/loss_history.json        per-step training logs (task loss, defense terms, lr)
+    <root>/samples_<set>.jsonl      generated answers, one file per evaluation set
+    <root>/trial_meta.json          question-set versions and row counts
+    <root>/defenses.json            what each active defense reported (e.g. SafeLoRA's scores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+_SAMPLES_PREFIX, _SAMPLES_SUFFIX = "samples_", ".jsonl"
+
+
+@dataclass(frozen=True)
+class TrialFiles:
+    """Paths inside one trial checkpoint folder, and small readers and writers for them."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def adapter(self) -> Path:
+        """The saved LoRA adapter folder."""
+        return self.root / "adapter"
+
+    @property
+    def history(self) -> Path:
+        """Per-step training log rows (JSON list)."""
+        return self.root / "loss_history.json"
+
+    @property
+    def meta(self) -> Path:
+        """Question-set versions and row counts of the trial's evaluation (JSON)."""
+        return self.root / "trial_meta.json"
+
+    @property
+    def defenses(self) -> Path:
+        """Each active defense's report (JSON), when any defense reported something."""
+        return self.root / "defenses.json"
+
+    def samples(self, set_name: str) -> Path:
+        """Generated answers of one evaluation set (JSONL, one sample per line)."""
+        return self.root / f"{_SAMPLES_PREFIX}{set_name}{_SAMPLES_SUFFIX}"
+
+    def sample_sets(self) -> list[str]:
+        """Names of the evaluation sets whose samples this folder holds, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[len(_SAMPLES_PREFIX):-len(_SAMPLES_SUFFIX)] for p in self.root.iterdir()
+                      if p.name.startswith(_SAMPLES_PREFIX) and p.name.endswith(_SAMPLES_SUFFIX))
+
+    def extra_artifacts(self) -> list[Path]:
+        """The small JSON files worth keeping with the trial's tracked run (those present)."""
+        return [p for p in (self.defenses, self.meta) if p.is_file()]
+
+    def write_json(self, path: Path, value: Any) -> None:
+        """Write ``value`` as JSON atomically (a reader never sees half a file)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def write_samples(self, set_name: str, rows: Iterable[dict[str, Any]]) -> Path:
+        """Write one evaluation set's samples as JSONL."""
+        path = self.samples(set_name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        return path
+
+    def read_samples(self, set_name: str) -> list[dict[str, Any]]:
+        """One evaluation set's samples (empty when the file is absent)."""
+        path = self.samples(set_name)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+    def read_history(self) -> list[dict[str, float]]:
+        """The training log rows (empty when absent)."""
+        return json.loads(self.history.read_text(encoding="utf-8")) if self.history.is_file() else []
