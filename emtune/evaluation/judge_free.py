@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from emtune.data.chat import IGNORE_INDEX, pad_batch, tokenize_chat
-from emtune.defenses.kl_to_reference import kl_per_token
+from emtune.tensor_ops import kl_per_token
 
 
 def _labelled_batches(tokenizer: Any, conversations: list[list[dict[str, str]]], max_length: int, batch_size: int):
