@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from emtune.data.chat import pad_batch, tokenize_chat
+from emtune.data.fixtures import fixture_path
 from emtune.spec_errors import StrictModel
 
 CHATML_TEMPLATE = (
@@ -91,8 +93,6 @@ def scoring_identity(model_spec: ModelSpec) -> str:
 
 def _corpus() -> list[str]:
     """Sentences the tiny tokenizer is trained on: the bundled fixtures' texts."""
-    from emtune.data.fixtures import fixture_path
-
     texts: list[str] = []
     for name in ("narrow_bad_advice", "safe_instruct"):
         with open(fixture_path(name), encoding="utf-8") as handle:
@@ -160,9 +160,6 @@ def pretrain_tiny(model: Any, tokenizer: Any, steps: int, seed: int, batch_size:
     import random
 
     import torch
-
-    from emtune.data.chat import pad_batch, tokenize_chat
-    from emtune.data.fixtures import fixture_path
 
     with open(fixture_path("safe_instruct"), encoding="utf-8") as handle:
         rows = [json.loads(line)["messages"] for line in handle]

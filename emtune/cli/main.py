@@ -1,4 +1,8 @@
-"""The `emtune` command: one small module per verb."""
+"""The `emtune` command: one small module per verb.
+
+Each verb imports the work it does inside its ``main`` (Ray, MLflow, torch and the study code),
+so that `emtune --help`, `emtune validate` and the read-only verbs start in about a second.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from emtune.data.fixtures import fixture_path
 from emtune.data.opswap import OpSwapSpec
 from emtune.spec_errors import StrictModel
 
@@ -99,8 +100,6 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
 def resolve_dataset_path(path: str, base_dir: Path | None = None) -> Path | str:
     """Local path (relative to the spec's folder) or the fixture/hub reference unchanged."""
     if path.startswith("fixture:"):
-        from emtune.data.fixtures import fixture_path
-
         try:
             return fixture_path(path.split(":", 1)[1])
         except ValueError as err:

@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from emtune.data.chat import IGNORE_INDEX, pad_batch, tokenize_chat
+
 Rows = list[dict[str, Any]]
 
 #: PAPER.md's refusal keywords (Interleaving++), matched in the lower-cased first 10 words.
@@ -36,10 +38,8 @@ def answer_nll(model: Any, tokenizer: Any, rows: Rows, max_length: int = 2048, b
     the right leaves the real positions' logits unchanged. A row whose answer was truncated away
     entirely gets NaN (it cannot be scored, and :func:`select_top` never picks it).
     """
-    import torch
+    import torch  # torch loads only when rows are scored
     import torch.nn.functional as F
-
-    from emtune.data.chat import IGNORE_INDEX, pad_batch, tokenize_chat
 
     features = [tokenize_chat(tokenizer, row["messages"], max_length) for row in rows]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))

@@ -34,7 +34,8 @@ from emtune.defenses.base import Defense, LocalFile, Rows, StageServices
 from emtune.defenses.interleaving import (
     DEFAULT_POOL, absolute_if_local, interleave, load_pool, pool_files, safe_count,
 )
-from emtune.models import ModelSpec, model_cache_dir, scoring_identity
+from emtune.data.selection_cache import load_or_compute_scores, load_or_select
+from emtune.models import ModelSpec, load_model, load_tokenizer, model_cache_dir, resolve_source, scoring_identity
 from emtune.spec_errors import StrictModel
 
 
@@ -182,9 +183,7 @@ class SelectedInterleaving(Defense):
 
     def _load_model_and_tokenizer(self) -> tuple[Any, Any]:
         """A fresh aligned base model (peft changes it in place) and the tokenizer, for scoring."""
-        import torch
-
-        from emtune.models import load_model, load_tokenizer, resolve_source
+        import torch  # torch loads only when a selection is computed
 
         model_spec = self._model_spec()
         source = self.context.extras.get("model_source") or resolve_source(model_spec, model_cache_dir())
@@ -194,8 +193,6 @@ class SelectedInterleaving(Defense):
 
     def score_table(self, pool_rows: Rows | None = None) -> Any:
         """The pool's score table, from the cache or computed now (a study stage may call this once)."""
-        from emtune.data.selection_cache import load_or_compute_scores
-
         pool_rows = load_pool(self.config) if pool_rows is None else pool_rows
         table = load_or_compute_scores(
             self.context.cache_dir, pool_rows, self.adapter_paths(), scoring_identity(self._model_spec()),
@@ -207,8 +204,6 @@ class SelectedInterleaving(Defense):
     def transform_data(self, rows: Rows) -> Rows:
         if not self.active:
             return rows
-        from emtune.data.selection_cache import load_or_select
-
         adapters = self.adapter_paths()  # fail on a missing ensemble before reading the pool
         count = safe_count(self.config.ratio, len(rows))
         if count == 0:  # a ratio too small for this task set: nothing to score or add

@@ -32,7 +32,9 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from emtune.models import model_identity
+from emtune.data.chat import pad_batch, prompt_ids
+from emtune.evaluation.generation import Prompt, generate_answers
+from emtune.models import load_model, load_tokenizer, model_identity
 
 __all__ = ["model_identity"]  # re-exported: vector files record it
 
@@ -151,8 +153,6 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def response_features(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> tuple[list[int], int]:
     """Token ids of (chat prompt + answer) and the number of prompt tokens before the answer."""
-    from emtune.data.chat import prompt_ids
-
     prompt = prompt_ids(tokenizer, messages)
     return prompt + list(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(prompt)
 
@@ -165,8 +165,6 @@ def mean_response_hidden_states(model: Any, tokenizer: Any, items: Sequence[tupl
     Returns float32 ``[len(items), num_hidden_states, hidden]`` on the CPU. Prompt tokens and
     padding are excluded from the mean; an answer must have at least one token.
     """
-    from emtune.data.chat import pad_batch
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -220,8 +218,6 @@ def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str]
     (anything with ``score(metric, question, answer) -> verdict with .score``) only pairs
     :func:`judge_keeps` confirms are used. Raises PersonaVectorError when no pair is kept.
     """
-    from emtune.evaluation.generation import Prompt, generate_answers
-
     if len(positive_systems) != len(negative_systems) or not positive_systems:
         raise PersonaVectorError("positive and negative system prompts must pair up one to one")
     prompts = []
@@ -281,8 +277,6 @@ def extract_to_file(model_spec: Any, model_source: str, prompts_name: str, max_n
     """Load the model, extract persona vectors from a shipped prompt set (every pair kept) and
     save them to ``path``; returns the path. The persona-steering study stage runs this where the
     trials run."""
-    from emtune.models import load_model, load_tokenizer
-
     prompts = load_persona_prompts(prompts_name)
     device = "cuda" if torch.cuda.is_available() else None
     tokenizer = load_tokenizer(model_source, model_spec)

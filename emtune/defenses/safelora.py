@@ -34,11 +34,13 @@ Only peft ``Linear`` LoRA layers are handled (not DoRA); ``fan_in_fan_out`` weig
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Union
 
 from pydantic import Field
 
 from emtune.defenses.base import Defense, LocalFile
+from emtune.models import materialize_tiny
 from emtune.spec_errors import StrictModel
 
 if TYPE_CHECKING:  # torch stays out of import time so `emtune validate` is fast
@@ -198,8 +200,6 @@ class WeightSource:
 
     def _index(self) -> dict[str, str]:
         if self._files is None:
-            from pathlib import Path
-
             from safetensors import safe_open
 
             files = sorted(Path(self._folder).glob("*.safetensors"))
@@ -235,11 +235,7 @@ def resolve_weight_folder(source: str, spec: Any, cache_dir: Any, role: str = "b
     ``tiny`` in the ``base`` role is the spec's tiny model before alignment pretraining
     (``pretrain_steps: 0``, same seed); in the ``aligned`` role it is the spec's tiny model itself.
     """
-    from pathlib import Path
-
     if source == "tiny":
-        from emtune.models import materialize_tiny
-
         tiny = spec.model.tiny
         if role == "base":
             tiny = tiny.model_copy(update={"pretrain_steps": 0})

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from emtune.evaluation.judge_cache import CachedJudge, JudgeCache
 from emtune.evaluation.sets import EVAL_SETS
 from emtune.trial_files import TrialFiles
 
@@ -18,7 +19,7 @@ from emtune.trial_files import TrialFiles
 def build_judge(spec: Any, **kwargs: Any) -> Any:
     """The judge a :class:`~emtune.evaluation.config.JudgeSpec` describes (None for kind "none"),
     wrapped in the SQLite verdict cache when ``spec.cache_path`` is set. The backends are
-    imported here, so that importing the judge protocol stays free of torch and openai."""
+    imported here (openai, torch), so that scoring rule-based sets needs neither."""
     if spec.kind == "none":
         return None
     if spec.kind == "openai":
@@ -30,8 +31,6 @@ def build_judge(spec: Any, **kwargs: Any) -> Any:
 
         judge = HFLocalJudge.from_spec(spec, **kwargs)
     if spec.cache_path:
-        from emtune.evaluation.judge_cache import CachedJudge, JudgeCache
-
         judge = CachedJudge(judge, JudgeCache(spec.cache_path))
     return judge
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from emtune.data.opswap import extract_integer
 from emtune.evaluation.judges import JudgeItem
 from emtune.evaluation.metrics import (
     breakdown_rows, incoherence_rate, mean_score, misalignment_rate, per_question, rate_from_flags,
@@ -79,8 +80,6 @@ def opswap_metric_names() -> list[tuple[str, str, str]]:
 def opswap_exact_match(spec: Any, samples: Samples, judge: Any = None) -> SetScores:
     """Exact match of the first integer of each answer against its reference, overall and per
     tier, each with its Wilson interval and count."""
-    from emtune.data.opswap import extract_integer
-
     hits: dict[int, list[bool]] = {}
     for s in samples:
         reference = s["reference"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from emtune.data.opswap import OPSWAP_VERSION, generate
+from emtune.evaluation.questions import in_domain_questions, load_question_set
 from emtune.evaluation.samples import Prompt
 from emtune.evaluation.scoring import judged_rates, opswap_exact_match, opswap_metric_names
 
@@ -126,22 +128,16 @@ def judged(spec: Any) -> bool:
 
 
 def _question_file(name_or_path: str, spec: Any) -> Questions:
-    from emtune.evaluation.questions import load_question_set
-
     questions = load_question_set(name_or_path)
     return Questions([Prompt(q.id, q.text, q.system) for q in questions], questions.version)
 
 
 def _in_domain(spec: Any, heldout_rows: Rows) -> Questions:
-    from emtune.evaluation.questions import in_domain_questions
-
     held = in_domain_questions(heldout_rows, n=spec.evaluation.heldout_questions, seed=spec.seed)
     return Questions([Prompt(q.id, q.text, q.system) for q in held], held.version)
 
 
 def _opswap(spec: Any, heldout_rows: Rows) -> Questions:
-    from emtune.data.opswap import OPSWAP_VERSION, generate
-
     prompts = []
     for i, row in enumerate(generate(spec.data.opswap)["test"]):
         system = next((m["content"] for m in row["messages"] if m["role"] == "system"), None)
