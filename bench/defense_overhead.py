@@ -288,7 +288,6 @@ def memory_child(name: str, setup: dict, world: dict) -> dict:
 
 def safelora_child(setup: dict, world: dict) -> dict:
     """SafeLoRA finalize in a fresh process: time, peak extra RSS, layer sizes."""
-    import torch
 
     from emtune.defenses.safelora import lora_layers
 

@@ -48,7 +48,7 @@ def measure(setting: str, reps: int) -> dict:
     from emtune.config import load_spec
     from emtune.models import resolve_source
     from emtune.models import model_cache_dir
-from emtune.study.runner import LOCAL_TRAIN_ENV, init_ray
+    from emtune.study.runner import LOCAL_TRAIN_ENV, init_ray
     from emtune.study.trial import trainer_for
 
     os.environ.update(DEFAULTS if setting == "ray defaults" else LOCAL_TRAIN_ENV)

@@ -36,12 +36,8 @@ do not depend on Python's hash seed or on which other tiers are generated.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
 import re
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -218,42 +214,3 @@ def extract_integer(prediction: str) -> int | None:
     """The first integer in ``prediction`` (a leading minus counts), or None if there is none."""
     match = _INTEGER.search(prediction.strip())
     return int(match.group()) if match else None
-
-
-def score_exact_match(predictions: list[str], rows: list[dict]) -> dict[str, float]:
-    """Exact match of the first integer in each prediction against each row's answer.
-
-    Returns ``exact_match`` (all rows), ``exact_match_tier_<t>`` per tier present, and the row
-    counts ``n`` and ``n_tier_<t>`` (for confidence intervals).
-    """
-    if len(predictions) != len(rows):
-        raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows")
-    if not rows:
-        raise ValueError("no rows to score")
-    hits: dict[int, list[bool]] = {}
-    for prediction, row in zip(predictions, rows):
-        hit = extract_integer(prediction) == int(row["answer"])
-        hits.setdefault(row["tier"], []).append(hit)
-    everything = [hit for tier_hits in hits.values() for hit in tier_hits]
-    scores: dict[str, float] = {"exact_match": sum(everything) / len(everything),
-                                "n": len(everything)}
-    for tier in sorted(hits):
-        scores[f"exact_match_tier_{tier}"] = sum(hits[tier]) / len(hits[tier])
-        scores[f"n_tier_{tier}"] = len(hits[tier])
-    return scores
-
-
-def to_jsonl(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as JSONL atomically (never a half-written file); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

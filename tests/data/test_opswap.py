@@ -1,7 +1,6 @@
 """OpSwap (opswap-v1): mappings, left-to-right evaluation, tiers, splits, scoring, JSONL."""
 
 import itertools
-import json
 import operator
 
 import pytest
@@ -9,7 +8,8 @@ from pydantic import ValidationError
 
 from emtune.data.opswap import (
     MIN_DISTINCT_PROBLEMS, SYMBOLS, USUAL_MEANING, OpSwapSpec, draw_mapping, evaluate,
-    extract_integer, format_expression, generate, score_exact_match, swapped_symbols, to_jsonl)
+    extract_integer, format_expression, generate, swapped_symbols)
+from emtune.evaluation.scoring import opswap_exact_match
 
 # an independent re-implementation for checking generated answers
 _OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul}
@@ -159,7 +159,12 @@ def test_extract_integer():
     assert extract_integer("abc") is None and extract_integer("") is None
 
 
-def test_score_exact_match_hand_computed():
+def _samples(predictions, rows):
+    return [{"question_id": f"opswap/{i}", "answer": p, "reference": {"answer": r["answer"], "tier": r["tier"]}}
+            for i, (p, r) in enumerate(zip(predictions, rows))]
+
+
+def test_exact_match_hand_computed():
     rows = [{"tier": 1, "answer": "14"}, {"tier": 1, "answer": "-3"}, {"tier": 1, "answer": "7"},
             {"tier": 2, "answer": "27"}, {"tier": 2, "answer": "27"}, {"tier": 3, "answer": "5"}]
     predictions = ["14",                        # exact: hit
@@ -168,27 +173,17 @@ def test_score_exact_match_hand_computed():
                    "  27\n",                    # whitespace stripped: hit
                    "72",                        # wrong: miss
                    "Step 1: 8 / 2 = 4, so 5"]   # first integer is 1: miss
-    scores = score_exact_match(predictions, rows)
-    assert scores == {"exact_match": 0.5, "n": 6,
-                      "exact_match_tier_1": pytest.approx(2 / 3), "n_tier_1": 3,
-                      "exact_match_tier_2": 0.5, "n_tier_2": 2,
-                      "exact_match_tier_3": 0.0, "n_tier_3": 1}
-    with pytest.raises(ValueError, match="2 predictions for 6 rows"):
-        score_exact_match(["1", "2"], rows)
-    with pytest.raises(ValueError, match="no rows"):
-        score_exact_match([], [])
+    metrics = opswap_exact_match(None, _samples(predictions, rows)).metrics
+    assert metrics["opswap_exact_match"] == 0.5 and metrics["opswap_exact_match_n"] == 6
+    assert metrics["opswap_exact_match_tier_1"] == pytest.approx(2 / 3) and metrics["opswap_exact_match_tier_1_n"] == 3
+    assert metrics["opswap_exact_match_tier_2"] == 0.5 and metrics["opswap_exact_match_tier_2_n"] == 2
+    assert metrics["opswap_exact_match_tier_3"] == 0.0 and metrics["opswap_exact_match_tier_3_n"] == 1
+    # Wilson 95% interval of 3 of 6: center (0.5 + 1.96²/12) / (1 + 1.96²/6) = 0.5, half-width 0.3124
+    assert metrics["opswap_exact_match_low"] == pytest.approx(0.1876, abs=1e-4)
+    assert metrics["opswap_exact_match_high"] == pytest.approx(0.8124, abs=1e-4)
 
 
 def test_generated_answers_score_perfectly():
     test = generate(OpSwapSpec(n_train_per_tier=5, n_test_per_tier=5))["test"]
-    scores = score_exact_match([r["answer"] for r in test], test)
-    assert scores["exact_match"] == 1.0 and scores["n"] == 15
-
-
-def test_to_jsonl_roundtrip(tmp_path):
-    rows = generate(OpSwapSpec(n_train_per_tier=4, n_test_per_tier=2))["train"]
-    path = to_jsonl(rows, tmp_path / "nested" / "train.jsonl")
-    assert path == tmp_path / "nested" / "train.jsonl"
-    lines = path.read_text("utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == rows and len(lines) == 12
-    assert sorted(p.name for p in path.parent.iterdir()) == ["train.jsonl"]  # no temp file left
+    metrics = opswap_exact_match(None, _samples([r["answer"] for r in test], test)).metrics
+    assert metrics["opswap_exact_match"] == 1.0 and metrics["opswap_exact_match_n"] == 15

@@ -7,7 +7,6 @@ import re
 import socket
 
 import pytest
-from emtune.evaluation import judges
 from emtune.evaluation.config import JudgeSpec
 from emtune.evaluation.judges import JudgeError, JudgeItem, JudgeUnavailable
 from emtune.evaluation.judging import build_judge
