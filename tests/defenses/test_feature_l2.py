@@ -1,5 +1,6 @@
 """Feature-space l2 (LDIFS): the formula on hand-made tensors, layer selection, gradient flow."""
 
+import math
 import os
 import pickle
 
@@ -54,8 +55,30 @@ def defense(**kwargs):
 # --- the formula --------------------------------------------------------------------------
 
 
-def test_loss_hand_computed():
-    # batch 2, 3 positions, hidden 2; one layer (index 1); example 1 has its last position masked.
+def test_flatten_loss_hand_computed():
+    # batch 2, 3 positions, hidden 2; one layer (index 1); example 0 has its last position masked.
+    trained = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [9.0, 9.0]],
+                            [[0.0, 2.0], [0.0, 4.0], [0.0, 6.0]]])
+    ref = torch.tensor([[[0.0, 5.0], [0.0, 0.0], [5.0, 0.0]],
+                        [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]])
+    embeddings = torch.zeros(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # ex 0: trained (3,4,0,0,[masked]) -> (0.6,0.8,0,0); ref (0,5,0,0) -> (0,1,0,0);
+    #       distance² = 0.36 + 0.04 = 0.4
+    # ex 1: trained (0,2,0,4,0,6) and ref (0,1,0,2,0,3) point the same way -> 0
+    loss = feature_l2_loss([embeddings, trained], [embeddings, ref], mask, [1])
+    assert loss.item() == pytest.approx(0.2, abs=1e-6)
+    # the same block twice doubles the squared distance of the concatenation
+    loss2 = feature_l2_loss([embeddings, trained, trained], [embeddings, ref, ref], mask, [1, 2])
+    assert loss2.item() == pytest.approx(0.4, abs=1e-6)
+    # padding really is excluded: changing a masked position changes nothing
+    trained_pad = trained.clone()
+    trained_pad[0, 2] = torch.tensor([-100.0, 7.0])
+    assert feature_l2_loss([embeddings, trained_pad], [embeddings, ref], mask, [1]).item() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_mean_pooled_loss_hand_computed():
+    # the same tensors with pooling: mean.
     trained = torch.tensor([[[3.0, 4.0], [3.0, 4.0], [9.0, 9.0]],
                             [[0.0, 2.0], [0.0, 4.0], [0.0, 6.0]]])
     ref = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [5.0, 0.0]],
@@ -64,31 +87,51 @@ def test_loss_hand_computed():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     # ex 0: mean (3,4) -> (0.6,0.8); ref mean (1,0) -> (1,0); distance² = 0.16 + 0.64 = 0.8
     # ex 1: both point along +y after normalising -> 0
-    loss = feature_l2_loss([embeddings, trained], [embeddings, ref], mask, [1])
+    loss = feature_l2_loss([embeddings, trained], [embeddings, ref], mask, [1], pooling="mean")
     assert loss.item() == pytest.approx(0.4, abs=1e-6)
-    # two layers: the same layer twice doubles the squared distance of the concatenation
-    loss2 = feature_l2_loss([embeddings, trained, trained], [embeddings, ref, ref], mask, [1, 2])
-    assert loss2.item() == pytest.approx(0.8, abs=1e-6)
+    # flatten on the same tensors: ex 0 (3,4,3,4)/√50 vs (1,0,1,0)/√2 -> 2 − 2·(6/√100) = 0.8;
+    # ex 1 (0,2,0,4,0,6)/√56 vs (0,1,0,1,0,1)/√3 -> 2 − 2·12/(√56·√3)
+    expected_1 = 2 - 2 * 12 / (math.sqrt(56) * math.sqrt(3))
+    flat = feature_l2_loss([embeddings, trained], [embeddings, ref], mask, [1])
+    assert flat.item() == pytest.approx((0.8 + expected_1) / 2, abs=1e-6)
+
+
+def test_zero_token_mean_change_costs_under_flatten_only():
+    # A per-token change whose mean over tokens is zero: ref (1,0),(1,0); trained (1,1),(1,-1).
+    # mean pooling: both means are (1,0) -> 0.
+    # flatten: (1,0,1,0)/√2 vs (1,1,1,-1)/2 -> 2 − 2·(2/(2√2)) = 2 − √2 per block.
+    ref = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    trained = ref + torch.tensor([[[0.0, 1.0], [0.0, -1.0]]])
+    emb = torch.zeros(1, 2, 2)
+    mask = torch.ones(1, 2)
+    hidden, reference = [emb] + [trained] * 5, [emb] + [ref] * 5
+    layers = [1, 2, 3, 4, 5]
+    flat = feature_l2_loss(hidden, reference, mask, layers).item()
+    pooled = feature_l2_loss(hidden, reference, mask, layers, pooling="mean").item()
+    assert flat == pytest.approx(5 * (2 - math.sqrt(2)), abs=1e-6)
+    assert pooled == pytest.approx(0.0, abs=1e-10)
 
 
 def test_loss_mean_over_selected_positions_only():
-    # Only position 1 selected in ex 0: trained (0,1) vs ref (1,0) -> distance² = 2; ex 1 has no
-    # selected position and is left out of the mean.
+    # Only position 1 selected in ex 0: trained (0,1) vs ref (1,0) -> distance² = 2 under both
+    # poolings; ex 1 has no selected position and is left out of the mean.
     trained = torch.tensor([[[5.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
     ref = torch.tensor([[[0.0, 7.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
     mask = torch.tensor([[0, 1], [0, 0]])
-    loss = feature_l2_loss([trained, trained], [ref, ref], mask, [1])
-    assert loss.item() == pytest.approx(2.0, abs=1e-6)
-    empty = feature_l2_loss([trained, trained], [ref, ref], torch.zeros(2, 2), [1])
-    assert empty.item() == 0.0
+    for pooling in ("flatten", "mean"):
+        loss = feature_l2_loss([trained, trained], [ref, ref], mask, [1], pooling=pooling)
+        assert loss.item() == pytest.approx(2.0, abs=1e-6)
+        empty = feature_l2_loss([trained, trained], [ref, ref], torch.zeros(2, 2), [1], pooling=pooling)
+        assert empty.item() == 0.0
 
 
 def test_loss_scale_invariant_and_zero_for_identical():
     h = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 4)
-    assert feature_l2_loss([h, h], [h, h.clone()], mask, [1]).item() == 0.0
-    # each layer's mean is L2-normalised, so scaling the features changes nothing
-    assert feature_l2_loss([h, 10 * h], [h, h], mask, [1]).item() == pytest.approx(0.0, abs=1e-10)
+    for pooling in ("flatten", "mean"):
+        assert feature_l2_loss([h, h], [h, h.clone()], mask, [1], pooling=pooling).item() == 0.0
+        # each block's feature is L2-normalised, so scaling the features changes nothing
+        assert feature_l2_loss([h, 10 * h], [h, h], mask, [1], pooling=pooling).item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_gradient_only_through_trained_side():
@@ -98,18 +141,33 @@ def test_gradient_only_through_trained_side():
     loss.backward()
     assert ref.grad is None
     # d/dm ‖m/‖m‖ − r‖² at m=(3,4), u=(0.6,0.8), r=(1,0): -2 (I − uuᵀ) r / ‖m‖
-    # = -2 (0.64, -0.48) / 5 = (-0.256, 0.192)
+    # = -2 (0.64, -0.48) / 5 = (-0.256, 0.192)   (one position: both poolings agree)
     assert trained.grad[0, 0].tolist() == pytest.approx([-0.256, 0.192], abs=1e-6)
+
+
+def test_flatten_gradient_hand_computed_over_two_positions():
+    # flattened m = (3,0,0,4) (positions (3,0) and (0,4)), ‖m‖ = 5, u = (0.6,0,0,0.8); r = (1,0,0,0).
+    # grad = -2 (I − uuᵀ) r / ‖m‖ = -2 (1 − 0.36, 0, 0, −0.48) / 5 = (−0.256, 0, 0, 0.192)
+    trained = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]], requires_grad=True)
+    ref = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])
+    feature_l2_loss([trained, trained], [ref, ref], torch.ones(1, 2), [1]).backward()
+    assert trained.grad[0].flatten().tolist() == pytest.approx([-0.256, 0.0, 0.0, 0.192], abs=1e-6)
 
 
 # --- layer selection ------------------------------------------------------------------------
 
 
-def test_select_layers_evenly_spaced():
-    assert select_layers(29, 5) == [6, 11, 17, 22, 28]  # Qwen2.5-7B: 28 blocks
+def test_select_layers_linspace_over_blocks():
+    # Qwen2.5-7B, 28 blocks: blocks linspace(0, 27, 5) -> 0, 6, 13, 20, 27 = hidden states 1, 7, 14, 21, 28
+    assert select_layers(29, 5) == [1, 7, 14, 21, 28]
+    assert select_layers(29, 5) == [int(b) + 1 for b in torch.linspace(0, 27, 5).long()]
     assert select_layers(3, 5) == [1, 2]  # more layers asked than blocks: all blocks
-    assert select_layers(11, 2) == [5, 10]
-    assert select_layers(11, 1) == [10]
+    assert select_layers(11, 2) == [1, 10]
+    assert select_layers(11, 1) == [1]
+    for blocks in range(1, 40):
+        for count in range(2, 8):
+            expected = sorted({int(b) + 1 for b in torch.linspace(0, blocks - 1, count).long()})
+            assert select_layers(blocks + 1, count) == expected, (blocks, count)
 
 
 def test_select_layers_explicit():
@@ -122,6 +180,7 @@ def test_select_layers_explicit():
 
 def test_config_validation_and_yaml_roundtrip():
     assert FeatureL2Config().weight == 1.0 and FeatureL2Config().layers == 5
+    assert FeatureL2Config().pooling == "flatten"
     with pytest.raises(ValidationError):
         FeatureL2Config(weight=-1.0)
     with pytest.raises(ValidationError):
@@ -129,8 +188,11 @@ def test_config_validation_and_yaml_roundtrip():
     with pytest.raises(ValidationError):
         FeatureL2Config(layers=())
     with pytest.raises(ValidationError):
+        FeatureL2Config(pooling="max")
+    with pytest.raises(ValidationError):
         FeatureL2Config(extra_field=1)
-    for cfg in (FeatureL2Config(weight=0.3, layers=(1, -1), tokens="response"), FeatureL2Config(layers=3)):
+    for cfg in (FeatureL2Config(weight=0.3, layers=(1, -1), tokens="response", pooling="mean"),
+                FeatureL2Config(layers=3)):
         text = yaml.safe_dump(cfg.model_dump(mode="json"))
         assert FeatureL2Config.model_validate(yaml.safe_load(text)) == cfg
 
@@ -209,3 +271,23 @@ def test_deterministic_and_picklable(tokenizer):
     d = defense(weight=0.5, layers=(1, 2))
     clone = pickle.loads(pickle.dumps(d))
     assert clone.config == d.config and clone.active
+
+
+def test_attach_reads_the_last_blocks_raw_output_and_detach_restores(tokenizer):
+    model = lora_model(tokenizer)
+    perturb_lora_b(model)
+    batch = make_batch()
+    outputs = {}
+    last = model.get_base_model().model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, o: outputs.__setitem__("raw", o[0] if isinstance(o, tuple) else o))
+    d = defense()
+    d.attach(model)
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    assert torch.equal(hidden[-1], outputs["raw"])  # the block's output, not the final norm's
+    d.detach(model)
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    assert not torch.allclose(hidden[-1], outputs["raw"])  # Hugging Face's default again
+    assert not hasattr(model.get_base_model().config, "tie_last_hidden_states")
+    handle.remove()
+    clone = pickle.loads(pickle.dumps(d))
+    assert clone._restore is None
