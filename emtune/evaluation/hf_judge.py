@@ -33,6 +33,7 @@ from emtune.evaluation.judges import (
     label_from_token,
     load_judge_prompts,
     render_prompt,
+    resolved_prompt_version,
 )
 
 SEQUENCE_RULE = "candidate_sequence_terminated_v1"
@@ -53,7 +54,7 @@ class HFLocalJudge:
         tokenizer: Any,
         *,
         judge_id: str,
-        prompt_version: str = "v1",
+        prompt_version: str = "v2",
         prompts: dict[str, str] | None = None,
         candidates: Iterable[int] = range(101),
         min_mass: float = MIN_NUMBER_MASS,
@@ -65,7 +66,7 @@ class HFLocalJudge:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.judge_id = judge_id
-        self.prompt_version = prompt_version
+        self.prompt_version = resolved_prompt_version(prompt_version)
         self.prompts = prompts if prompts is not None else load_judge_prompts(prompt_version)
         self.candidates = [int(k) for k in candidates]
         self.min_mass = min_mass
@@ -97,9 +98,9 @@ class HFLocalJudge:
             f"rule={SEQUENCE_RULE!r})"
         )
 
-    def score(self, metric: str, question: str, answer: str) -> JudgeVerdict:
-        """Judge one answer."""
-        return self._score_prompt(render_prompt(self.prompts, metric, question, answer))
+    def score(self, metric: str, question: str, answer: str, template: str | None = None) -> JudgeVerdict:
+        """Judge one answer (with ``template`` instead of the metric's prompt when given)."""
+        return self._score_prompt(render_prompt(self.prompts, metric, question, answer, template))
 
     def score_many(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
         """Judge items one after another (the candidates of one item form the batch)."""

@@ -39,11 +39,14 @@ CREATE TABLE IF NOT EXISTS verdicts (
 """
 
 
-def cache_key(judge_id: str, prompt_version: str, metric: str, question: str, answer: str) -> str:
+def cache_key(judge_id: str, prompt_version: str, metric: str, question: str, answer: str,
+              template: str | None = None) -> str:
     """Stable key of one judged item (sha256 over the length-prefixed fields, so no two field
-    tuples can collide by concatenation)."""
+    tuples can collide by concatenation). An item judged with its own ``template`` keys on the
+    template's text too; without one the key is what it always was."""
     digest = hashlib.sha256()
-    for part in (judge_id, prompt_version, metric, question, answer):
+    parts = (judge_id, prompt_version, metric, question, answer) + (() if template is None else ("template", template))
+    for part in parts:
         data = part.encode("utf-8")
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
@@ -91,7 +94,8 @@ class JudgeCache:
         rows = [
             (
                 cache_key(judge_id, prompt_version, *item),
-                judge_id, prompt_version, item.metric, item.question, item.answer,
+                judge_id, prompt_version, item.metric if item.template is None else f"{item.metric}@custom",
+                item.question, item.answer,
                 verdict.score, verdict.label, verdict.reason, verdict.scoring_rule,
                 json.dumps(verdict.logprobs, sort_keys=True),
             )

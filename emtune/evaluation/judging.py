@@ -42,6 +42,7 @@ def score_trial(spec: Any, checkpoint_dir: Path, client: Any = None, run_id: str
     ``judged/<set>_<table>.json`` in the run, and the judge's identity to ``judged/judge.json``."""
     files = TrialFiles(Path(checkpoint_dir))
     present = [EVAL_SETS[name] for name in files.sample_sets() if name in EVAL_SETS]
+    prompts_used: dict[str, dict[str, str]] = {}
     has_judge = spec.evaluation.judge.kind != "none"
     if judge is None and has_judge and any(s.needs_judge for s in present):
         judge = build_judge(_with_default_cache(spec))
@@ -54,17 +55,36 @@ def score_trial(spec: Any, checkpoint_dir: Path, client: Any = None, run_id: str
             continue
         scores = eval_set.score(spec, samples, judge if eval_set.needs_judge else None)
         metrics.update(scores.metrics)
+        if eval_set.needs_judge and eval_set.judge_prompts is not None:
+            prompts_used[eval_set.name] = _prompt_roles(eval_set.judge_prompts(spec), samples)
         if client is not None and run_id is not None:
             for table, columns in scores.tables.items():
                 if columns:
                     client.log_table(run_id, data=columns, artifact_file=f"judged/{eval_set.name}_{table}.json")
     if client is not None and run_id is not None and judge is not None:
+        version = getattr(judge, "prompt_version", spec.evaluation.judge.prompt_version)
         client.log_dict(run_id, {
             "judge_id": getattr(judge, "judge_id", spec.evaluation.judge.model),
-            "prompt_version": spec.evaluation.judge.prompt_version,
+            "prompt_version": version,
+            "prompt_source": spec.evaluation.judge.prompt_version,
+            "prompts_by_set": prompts_used,
+            "in_domain": spec.evaluation.in_domain.model_dump(),
             "thresholds": spec.evaluation.thresholds.model_dump(),
         }, "judged/judge.json")
+        client.set_tag(run_id, "judge_prompt_version", str(version))
+        for name, roles in prompts_used.items():
+            client.set_tag(run_id, f"judge_prompts/{name}", f"aligned={roles['aligned']}, coherent={roles['coherent']}")
     return metrics
+
+
+def _prompt_roles(names: tuple[str, str], samples: list[dict[str, Any]]) -> dict[str, str]:
+    """Which prompt played each role: the set's prompt names, or "question file" where the
+    samples carried their question file's own judge prompts."""
+    out = {}
+    for role, name in zip(("aligned", "coherent"), names):
+        own = any((s.get("judge_prompts") or {}).get(role) for s in samples)
+        out[role] = f"{name} (question file's own where given)" if own else name
+    return out
 
 
 def _with_default_cache(spec: Any) -> Any:

@@ -32,6 +32,7 @@ from emtune.evaluation.judges import (
     JudgeVerdict,
     load_judge_prompts,
     render_prompt,
+    resolved_prompt_version,
     verdict_from_top_logprobs,
 )
 
@@ -57,7 +58,7 @@ class OpenAIJudge:
             raise JudgeError(f"OpenAIJudge needs a spec of kind 'openai', got {spec.kind!r}")
         self.spec = spec
         self.judge_id = spec.judge_id
-        self.prompt_version = spec.prompt_version
+        self.prompt_version = resolved_prompt_version(spec.prompt_version)
         self.prompts = prompts if prompts is not None else load_judge_prompts(spec.prompt_version)
         key = _read_key(spec.api_key_env)
         # Kept only to scrub error texts; a closure keeps it out of vars(self) and reprs.
@@ -89,7 +90,7 @@ class OpenAIJudge:
         JudgeUnavailable with the number of items left without a verdict.
         """
         items = [JudgeItem(*item) for item in items]
-        prompts = [render_prompt(self.prompts, it.metric, it.question, it.answer) for it in items]
+        prompts = [render_prompt(self.prompts, *it) for it in items]
         if not items:
             return []
         down = threading.Event()

@@ -1,8 +1,10 @@
-"""Question sets: shipped, versioned YAML files, user files in the public EM format, and
+"""Question sets: shipped, versioned YAML files, user files in the published formats, and
 in-domain questions drawn from a dataset's held-out split.
 
-File format (the public EM question YAML, PAPER.md "Evaluation"): a list of entries, each with
-  id (str), type (free_form, free_form_judge, free_form_judge_0_100), paraphrases (list of str),
+File format (the public EM question YAML of Betley et al., docs/method.md "Evaluation"): a list of
+entries, each with
+  id (str, or an integer as in the paper's group's in-domain files), type (free_form,
+  free_form_judge, free_form_judge_0_100), paraphrases (list of str),
   and optionally system (str), samples_per_paraphrase (int >= 1), judge (str, ignored: emtune's
   judge comes from the spec), judge_prompts (metric -> template with {question} / {answer}).
 emtune's shipped files wrap that list as `{version: <name>, questions: [...]}`; a user file may
@@ -10,21 +12,31 @@ be either shape. A bare list has no version of its own: it gets "user:" + the fi
 of the sha256 of the file's bytes, so results from different files never share a version.
 
 Each paraphrase becomes one `Question`; its id is the entry id, or "<id>/<i>" when the entry has
-several paraphrases.
+several paraphrases. YAML anchors and aliases (how the published files share one judge prompt)
+are read as written.
+
+A ``.jsonl`` file is read as chat rows (``{"messages": [...]}``, the paper's group's held-out
+question files): each row's first user message is a question (with the row's leading system
+message), its id ``<file stem>/<row>``; the rows' assistant answers are ignored.
+
+The shipped sets are emtune's own wording of the published questions (their ``description``
+says so); a user file is used exactly as written. Every set records where it came from and, for a
+file, the sha256 of its bytes (the report names both).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-#: Used when an entry gives no samples_per_paraphrase (the authors' code default; PAPER.md).
+#: Used when an entry gives no samples_per_paraphrase (the paper authors' code default).
 DEFAULT_SAMPLES = 10
 _TYPES = {"free_form", "free_form_judge", "free_form_judge_0_100"}
 _FIELDS = {"id", "type", "paraphrases", "system", "samples_per_paraphrase", "judge", "judge_prompts"}
@@ -53,6 +65,9 @@ class QuestionSet:
     name: str
     version: str
     questions: tuple[Question, ...]
+    source: str = ""
+    sha256: str | None = None
+    description: str = ""
 
     def __iter__(self) -> Iterator[Question]:
         return iter(self.questions)
@@ -77,16 +92,22 @@ def load_question_set(name_or_path: str | Path, samples_per_question: int | None
         raise QuestionSetError(f"samples_per_question must be >= 1, got {samples_per_question}")
     text = str(name_or_path)
     shipped = resources.files("emtune.evaluation") / "question_sets" / f"{text}.yaml"
-    if "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml")) and shipped.is_file():
+    if "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml", ".jsonl")) and shipped.is_file():
         data, source, name = shipped.read_bytes(), f"question_sets/{text}.yaml", text
+        digest = None
     else:
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise QuestionSetError(
                 f"{text}: no such question file, and not a shipped set (shipped: {', '.join(shipped_question_sets())})"
             )
         data, source, name = path.read_bytes(), str(path), path.stem
-    return parse_question_set(data, source=source, name=name, samples_per_question=samples_per_question)
+        digest = hashlib.sha256(data).hexdigest()
+    if source.endswith(".jsonl"):
+        parsed = parse_jsonl_questions(data, source=source, name=name, samples_per_question=samples_per_question)
+    else:
+        parsed = parse_question_set(data, source=source, name=name, samples_per_question=samples_per_question)
+    return replace(parsed, source=source, sha256=digest)
 
 
 def parse_question_set(
@@ -97,13 +118,14 @@ def parse_question_set(
         doc = yaml.safe_load(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise QuestionSetError(f"{source}: not valid YAML: {exc}") from None
+    description = ""
     if isinstance(doc, list):
         version, entries = "user:" + hashlib.sha256(data).hexdigest()[:12], doc
     elif isinstance(doc, dict):
         extra = set(doc) - {"version", "questions", "description"}
         if extra:
             raise QuestionSetError(f"{source}: unknown top-level field(s) {sorted(extra)}; expected version, questions")
-        version, entries = doc.get("version"), doc.get("questions")
+        version, entries, description = doc.get("version"), doc.get("questions"), str(doc.get("description") or "")
         if not isinstance(version, str) or not version.strip():
             raise QuestionSetError(f"{source}: field 'version' must be a non-empty string")
         if not isinstance(entries, list):
@@ -120,13 +142,44 @@ def parse_question_set(
                 raise QuestionSetError(f"{source}: entry {index} (id {question.id!r}), field 'id': duplicate id")
             seen.add(question.id)
             questions.append(question)
-    return QuestionSet(name=name, version=version, questions=tuple(questions))
+    return QuestionSet(name=name, version=version, questions=tuple(questions), description=description)
+
+
+def parse_jsonl_questions(data: bytes, *, source: str, name: str,
+                          samples_per_question: int | None = None) -> QuestionSet:
+    """Questions from chat rows, one JSON object per line (see module docs)."""
+    questions: list[Question] = []
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise QuestionSetError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuestionSetError(f"{source}:{number}: not valid JSON ({err.msg})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise QuestionSetError(f"{source}:{number}: a row needs a 'messages' list of {{role, content}} objects")
+        user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+        if not isinstance(user, str) or not user.strip():
+            raise QuestionSetError(f"{source}:{number}: no user message to ask")
+        system = messages[0].get("content") if messages[0].get("role") == "system" else None
+        questions.append(Question(id=f"{name}/{number - 1}", text=user, system=system,
+                                  samples=samples_per_question or DEFAULT_SAMPLES))
+    if not questions:
+        raise QuestionSetError(f"{source}: the file has no questions")
+    return QuestionSet(name=name, version="user:" + hashlib.sha256(data).hexdigest()[:12], questions=tuple(questions))
 
 
 def _parse_entry(entry: Any, index: int, source: str, samples_override: int | None) -> list[Question]:
     if not isinstance(entry, dict):
         raise QuestionSetError(f"{source}: entry {index}: expected a mapping with id, type, paraphrases")
     entry_id = entry.get("id")
+    if isinstance(entry_id, int) and not isinstance(entry_id, bool):
+        entry_id = str(entry_id)  # the paper's group numbers its in-domain questions
     where = f"{source}: entry {index}" + (f" (id {entry_id!r})" if isinstance(entry_id, str) else "")
 
     def fail(field_name: str, problem: str) -> QuestionSetError:
@@ -136,7 +189,7 @@ def _parse_entry(entry: Any, index: int, source: str, samples_override: int | No
     if unknown:
         raise fail(sorted(unknown)[0], f"unknown field; allowed: {', '.join(sorted(_FIELDS))}")
     if not isinstance(entry_id, str) or not entry_id.strip():
-        raise fail("id", "must be a non-empty string")
+        raise fail("id", "must be a non-empty string or an integer")
     if entry.get("type") not in _TYPES:
         raise fail("type", f"must be one of {sorted(_TYPES)}, got {entry.get('type')!r}")
     paraphrases = entry.get("paraphrases")

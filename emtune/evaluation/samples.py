@@ -12,13 +12,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Prompt:
-    """One question to answer: id, user text, optional system prompt, and for rule-scored sets
-    the ``reference`` the answer is checked against (e.g. OpSwap's answer and tier)."""
+    """One question to answer: id, user text, optional system prompt, for rule-scored sets the
+    ``reference`` the answer is checked against (e.g. OpSwap's answer and tier), and the judge
+    prompts its question file carries (role -> template; ``evaluation.question_judge_prompts``)."""
 
     question_id: str
     text: str
     system: str | None = None
     reference: Any = None
+    judge_prompts: dict[str, str] | None = None
 
     def messages(self) -> list[dict[str, str]]:
         """The chat messages of this prompt (system first when present)."""
@@ -36,15 +38,19 @@ class Sample:
     system: str | None
     answer: str
     reference: Any = None
+    judge_prompts: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSONL files and MLflow tables (``reference`` only when there is one)."""
+        """Plain dict for JSONL files and MLflow tables (``reference`` and ``judge_prompts`` only
+        when there are some)."""
         out = asdict(self)
-        if out["reference"] is None:
-            del out["reference"]
+        for optional in ("reference", "judge_prompts"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod
     def answering(cls, prompt: Prompt, sample: int, answer: str) -> "Sample":
         """The sample of ``prompt`` with this answer."""
-        return cls(prompt.question_id, sample, prompt.text, prompt.system, answer, prompt.reference)
+        return cls(prompt.question_id, sample, prompt.text, prompt.system, answer, prompt.reference,
+                   prompt.judge_prompts)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from emtune.data.opswap import extract_integer
-from emtune.evaluation.judges import JudgeItem
+from emtune.evaluation.judges import LABELS, JudgeItem
 from emtune.evaluation.metrics import (
-    breakdown_rows, incoherence_rate, mean_score, misalignment_rate, per_question, rate_from_flags,
+    breakdown_rows, incoherence_rate, misalignment_rate, per_question, rate_from_flags,
 )
 
 Samples = list[dict[str, Any]]
@@ -30,38 +30,53 @@ class SetScores:
     tables: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
 
-def judge_samples(judge: Any, samples: Samples, metrics: tuple[str, str] = ("aligned", "coherent")) -> tuple[list, list]:
-    """(aligned verdicts, coherent verdicts) for every sample, in order, in one batch."""
-    aligned_metric, coherent_metric = metrics
-    items = [JudgeItem(metric, s["question"], s["answer"])
-             for metric in (aligned_metric, coherent_metric) for s in samples]
+#: Judge prompts of the general questions: (aligned role, coherent role).
+GENERAL_ROLES = ("aligned", "coherent")
+
+
+def judge_samples(judge: Any, samples: Samples, metrics: tuple[str, str] = GENERAL_ROLES) -> tuple[list, list]:
+    """(aligned-role verdicts, coherent-role verdicts) for every sample, in order, in one batch.
+
+    ``metrics`` names the judge prompts of the two roles; a sample that carries its question
+    file's own ``judge_prompts`` is judged with those templates instead (role keys "aligned",
+    "coherent").
+    """
+    items = [JudgeItem(metric, s["question"], s["answer"], (s.get("judge_prompts") or {}).get(role))
+             for role, metric in zip(GENERAL_ROLES, metrics) for s in samples]
     verdicts = judge.score_many(items)
     return verdicts[: len(samples)], verdicts[len(samples):]
 
 
-def judged_rates(prefix: str, code_security: bool = False) -> Callable[[Any, Samples, Any], SetScores]:
+def label_counts(prefix: str, verdicts: list) -> dict[str, float]:
+    """``<prefix>_label_<label>``: how many aligned-role verdicts carried each label (CODE,
+    REFUSAL, UNKNOWN); such answers get no score and are left out of the rates' denominators."""
+    counts = {f"{prefix}_label_{label.lower()}": 0.0 for label in LABELS}
+    for verdict in verdicts:
+        if verdict.label:
+            counts[f"{prefix}_label_{verdict.label.lower()}"] += 1.0
+    return counts
+
+
+def judged_rates(prefix: str, roles: Callable[[Any], tuple[str, str]] = lambda spec: GENERAL_ROLES
+                 ) -> Callable[[Any, Samples, Any], SetScores]:
     """The scorer of a judged set: ``<prefix>_misalignment`` and ``<prefix>_incoherence`` with
-    their intervals (thresholds from the spec), a per-question breakdown, and with
-    ``code_security`` and ``evaluation.in_domain_code`` the mean security score."""
+    their Wilson intervals and counts (thresholds from the spec), the label counts, and a
+    per-question breakdown. ``roles(spec)`` names the judge prompts in the aligned and coherent
+    roles (the in-domain set's come from its domain, e.g. security and code_coherent for code)."""
 
     def score(spec: Any, samples: Samples, judge: Any) -> SetScores:
         thresholds = spec.evaluation.thresholds
-        aligned, coherent = judge_samples(judge, samples)
+        aligned, coherent = judge_samples(judge, samples, roles(spec))
         metrics = misalignment_rate(aligned, coherent, thresholds, name=f"{prefix}_misalignment").mlflow_metrics()
         metrics.update(incoherence_rate(coherent, thresholds, name=f"{prefix}_incoherence").mlflow_metrics())
-        if code_security and spec.evaluation.in_domain_code:
-            security = judge.score_many([JudgeItem("security", s["question"], s["answer"]) for s in samples])
-            mean, n = mean_score(security)
-            if mean is not None:
-                metrics["code_security"] = mean
-            metrics["code_security_n"] = float(n)
+        metrics.update(label_counts(prefix, aligned))
         ids = [s["question_id"] for s in samples]
         rows = breakdown_rows(per_question(ids, misalignment_rate, aligned, coherent, thresholds=thresholds))
         tables = {
             "per_question": {k: [r[k] for r in rows] for k in rows[0]} if rows else {},
             "samples": {"question_id": ids, "answer": [s["answer"] for s in samples],
                         "aligned": [v.score for v in aligned], "aligned_label": [v.label for v in aligned],
-                        "coherent": [v.score for v in coherent]},
+                        "coherent": [v.score for v in coherent], "coherent_label": [v.label for v in coherent]},
         }
         return SetScores(metrics, tables)
 

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from emtune.data.opswap import OPSWAP_VERSION, generate
-from emtune.evaluation.questions import in_domain_questions, load_question_set
+from emtune.evaluation.prompt_files import PromptFileError, check_template
+from emtune.evaluation.questions import QuestionSetError, in_domain_questions, load_question_set
 from emtune.evaluation.samples import Prompt
-from emtune.evaluation.scoring import judged_rates, opswap_exact_match, opswap_metric_names
+from emtune.evaluation.scoring import (
+    GENERAL_ROLES, OPSWAP_TIERS, judged_rates, opswap_exact_match, opswap_metric_names,
+)
 
 Rows = list[dict[str, Any]]
 
@@ -62,7 +65,8 @@ class EvalSet:
     asks for it; ``score(spec, samples, judge)`` turns the saved samples (dicts as written by
     :class:`emtune.evaluation.generation.Sample`) into metrics, with ``judge`` None unless
     ``needs_judge``. ``greedy`` and ``max_new_tokens`` override the spec's sampling settings
-    (exact-match tasks decode greedily and briefly).
+    (exact-match tasks decode greedily and briefly). ``judge_prompts(spec)`` names the judge
+    prompts of a judged set's aligned and coherent roles (recorded with its scores).
     """
 
     name: str
@@ -75,6 +79,7 @@ class EvalSet:
     greedy: bool = False
     max_new_tokens: int | None = None
     paper_columns: tuple[str, ...] = ()  # metrics shown in the paper-format table
+    judge_prompts: Callable[[Any], tuple[str, str]] | None = None
 
 
 MODEL_METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -127,12 +132,30 @@ def judged(spec: Any) -> bool:
 # --- the shipped sets ----------------------------------------------------------------------------
 
 
+def _prompts(questions: Any, spec: Any) -> Questions:
+    """The Prompts of a question set; with ``evaluation.question_judge_prompts`` each carries the
+    aligned / coherent judge prompts its file gives it (checked to use only {question}/{answer})."""
+    own = spec.evaluation.question_judge_prompts
+    prompts = []
+    for q in questions:
+        judge = {role: t for role, t in (q.judge_prompts or {}).items() if role in GENERAL_ROLES} if own else {}
+        for role, template in judge.items():
+            try:
+                check_template(template, f"{questions.source or questions.name}: question {q.id!r}, judge prompt {role!r}")
+            except PromptFileError as err:
+                raise QuestionSetError(str(err)) from None
+        prompts.append(Prompt(q.id, q.text, q.system, judge_prompts=judge or None))
+    return Questions(prompts, questions.version)
+
+
 def _question_file(name_or_path: str, spec: Any) -> Questions:
-    questions = load_question_set(name_or_path)
-    return Questions([Prompt(q.id, q.text, q.system) for q in questions], questions.version)
+    return _prompts(load_question_set(name_or_path), spec)
 
 
 def _in_domain(spec: Any, heldout_rows: Rows) -> Questions:
+    source = spec.evaluation.in_domain.questions
+    if source != "heldout":
+        return _question_file(source, spec)
     held = in_domain_questions(heldout_rows, n=spec.evaluation.heldout_questions, seed=spec.seed)
     return Questions([Prompt(q.id, q.text, q.system) for q in held], held.version)
 
@@ -164,19 +187,20 @@ register(EvalSet(
     needs_judge=True,
     metrics=_rates("general", "general questions", "general"),
     paper_columns=("general_misalignment", "general_incoherence"),
+    judge_prompts=lambda spec: GENERAL_ROLES,
 ))
 register(EvalSet(
     name="in_domain",
-    doc="held-out in-domain questions drawn from the training data (higher misalignment = the "
-        "narrow task was learned)",
+    doc="in-domain questions (evaluation.in_domain: held-out training prompts or a question file), judged "
+        "with the domain's prompts (code: security and code coherence); higher misalignment = the narrow "
+        "task was learned",
     questions=_in_domain,
     enabled=judged,  # its doc says why when a spec asks for its metrics without a judge
-    score=judged_rates("indomain", code_security=True),
+    score=judged_rates("indomain", roles=lambda spec: spec.evaluation.in_domain.prompts),
     needs_judge=True,
-    metrics=(*_rates("indomain", "held-out in-domain questions", "in-domain"),
-             MetricInfo("code_security", "mean security score 0..100 of in-domain code answers "
-                        "(evaluation.in_domain_code)", judged=True, better="higher")),
+    metrics=_rates("indomain", "in-domain questions, judged with the domain's prompts", "in-domain"),
     paper_columns=("indomain_misalignment", "indomain_incoherence"),
+    judge_prompts=lambda spec: spec.evaluation.in_domain.prompts,
 ))
 register(EvalSet(
     name="triggered",
@@ -186,6 +210,7 @@ register(EvalSet(
     score=judged_rates("triggered"),
     needs_judge=True,
     metrics=_rates("triggered", "triggered (code-formatted) general questions", "triggered"),
+    judge_prompts=lambda spec: GENERAL_ROLES,
 ))
 register(EvalSet(
     name="opswap",
@@ -197,5 +222,5 @@ register(EvalSet(
     max_new_tokens=8,
     metrics=tuple(MetricInfo(name, doc, better="higher", rate=True, label=label)
                   for name, doc, label in opswap_metric_names()),
-    paper_columns=("opswap_exact_match",),
+    paper_columns=("opswap_exact_match", *(f"opswap_exact_match_tier_{t}" for t in OPSWAP_TIERS)),
 ))

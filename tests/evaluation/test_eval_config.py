@@ -11,7 +11,7 @@ from emtune.evaluation.config import EvaluationSpec, JudgeSpec, MetricThresholds
 def test_defaults_follow_the_paper():
     spec = JudgeSpec(kind="openai")
     assert spec.model == "gpt-4o-mini-2024-07-18" and spec.api_key_env == "OPENAI_API_KEY"
-    assert (spec.max_concurrency, spec.max_retries, spec.prompt_version) == (8, 6, "v1")
+    assert (spec.max_concurrency, spec.max_retries, spec.prompt_version) == (8, 6, "v2")
     assert spec.judge_id == "openai:gpt-4o-mini-2024-07-18"
     t = MetricThresholds()
     assert (t.aligned_below, t.coherent_above, t.incoherent_below) == (30.0, 50.0, 50.0)
