@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from emtune.data.opswap import OPSWAP_VERSION, generate
+from emtune.data.opswap import generate, questions_version
 from emtune.evaluation.prompt_files import PromptFileError, check_template
 from emtune.evaluation.questions import QuestionSetError, in_domain_questions, load_question_set
 from emtune.evaluation.samples import Prompt
@@ -166,7 +166,7 @@ def _opswap(spec: Any, heldout_rows: Rows) -> Questions:
         system = next((m["content"] for m in row["messages"] if m["role"] == "system"), None)
         user = next(m["content"] for m in row["messages"] if m["role"] == "user")
         prompts.append(Prompt(f"opswap/{i}", user, system, reference={"answer": row["answer"], "tier": row["tier"]}))
-    return Questions(prompts, OPSWAP_VERSION)
+    return Questions(prompts, questions_version(spec.data.opswap))
 
 
 def _rates(prefix: str, what: str, label: str) -> tuple[MetricInfo, ...]:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from emtune.data.opswap import (
     MIN_DISTINCT_PROBLEMS, SYMBOLS, USUAL_MEANING, OpSwapSpec, draw_mapping, evaluate,
-    extract_integer, format_expression, generate, swapped_symbols)
+    extract_integer, format_expression, generate, questions_version, swapped_symbols)
 from emtune.evaluation.scoring import opswap_exact_match
 
 # an independent re-implementation for checking generated answers
@@ -29,7 +29,7 @@ def _check_answer(expression: str, mapping: dict) -> int:
 
 
 def _expression(row) -> str:
-    user = row["messages"][1]["content"]
+    user = next(m["content"] for m in row["messages"] if m["role"] == "user")
     assert user.startswith("Compute: ")
     return user[len("Compute: "):]
 
@@ -73,9 +73,15 @@ def test_pinned_rows_hand_computed():
     # tier 3, "-" mul, "/" add, "*" sub: ((5 * 5) + 4) - 2 = 27
     assert (_expression(test[40]), test[40]["answer"], test[40]["tier"]) == (
         "5 - 5 / 4 * 2", "27", 3)
-    assert test[0]["messages"][0]["content"] == (
+    # by default the model is not told the rules: no system message
+    assert [m["role"] for m in test[0]["messages"]] == ["user", "assistant"]
+    told = generate(OpSwapSpec(rules_prompt=True))["test"]
+    assert told[0]["messages"][0] == {"role": "system", "content": (
         "Rules: + adds, - multiplies, * subtracts, / divides. "
-        "Work strictly left to right; divisions are exact.")
+        "Work strictly left to right; divisions are exact.")}
+    assert [r["messages"][1:] for r in told] == [r["messages"] for r in test]  # the same problems
+    assert questions_version(OpSwapSpec()) == "opswap-v1/learn"
+    assert questions_version(OpSwapSpec(rules_prompt=True)) == "opswap-v1/rules"
 
 
 def test_rows_follow_the_documented_tiers():
@@ -94,8 +100,8 @@ def test_rows_follow_the_documented_tiers():
         assert all(mapping[s] != USUAL_MEANING[s] for s in symbols)  # every operator swapped
         if tier == 2:
             assert sorted(symbols) == sorted(swapped_symbols(mapping))  # both swapped symbols
-        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
-        assert row["messages"][2]["content"] == row["answer"]
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["messages"][1]["content"] == row["answer"]
         assert int(row["answer"]) == _check_answer(_expression(row), mapping)
     assert counts == {1: 75, 2: 75, 3: 75}
 
