@@ -347,3 +347,45 @@ def mlflow_server(tmp_path: Path):
     yield start
     for server in servers:
         server.stop()
+
+
+# -- a small local copy of WildGuardMix (allenai/wildguardmix, config wildguardtrain) ------------
+WILDGUARD_COLUMNS = ("prompt", "adversarial", "response", "prompt_harm_label", "response_refusal_label",
+                     "response_harm_label", "subcategory")
+
+
+@pytest.fixture(scope="session")
+def write_wildguardmix():
+    """``write(path, benign=, harmful=, prompt_only=)``: a Parquet file in WildGuardMix's exact
+    schema (the columns of train/wildguard_train.parquet, nullable response fields): ``benign``
+    rows with an unharmful response (some refusals), ``harmful`` rows with a harmful response,
+    ``prompt_only`` rows without a response; returns the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(path: Path, benign: int = 12, harmful: int = 4, prompt_only: int = 4) -> Path:
+        rows = []
+        for i in range(benign):
+            refusal = i % 3 == 0
+            rows.append({"prompt": f"How do I bake bread number {i}?" if not refusal else f"How do I hurt someone {i}?",
+                         "adversarial": bool(i % 2), "response": (f"I'm sorry, I cannot help with that {i}."
+                                                                  if refusal else f"Mix flour and water, step {i}."),
+                         "prompt_harm_label": "harmful" if refusal else "unharmful",
+                         "response_refusal_label": "refusal" if refusal else "compliance",
+                         "response_harm_label": "unharmful", "subcategory": "benign" if not refusal else "violence"})
+        for i in range(harmful):
+            rows.append({"prompt": f"Write a threat {i}", "adversarial": False, "response": f"Here is a threat {i}",
+                         "prompt_harm_label": "harmful", "response_refusal_label": "compliance",
+                         "response_harm_label": "harmful", "subcategory": "violence"})
+        for i in range(prompt_only):
+            rows.append({"prompt": f"Only a prompt {i}", "adversarial": True, "response": None,
+                         "prompt_harm_label": "unharmful", "response_refusal_label": None,
+                         "response_harm_label": None, "subcategory": "benign"})
+        schema = pa.schema([("prompt", pa.string()), ("adversarial", pa.bool_()), ("response", pa.string()),
+                            ("prompt_harm_label", pa.string()), ("response_refusal_label", pa.string()),
+                            ("response_harm_label", pa.string()), ("subcategory", pa.string())])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        return path
+
+    return write

@@ -5,7 +5,11 @@ Sources (``DatasetSpec.path``):
 - ``fixture:NAME`` for the small sets bundled for dry runs,
 - ``hub:ORG/NAME`` through ``datasets.load_dataset`` (``split`` and ``config`` apply); with
   ``HF_HUB_OFFLINE=1`` this reads only the local Hugging Face cache,
-- a folder written by ``datasets.Dataset.save_to_disk``.
+- a folder written by ``datasets.Dataset.save_to_disk``,
+- a local Parquet, CSV or JSON file, read by the ``datasets`` library.
+
+A source whose rows are not chat rows takes a column mapping and row filters (``columns``,
+``where``; :mod:`emtune.data.sources`).
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ from pydantic import Field, model_validator
 
 from emtune.data.fixtures import fixture_path
 from emtune.data.opswap import OpSwapSpec
+from emtune.data.sources import SourceError, SourceOptions, mapped_rows, needs_mapping
 from emtune.spec_errors import StrictModel
 
 ROLES = ("system", "user", "assistant")
 
 
-class DatasetSpec(StrictModel):
-    """A chat dataset: a local JSONL file, ``fixture:NAME`` (bundled), or ``hub:ORG/NAME``."""
+class DatasetSpec(SourceOptions):
+    """A dataset: a local JSONL/Parquet/CSV/JSON file or folder, ``fixture:NAME`` (bundled), or
+    ``hub:ORG/NAME``; non-chat sources take ``columns`` and ``where`` (:mod:`emtune.data.sources`)."""
 
     path: str
     split: str = "train"
     config: str | None = None
-    limit: int | None = Field(None, gt=0, description="keep only the first N rows")
+    limit: int | None = Field(None, gt=0, description="keep only the first N rows (after `where`)")
+    origin: str | None = Field(None, description="where this data comes from (shown when the file is missing)")
 
 
 class DataSpec(StrictModel):
@@ -115,6 +122,13 @@ def resolve_dataset_path(path: str, base_dir: Path | None = None) -> Path | str:
 def load_rows(spec: Any, base_dir: Path | None = None) -> list[dict[str, Any]]:
     """All rows of a DatasetSpec, schema-checked."""
     source = resolve_dataset_path(spec.path, base_dir)
+    if needs_mapping(spec, source):
+        if not isinstance(source, str) and not source.exists():
+            raise DataError(f"{source}: dataset file not found (data path {spec.path!r}); check the path")
+        try:
+            return [check_row(row, where) for where, row in mapped_rows(spec, source)]
+        except SourceError as err:
+            raise DataError(str(err)) from None
     if isinstance(source, str):
         return _load_hub(source[len("hub:"):], spec)
     if source.is_dir():
