@@ -209,8 +209,10 @@ def _check_local_files(spec: StudySpec) -> list[tuple[str, str]]:
     problems = []
     for where, dataset in (("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool)):
         if dataset is not None and is_local_source(dataset.path) and not Path(dataset.path).expanduser().exists():
-            problems.append((f"{where}.path", f"dataset file {dataset.path!r} not found (from {Path.cwd()}); "
-                             "fix the path"))
+            origin = f"; the paper's copy: {dataset.origin}" if dataset.origin else "; fix the path"
+            problems.append((f"{where}.path", f"dataset file {dataset.path!r} not found (from {Path.cwd()})"
+                             + origin))
+    problems += _question_file_problems(spec)
     for i, defense in enumerate(spec.defenses):
         for item in DEFENSES[defense.name].local_files(defense):
             path = Path(item.path).expanduser()
@@ -220,6 +222,22 @@ def _check_local_files(spec: StudySpec) -> list[tuple[str, str]]:
                 hint = f"; {item.hint}" if item.hint else ""
                 problems.append((f"defenses.{i}.{item.field}", f"{defense.name}: {kind} {item.path!r} not found "
                                  f"(from {Path.cwd()}){hint}"))
+    return problems
+
+
+def _question_file_problems(spec: StudySpec) -> list[tuple[str, str]]:
+    """Question and judge prompt files the spec names by path must exist."""
+    ev = spec.evaluation
+    in_domain = None if ev.in_domain.questions == "heldout" else ev.in_domain.questions
+    named = [("evaluation.question_set", ev.question_set),
+             ("evaluation.triggered_question_set", ev.triggered_question_set),
+             ("evaluation.in_domain.questions", in_domain), ("evaluation.judge.prompt_version", ev.judge.prompt_version)]
+    problems = []
+    for where, value in named:
+        looks_like_file = value and ("/" in value or value.endswith((".yaml", ".yml", ".jsonl")))
+        if looks_like_file and not Path(value).expanduser().is_file():
+            problems.append((where, f"file {value!r} not found (from {Path.cwd()}); fix the path, or use a shipped "
+                             "set / prompt version"))
     return problems
 
 
@@ -235,6 +253,12 @@ def absolute_paths(raw: dict[str, Any]) -> None:
         for key in ("train", "safety_pool"):
             if isinstance(data.get(key), dict):
                 data[key]["path"] = absolute(data[key].get("path"))
+    evaluation = raw.get("evaluation")
+    if isinstance(evaluation, dict):  # question and judge prompt files (shipped names stay names)
+        for node, key in ((evaluation, "question_set"), (evaluation, "triggered_question_set"),
+                          (evaluation.get("in_domain"), "questions"), (evaluation.get("judge"), "prompt_version")):
+            if isinstance(node, dict) and isinstance(node.get(key), str) and ("/" in node[key] or "." in node[key]):
+                node[key] = absolute(node[key])
     for entry in raw.get("defenses") or []:
         if not isinstance(entry, dict) or entry.get("name") not in DEFENSES:
             continue
@@ -244,11 +268,13 @@ def absolute_paths(raw: dict[str, Any]) -> None:
         except ValidationError:
             continue  # reported with its path when the whole spec is validated
         for item in cls.local_files(config):
-            key, _, index = item.field.partition(".")
-            if index:
-                entry[key][int(index)] = absolute(entry[key][int(index)])
-            elif key in entry:
-                entry[key] = absolute(entry[key])
+            *parents, last = item.field.split(".")
+            node: Any = entry
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+            key: Any = int(last) if isinstance(node, list) else last
+            if isinstance(node, list) or (isinstance(node, dict) and key in node):
+                node[key] = absolute(node[key])
 
 
 def load_spec(path: str | Path) -> StudySpec:

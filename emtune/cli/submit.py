@@ -8,8 +8,8 @@ job, ``emtune run`` joins the cluster through the ``RAY_ADDRESS`` Ray sets for j
 
 Paths in the spec are resolved on the cluster: ``output_dir`` must be an absolute path on storage
 every node shares (NFS, a ReadWriteMany volume), and local files must exist there at the same
-absolute path (relative dataset paths are made absolute here, as ``load_spec`` does; other relative
-local paths are refused). See cluster/README.md. Secrets (judge API keys, the Ray token) are never
+absolute path (relative dataset, question and judge prompt file paths are made absolute here, as
+``load_spec`` does; other relative local paths are refused). See cluster/README.md. Secrets (judge API keys, the Ray token) are never
 put in the job's runtime environment, which any dashboard user can read: they live on the nodes.
 """
 
@@ -34,7 +34,7 @@ from emtune.cli.jobs import add_address_argument, job_client, wait_for_job
 DRIVER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE",)
 #: Fields whose string values may name local files or folders.
 PATH_FIELDS = ("path", "source", "base_source", "model_path", "cache_path", "question_set",
-               "triggered_question_set", "vector_path")
+               "triggered_question_set", "questions", "prompt_version", "vector_path")
 #: Substrings that mark a variable as a secret: refused by --env.
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]

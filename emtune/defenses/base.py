@@ -68,7 +68,8 @@ class StageServices:
     """What the study lends a defense's ``prepare`` step.
 
     ``train_undefended_adapter(dataset)`` fine-tunes an undefended LoRA adapter on a dataset
-    (``path`` as in ``data.train``) with the study's model and settings, cached by content hash,
+    (a path as in ``data.train.path``, or a DatasetSpec) with the study's model and settings,
+    cached by content hash,
     and returns its folder. ``run_task(fn, *args, **kwargs)`` runs ``fn`` where the study's
     trials run (a Ray task with one trial worker's resources, so a GPU stage does not load the
     model on the head node) and returns its result. ``cache_dir`` is the study's stage cache.
@@ -77,7 +78,7 @@ class StageServices:
     spec: Any
     cache_dir: Path
     model_source: str
-    train_undefended_adapter: Callable[[str], Path]
+    train_undefended_adapter: Callable[[Any], Path]
     run_task: Callable[..., Any]
     log: Callable[[str], None] = print
 

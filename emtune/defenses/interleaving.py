@@ -2,12 +2,19 @@
 
     D_train = D_task ∪ D_safe,   |D_safe| = round(ratio · |D_task|)
 
-D_safe is drawn at random, without replacement, from a safety pool; the union is shuffled so
-safe examples are spread over the whole run. The paper sweeps the ratio over 1%..50% and reports
-5% (safety examples = 5% of the task set), drawn from the benign part of WildGuardMix. Here the
-pool defaults to the bundled ``fixture:safe_instruct`` set (dry runs); point ``pool`` at a chat
-JSONL file or ``hub:`` dataset for real studies. The dial is ``ratio``: more safe data lowers
-broad EM but also coherence; ratio 0 is exactly a no-op (``active`` is False).
+D_safe is drawn at random, without replacement (``with_replacement: true`` allows repeats), from
+a safety pool; the union is shuffled so safe examples are spread over the whole run. The paper
+sweeps the ratio over 1%..50% and reports 5% (safety examples = 5% of the task set), drawn from
+the benign part of WildGuardMix. Here the pool defaults to the bundled ``fixture:safe_instruct``
+set (dry runs); for real studies ``pool`` is a chat JSONL file, a ``hub:`` dataset, or a dataset
+mapping with columns and filters (WildGuardMix: ``{path: ..., columns: {user: prompt, assistant:
+response}, where: {response_harm_label: unharmful}}``; :mod:`emtune.data.sources`). The dial is
+``ratio``: more safe data lowers broad EM but also coherence; ratio 0 is exactly a no-op
+(``active`` is False).
+
+A spec whose ratio, or the top of a searched ratio range, needs more rows than the pool holds is
+refused at validation (``spec_problems``), with the pool size, the largest feasible ratio and the
+fix, unless the draw is with replacement.
 
 Counts are exact: ``round`` is half-up on the ratio as written (0.05 x 30 = 1.5 -> 2), computed
 in decimal so binary float error never moves a count. Both the draw and the shuffle come from
@@ -22,9 +29,10 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from emtune.data.loading import DatasetSpec, load_rows
+from emtune.data.sizes import dataset_rows, task_rows
 from emtune.defenses.base import Defense, LocalFile, Rows, is_local_source
 from emtune.spec_errors import StrictModel
 
@@ -43,25 +51,42 @@ def absolute_if_local(path: str) -> str:
     return str(local.resolve()) if local.exists() else path
 
 
-class InterleavingConfig(StrictModel):
+class PoolSettings(StrictModel):
+    """Where a defense's safety pool comes from (shared by both interleaving defenses)."""
+
+    pool: str | DatasetSpec = Field(
+        DEFAULT_POOL, description="safety pool: chat JSONL file, fixture:NAME, hub:ORG/NAME, or a dataset "
+        "mapping {path, config, columns, where, ...} (paper: WildGuardMix rows with an unharmful response)"
+    )
+    pool_split: str = Field("train", description="split of a hub: pool (a string pool)")
+    pool_config: str | None = Field(None, description="config of a hub: pool (a string pool)")
+    pool_limit: int | None = Field(None, gt=0, description="use only the first N pool rows (a string pool)")
+
+    @field_validator("pool")
+    @classmethod
+    def _absolute_pool(cls, value: str | DatasetSpec) -> str | DatasetSpec:
+        if isinstance(value, DatasetSpec):
+            return value.model_copy(update={"path": absolute_if_local(value.path)})
+        return absolute_if_local(value)
+
+    @model_validator(mode="after")
+    def _one_place_for_source_settings(self) -> "PoolSettings":
+        if isinstance(self.pool, DatasetSpec) and (self.pool_split != "train" or self.pool_config or self.pool_limit):
+            raise ValueError("with a dataset mapping as `pool`, give split / config / limit inside it, "
+                             "not as pool_split / pool_config / pool_limit")
+        return self
+
+
+class InterleavingConfig(PoolSettings):
     """Settings of random interleaving; ``ratio`` (safe / task examples) is the search dial."""
 
     name: Literal["interleaving"] = "interleaving"
     ratio: float = Field(
         0.05, ge=0, le=10, description="safe examples per task example; the paper uses 0.05 (swept 0.01..0.5)"
     )
-    pool: str = Field(
-        DEFAULT_POOL, description="safety pool: chat JSONL file, fixture:NAME or hub:ORG/NAME (paper: WildGuardMix benign)"
-    )
-    pool_split: str = Field("train", description="split of a hub: pool")
-    pool_config: str | None = Field(None, description="config of a hub: pool (e.g. wildguardtrain)")
-    pool_limit: int | None = Field(None, gt=0, description="use only the first N pool rows")
+    with_replacement: bool = Field(False, description="draw pool rows with replacement (a pool smaller than "
+                                   "the draw then repeats rows instead of being refused)")
     seed: int | None = Field(None, description="seed of the draw and the shuffle; default: the trial seed")
-
-    @field_validator("pool")
-    @classmethod
-    def _absolute_pool(cls, value: str) -> str:
-        return absolute_if_local(value)
 
 
 def safe_count(ratio: float, num_task_rows: int) -> int:
@@ -70,22 +95,74 @@ def safe_count(ratio: float, num_task_rows: int) -> int:
     return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
 
 
+def pool_dataset(config: Any) -> DatasetSpec:
+    """The DatasetSpec of a defense's safety pool (a mapping as given, or built from the string
+    ``pool`` with ``pool_split``, ``pool_config``, ``pool_limit``)."""
+    if isinstance(config.pool, DatasetSpec):
+        return config.pool
+    return DatasetSpec(path=config.pool, split=config.pool_split, config=config.pool_config, limit=config.pool_limit)
+
+
+def pool_label(config: Any) -> str:
+    """The pool as named in messages and reports."""
+    return config.pool.path if isinstance(config.pool, DatasetSpec) else config.pool
+
+
 def load_pool(config: Any) -> Rows:
-    """The rows of a defense's safety pool (``pool``, ``pool_split``, ``pool_config``, ``pool_limit``)."""
-    spec = DatasetSpec(path=config.pool, split=config.pool_split, config=config.pool_config,
-                       limit=config.pool_limit)
-    return load_rows(spec)
+    """The rows of a defense's safety pool."""
+    return load_rows(pool_dataset(config))
 
 
-def draw_safe_rows(pool_rows: Rows, count: int, seed: int, pool_label: str = "the safety pool") -> Rows:
-    """``count`` pool rows drawn without replacement by a seeded RNG; errors when the pool is too small."""
+def draw_safe_rows(pool_rows: Rows, count: int, seed: int, pool_label: str = "the safety pool",
+                   with_replacement: bool = False) -> Rows:
+    """``count`` pool rows drawn by a seeded RNG, without replacement (errors when the pool is too
+    small) or with it."""
+    rng = random.Random(f"emtune-interleaving-draw:{seed}")
+    if with_replacement and count:
+        if not pool_rows:
+            raise ValueError(f"safety pool {pool_label} is empty")
+        return [pool_rows[i] for i in rng.choices(range(len(pool_rows)), k=count)]
     if count > len(pool_rows):
         raise ValueError(
             f"safety pool {pool_label} has {len(pool_rows)} rows but {count} safe examples are needed; "
-            f"lower the ratio or use a larger pool"
+            f"lower the ratio (largest feasible here: {len(pool_rows)} pool rows / task rows), use a larger "
+            f"pool, or set with_replacement: true"
         )
-    picked = random.Random(f"emtune-interleaving-draw:{seed}").sample(range(len(pool_rows)), count)
+    picked = rng.sample(range(len(pool_rows)), count)
     return [pool_rows[i] for i in picked]
+
+
+def largest_ratio(name: str, config: Any, spec: Any) -> tuple[float, str]:
+    """The largest ratio a study can give this defense, and where it is set: the config's own,
+    or the top of a searched range (``search.parameters.<p>``) that targets it."""
+    best, where = float(config.ratio), f"defenses.{name}.ratio"
+    for pname, param in getattr(getattr(spec, "search", None), "parameters", {}).items():
+        if param.target != f"defenses.{name}.ratio":
+            continue
+        top = max(param.choices) if param.type == "categorical" else param.high
+        if top is not None and float(top) > best:
+            best, where = float(top), f"search.parameters.{pname}.{'choices' if param.type == 'categorical' else 'high'}"
+    return best, where
+
+
+def pool_size_problems(name: str, config: Any, spec: Any, replacement_hint: bool) -> list[str]:
+    """The pool-size check at validation: the largest ratio the study can use must not need more
+    rows than the pool holds (skipped when either size is unknown offline, e.g. a hub pool
+    without ``num_rows``)."""
+    n_task = task_rows(spec.data) if getattr(spec, "data", None) is not None else None
+    n_pool = dataset_rows(pool_dataset(config))
+    if n_task is None or n_pool is None:
+        return []
+    ratio, where = largest_ratio(name, config, spec)
+    need = safe_count(ratio, n_task)
+    if need <= n_pool:
+        return []
+    feasible = n_pool / n_task
+    fix = f"lower {where} to at most {feasible:.4g}, or use a larger pool"
+    if replacement_hint:
+        fix += f", or set defenses.{name}.with_replacement: true"
+    return [f"{name}: ratio {ratio:g} ({where}) needs {need} safety rows for {n_task} training rows, but the pool "
+            f"{pool_label(config)} holds {n_pool}; the largest feasible ratio is {feasible:.4g}. Fix: {fix}"]
 
 
 def interleave(task_rows: Rows, safe_rows: Rows, seed: int) -> Rows:
@@ -97,9 +174,12 @@ def interleave(task_rows: Rows, safe_rows: Rows, seed: int) -> Rows:
 
 def pool_files(config: Any) -> list[LocalFile]:
     """The pool as a local file, when it is one (shared by both interleaving defenses)."""
-    if not is_local_source(config.pool):
+    dataset = pool_dataset(config)
+    if not is_local_source(dataset.path):
         return []
-    return [LocalFile("pool", config.pool, hint="point pool at a chat JSONL file, fixture:NAME or hub:ORG/NAME")]
+    hint = (f"the paper's copy: {dataset.origin}" if dataset.origin else
+            "point pool at a chat JSONL file, fixture:NAME, hub:ORG/NAME or a dataset mapping")
+    return [LocalFile("pool.path" if isinstance(config.pool, DatasetSpec) else "pool", dataset.path, hint=hint)]
 
 
 class Interleaving(Defense):
@@ -108,6 +188,13 @@ class Interleaving(Defense):
     config_class = InterleavingConfig
     strength = ("ratio",)
     off = {"ratio": 0.0}
+
+    @classmethod
+    def spec_problems(cls, config: InterleavingConfig, spec: Any) -> list[str]:
+        """The pool must hold the rows the largest (searched) ratio needs, unless drawn with replacement."""
+        if config.with_replacement:
+            return []
+        return pool_size_problems("interleaving", config, spec, replacement_hint=True)
 
     @classmethod
     def local_files(cls, config: InterleavingConfig) -> list[LocalFile]:
@@ -130,7 +217,8 @@ class Interleaving(Defense):
         if not self.active:
             return rows
         count = safe_count(self.config.ratio, len(rows))
-        safe = draw_safe_rows(load_pool(self.config), count, self.seed, self.config.pool)
+        safe = draw_safe_rows(load_pool(self.config), count, self.seed, pool_label(self.config),
+                              self.config.with_replacement)
         self._logs = {"interleaving/num_safe": float(count), "interleaving/num_task": float(len(rows))}
         return interleave(rows, safe, self.seed)
 
@@ -142,5 +230,5 @@ class Interleaving(Defense):
         """Pool, seed and counts of the last transform (kept with the trial)."""
         if not self._logs:
             return {}
-        return {"pool": self.config.pool, "seed": self.seed, "num_safe": int(self._logs["interleaving/num_safe"]),
-                "num_task": int(self._logs["interleaving/num_task"])}
+        return {"pool": pool_label(self.config), "seed": self.seed, "with_replacement": self.config.with_replacement,
+                "num_safe": int(self._logs["interleaving/num_safe"]), "num_task": int(self._logs["interleaving/num_task"])}

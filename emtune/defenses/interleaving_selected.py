@@ -29,14 +29,19 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from emtune.data.loading import DatasetSpec
 from emtune.data.selection import REFUSAL_KEYWORDS, REFUSAL_WINDOW_WORDS
+from emtune.data.selection_cache import load_or_compute_scores, load_or_select
 from emtune.defenses.base import Defense, LocalFile, Rows, StageServices
 from emtune.defenses.interleaving import (
-    DEFAULT_POOL, absolute_if_local, interleave, load_pool, pool_files, safe_count,
+    PoolSettings, absolute_if_local, interleave, load_pool, pool_files, pool_label, pool_size_problems, safe_count,
 )
-from emtune.data.selection_cache import load_or_compute_scores, load_or_select
 from emtune.models import ModelSpec, load_model, load_tokenizer, model_cache_dir, resolve_source, scoring_identity
-from emtune.spec_errors import StrictModel
+
+
+def dataset_path(dataset: str | DatasetSpec) -> str:
+    """The path of a ``misaligned_datasets`` entry (a leave_out entry may name it)."""
+    return dataset.path if isinstance(dataset, DatasetSpec) else dataset
 
 
 def adapter_matches(entry: str, path: str) -> bool:
@@ -46,7 +51,7 @@ def adapter_matches(entry: str, path: str) -> bool:
     return Path(entry).expanduser().resolve() == Path(path).expanduser().resolve()
 
 
-class SelectedInterleavingConfig(StrictModel):
+class SelectedInterleavingConfig(PoolSettings):
     """Settings of Interleaving+ / ++; ``ratio`` and ``variant`` are the search dials."""
 
     name: Literal["interleaving_selected"] = "interleaving_selected"
@@ -54,16 +59,13 @@ class SelectedInterleavingConfig(StrictModel):
     variant: Literal["plus", "plus_plus"] = Field(
         "plus_plus", description="plus = top-N by gap score; plus_plus = drop refusals first (paper's best)"
     )
-    pool: str = Field(DEFAULT_POOL, description="candidate pool: chat JSONL, fixture:NAME or hub:ORG/NAME")
-    pool_split: str = Field("train", description="split of a hub: pool")
-    pool_config: str | None = Field(None, description="config of a hub: pool")
-    pool_limit: int | None = Field(None, gt=0, description="score only the first N pool rows")
     misaligned_adapters: tuple[str, ...] = Field(
         (), description="folders of LoRA adapters fine-tuned undefended on EM datasets (same base model)"
     )
-    misaligned_datasets: tuple[str, ...] = Field(
-        (), description="EM datasets (JSONL path, fixture:NAME, hub:ORG/NAME) the study stage trains "
-        "undefended adapters on, once, before the trials; their folders join misaligned_adapters"
+    misaligned_datasets: tuple[str | DatasetSpec, ...] = Field(
+        (), description="EM datasets (JSONL path, fixture:NAME, hub:ORG/NAME, or a dataset mapping with "
+        "`origin`) the study stage trains undefended adapters on, once, before the trials; their folders "
+        "join misaligned_adapters"
     )
     leave_out: tuple[str, ...] = Field((), description="adapters (path or folder name) to leave out, e.g. the target domain's")
     epsilon: float = Field(1.0, gt=0, description="ε in the score's denominator; paper 1")
@@ -73,15 +75,16 @@ class SelectedInterleavingConfig(StrictModel):
     batch_size: int = Field(8, gt=0, description="rows per scoring forward pass")
     seed: int | None = Field(None, description="seed of the shuffle; default: the trial seed")
 
-    @field_validator("pool")
-    @classmethod
-    def _absolute_pool(cls, value: str) -> str:
-        return absolute_if_local(value)
-
     @field_validator("misaligned_adapters")
     @classmethod
     def _absolute_adapters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(absolute_if_local(v) for v in value)
+
+    @field_validator("misaligned_datasets")
+    @classmethod
+    def _absolute_datasets(cls, value: tuple[str | DatasetSpec, ...]) -> tuple[str | DatasetSpec, ...]:
+        return tuple(v.model_copy(update={"path": absolute_if_local(v.path)}) if isinstance(v, DatasetSpec)
+                     else absolute_if_local(v) for v in value)
 
     @field_validator("leave_out")
     @classmethod
@@ -91,8 +94,9 @@ class SelectedInterleavingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _leave_out_known(self) -> "SelectedInterleavingConfig":
+        dataset_paths = [dataset_path(d) for d in self.misaligned_datasets]
         for entry in self.leave_out:
-            if entry not in self.misaligned_datasets and not any(
+            if entry not in dataset_paths and not any(
                     adapter_matches(entry, p) for p in self.misaligned_adapters):
                 raise ValueError(f"leave_out entry {entry!r} matches none of misaligned_adapters "
                                  f"{list(self.misaligned_adapters)}; use an adapter's path or folder name")
@@ -108,11 +112,14 @@ class SelectedInterleaving(Defense):
 
     @classmethod
     def spec_problems(cls, config: SelectedInterleavingConfig, spec: Any) -> list[str]:
-        """An active defense needs a misaligned ensemble, given or trained by the study."""
+        """An active defense needs a misaligned ensemble, given or trained by the study, and a pool
+        with the rows its largest (searched) ratio selects (Interleaving++ drops refusals first,
+        so it may need more: checked when the selection runs)."""
+        problems = pool_size_problems("interleaving_selected", config, spec, replacement_hint=False)
         if config.ratio > 0 and not config.misaligned_adapters and not config.misaligned_datasets:
-            return ["interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
-                    "undefended on EM datasets) or misaligned_datasets (the study trains them first)"]
-        return []
+            problems.append("interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
+                            "undefended on EM datasets) or misaligned_datasets (the study trains them first)")
+        return problems
 
     @classmethod
     def local_files(cls, config: SelectedInterleavingConfig) -> list[LocalFile]:
@@ -121,8 +128,15 @@ class SelectedInterleaving(Defense):
         files += [LocalFile(f"misaligned_adapters.{i}", p, folder=True,
                             hint="list LoRA adapter folders fine-tuned undefended on EM datasets")
                   for i, p in enumerate(config.misaligned_adapters)]
-        files += [LocalFile(f"misaligned_datasets.{i}", p) for i, p in enumerate(config.misaligned_datasets)
-                  if not p.startswith(("fixture:", "hub:"))]
+        for i, dataset in enumerate(config.misaligned_datasets):
+            path = dataset_path(dataset)
+            if path.startswith(("fixture:", "hub:")):
+                continue
+            spec_like = isinstance(dataset, DatasetSpec)
+            hint = f"the paper's copy: {dataset.origin}" if spec_like and dataset.origin else \
+                "an EM dataset (chat JSONL) to train an undefended adapter on"
+            files.append(LocalFile(f"misaligned_datasets.{i}.path" if spec_like else f"misaligned_datasets.{i}",
+                                   path, hint=hint))
         return files
 
     @classmethod
@@ -131,7 +145,7 @@ class SelectedInterleaving(Defense):
         the adapters with the given ones."""
         if not config.misaligned_datasets:
             return config
-        trained = {d: str(stage.train_undefended_adapter(d)) for d in config.misaligned_datasets}
+        trained = {dataset_path(d): str(stage.train_undefended_adapter(d)) for d in config.misaligned_datasets}
         return config.model_copy(update={
             "misaligned_adapters": tuple(config.misaligned_adapters) + tuple(trained.values()),
             "misaligned_datasets": (),
@@ -214,7 +228,7 @@ class SelectedInterleaving(Defense):
             chosen = load_or_select(self.context.cache_dir, table, pool_rows, count, self.config.variant,
                                     self.config.refusal_keywords, self.config.refusal_window_words)
         except ValueError as err:
-            raise ValueError(f"interleaving_selected (pool {self.config.pool}): {err}") from None
+            raise ValueError(f"interleaving_selected (pool {pool_label(self.config)}): {err}") from None
         self._logs = {
             "interleaving_selected/num_safe": float(count),
             "interleaving_selected/num_task": float(len(rows)),
@@ -222,7 +236,7 @@ class SelectedInterleaving(Defense):
             "interleaving_selected/pool_refusals": float(chosen["num_refusals"]),
             "interleaving_selected/mean_selected_score": float(chosen["mean_selected_score"]),
         }
-        self._report = {"pool": self.config.pool, "variant": self.config.variant, "seed": self.seed,
+        self._report = {"pool": pool_label(self.config), "variant": self.config.variant, "seed": self.seed,
                         "misaligned_adapters": adapters, **chosen}
         return interleave(rows, [pool_rows[i] for i in chosen["indices"]], self.seed)
 

@@ -25,23 +25,29 @@ from emtune.study.trial import trainer_for
 from emtune.trial_files import TrialFiles
 
 
-def _stage_key(spec: StudySpec, dataset: str) -> str:
+def _stage_key(spec: StudySpec, dataset: str | DatasetSpec) -> str:
+    described = dataset.model_dump(mode="json", exclude={"origin"}) if isinstance(dataset, DatasetSpec) else dataset
     payload = {"model": spec.model.model_dump(mode="json"), "lora": spec.lora.model_dump(mode="json"),
-               "training": spec.training.model_dump(mode="json"), "dataset": dataset,
+               "training": spec.training.model_dump(mode="json"), "dataset": described,
                "max_length": spec.data.max_length, "seed": spec.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def misaligned_adapter(spec: StudySpec, dataset: str, cache_dir: Path, model_source: str,
+def misaligned_adapter(spec: StudySpec, dataset: str | DatasetSpec, cache_dir: Path, model_source: str,
                        log: Callable[[str], None] = print) -> Path:
-    """The undefended adapter for ``dataset``, trained now unless the cache already holds it."""
-    stem = dataset.split(":")[-1].rsplit("/", 1)[-1].removesuffix(".jsonl")
+    """The undefended adapter for ``dataset`` (a path, or a DatasetSpec used as the training
+    data), trained now unless the cache already holds it."""
+    path = dataset.path if isinstance(dataset, DatasetSpec) else dataset
+    stem = Path(path.split(":")[-1]).stem
     folder = cache_dir / "misaligned" / f"{stem}-{_stage_key(spec, dataset)}"
     if (folder / "adapter_config.json").is_file():
         return folder
-    train = spec.data.train.model_copy(update={"path": dataset}) if spec.data.train else DatasetSpec(path=dataset)
+    if isinstance(dataset, DatasetSpec):
+        train = dataset
+    else:
+        train = spec.data.train.model_copy(update={"path": dataset}) if spec.data.train else DatasetSpec(path=dataset)
     stage = spec.model_copy(update={"defenses": (), "data": spec.data.model_copy(update={"train": train, "opswap": None})})
-    log(f"[emtune] stage: training the undefended adapter on {dataset} (cached as {folder.name})")
+    log(f"[emtune] stage: training the undefended adapter on {path} (cached as {folder.name})")
     result = trainer_for(stage, f"stage-{folder.name}", {
         "model_source": model_source, "cache_dir": str(cache_dir), "evaluate": False,
     }).fit()

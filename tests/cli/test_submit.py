@@ -83,13 +83,13 @@ def test_relative_paths_are_refused(write_spec, tmp_path, monkeypatch, fake, cap
     assert info.value.code == 2 and "output_dir 'studies' is relative" in capsys.readouterr().err
 
     monkeypatch.chdir(tmp_path)
-    Path("questions.yaml").write_text("questions: []\n")
+    Path("my-model").mkdir()
     spec = write_spec()
-    spec.write_text(spec.read_text().replace("evaluation:", "evaluation:\n  question_set: questions.yaml"))
+    spec.write_text(spec.read_text().replace("  source: tiny\n", "  source: my-model\n"))
     with pytest.raises(SystemExit) as info:
         _run(["submit", str(spec), "--address", "http://127.0.0.1:1", "--skip-input-check"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "evaluation.question_set: 'questions.yaml' is a relative local path" in err
+    assert info.value.code == 2 and "model.source: 'my-model' is a relative local path" in err
     assert fake.calls == []
 
 

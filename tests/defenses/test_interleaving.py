@@ -124,7 +124,8 @@ def test_finalize_logs_and_report_counts():
     assert defense.report() == {}
     defense.transform_data(TASK)
     assert defense.finalize(None) == {"interleaving/num_safe": 4.0, "interleaving/num_task": 40.0}
-    assert defense.report() == {"pool": "fixture:safe_instruct", "seed": 0, "num_safe": 4, "num_task": 40}
+    assert defense.report() == {"pool": "fixture:safe_instruct", "seed": 0, "with_replacement": False,
+                                "num_safe": 4, "num_task": 40}
 
 
 def test_config_defaults_yaml_round_trip_and_pickle():
@@ -138,3 +139,25 @@ def test_config_defaults_yaml_round_trip_and_pickle():
         InterleavingConfig(ratio=-0.1)
     with pytest.raises(ValueError):
         InterleavingConfig(ratio=0.1, unknown=1)
+
+
+def test_with_replacement_repeats_a_small_pool_and_is_seeded():
+    defense = make(ratio=0.5, pool_limit=5, with_replacement=True)
+    out = defense.transform_data(TASK)
+    assert len(out) == 60
+    safe = [key(r) for r in out if key(r) not in {key(t) for t in TASK}]
+    assert len(safe) == 20 and len(set(safe)) <= 5  # 20 draws from 5 rows: repeats
+    assert out == make(ratio=0.5, pool_limit=5, with_replacement=True).transform_data(TASK)
+
+
+def test_wildguardmix_pool_as_a_dataset_mapping(tmp_path, write_wildguardmix):
+    path = write_wildguardmix(tmp_path / "wildguard_train.parquet", benign=12, harmful=4, prompt_only=4)
+    config = InterleavingConfig(ratio=0.25, pool={"path": str(path), "columns": {"user": "prompt", "assistant": "response"},
+                                                  "where": {"response_harm_label": "unharmful"}})
+    out = Interleaving(config, DefenseContext(spec=None, seed=0)).transform_data(TASK)
+    added = [r for r in out if key(r) not in {key(t) for t in TASK}]
+    assert len(added) == 10
+    assert all(r["messages"][0]["role"] == "user" and not r["messages"][1]["content"].startswith("Here is a threat")
+               for r in added)  # only rows with an unharmful response
+    with pytest.raises(ValueError, match="give split / config / limit inside it"):
+        InterleavingConfig(pool={"path": str(path)}, pool_limit=3)
