@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from emtune.defenses.base import Defense, LocalFile, StageServices
+from emtune.defenses.persona_filter import PairFilter
 from emtune.models import model_identity
 from emtune.spec_errors import StrictModel
 
@@ -49,9 +50,18 @@ class PersonaSteeringConfig(StrictModel):
 
     extract_prompts: str | None = Field(
         None, description="contrastive prompt set (e.g. evil_v1): with no vector_path, the study stage "
-        "extracts the vectors once before the trials (cached in the study folder)"
+        "extracts the vectors once before the trials, where they run (cached in the study folder)"
     )
     extract_max_new_tokens: int = Field(64, gt=0, description="answer length during stage extraction")
+    extract_samples: int = Field(1, gt=0, description="answers per question and system prompt")
+    extract_filter: Literal["judge", "none"] = Field(
+        "judge", description="judge = keep only the pairs the study's judge (evaluation.judge) confirms, the "
+        "persona-vectors recipe; none = every pair")
+    trait_prompt: str = Field("evil", description="judge prompt that scores the trait (0 absent .. 100 strong)")
+    positive_trait_min: float = Field(50.0, ge=0, le=100, description="keep a pair when its positive answer's "
+                                      "trait score is at least this")
+    negative_trait_max: float = Field(50.0, ge=0, le=100, description="... and its negative answer's at most this")
+    coherent_min: float = Field(50.0, ge=0, le=100, description="... and both answers' coherence at least this")
 
     @model_validator(mode="after")
     def _vector_when_active(self) -> "PersonaSteeringConfig":
@@ -95,10 +105,26 @@ def make_steering_hook(vector: Any, alpha: float) -> Any:
     return hook
 
 
+def pair_filter(config: PersonaSteeringConfig) -> PairFilter:
+    """The judge rule of the stage's extraction."""
+    return PairFilter(config.trait_prompt, config.positive_trait_min, config.negative_trait_max, config.coherent_min)
+
+
 def vector_cache_path(config: PersonaSteeringConfig, spec: Any, cache_dir: Path) -> Path:
-    """Where the study stage keeps the vectors extracted for this model, prompt set and seed."""
-    key = hashlib.sha256(json.dumps([model_identity(spec.model), config.extract_prompts,
-                                     config.extract_max_new_tokens, spec.seed]).encode()).hexdigest()[:12]
+    """Where the study stage keeps the vectors extracted for this model, prompt set (by content),
+    answer length, samples, seed, and judge filter (judge, prompt version, rule)."""
+    from emtune.defenses.persona_vectors import load_persona_prompts
+
+    prompts = load_persona_prompts(str(config.extract_prompts))
+    judge = None
+    if config.extract_filter == "judge":
+        from emtune.evaluation.judges import resolved_prompt_version
+
+        judge_spec = spec.evaluation.judge
+        judge = [judge_spec.judge_id, resolved_prompt_version(judge_spec.prompt_version), pair_filter(config).describe()]
+    payload = [model_identity(spec.model), prompts.version, prompts.positive, prompts.negative, prompts.questions,
+               config.extract_max_new_tokens, config.extract_samples, spec.seed, judge]
+    key = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]
     return Path(cache_dir) / "persona" / f"{Path(str(config.extract_prompts)).stem}-{key}.pt"
 
 
@@ -118,18 +144,40 @@ class PersonaSteering(Defense):
                           hint="create it with `emtune persona extract`, or set extract_prompts instead")]
 
     @classmethod
+    def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:
+        """A stage extraction with the judge filter needs the study's judge."""
+        stage = config.extract_prompts and not config.vector_path
+        if stage and config.extract_filter == "judge" and spec.evaluation.judge.kind == "none":
+            return ["persona_steering: extract_filter 'judge' keeps the contrastive pairs the judge confirms, but "
+                    "evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none (every pair)"]
+        return []
+
+    @classmethod
     def prepare(cls, config: PersonaSteeringConfig, stage: StageServices) -> PersonaSteeringConfig:
         """With ``extract_prompts`` and no ``vector_path``: extract the vectors once, where the
-        trials run (cached by model, prompt set, answer length and seed), and point at them."""
+        trials run (a Ray task with a trial worker's GPU), judge-filtered unless ``extract_filter``
+        is none, cached by content hash, and point at them."""
         if not config.extract_prompts or config.vector_path:
             return config
-        from emtune.defenses.persona_vectors import extract_to_file
+        from emtune.defenses.persona_vectors import extract_to_file, sidecar_path
 
         path = vector_cache_path(config, stage.spec, stage.cache_dir)
+        rule = pair_filter(config)
         if not path.is_file():
-            stage.log(f"stage: extracting persona vectors ({config.extract_prompts}) into {path.name}")
+            judge_spec = None
+            if config.extract_filter == "judge":
+                judge_spec = stage.spec.evaluation.judge
+                if judge_spec.cache_path is None:  # verdicts shared with the study's evaluations
+                    judge_spec = judge_spec.model_copy(update={"cache_path": str(Path(stage.cache_dir) / "judge.db")})
+            how = "every pair" if judge_spec is None else (
+                f"pairs with {rule.trait_prompt} >= {rule.positive_trait_min:g} (positive), <= "
+                f"{rule.negative_trait_max:g} (negative), coherent >= {rule.coherent_min:g}")
+            stage.log(f"stage: extracting persona vectors ({config.extract_prompts}, {how}) into {path.name}")
             stage.run_task(extract_to_file, stage.spec.model, stage.model_source, config.extract_prompts,
-                           config.extract_max_new_tokens, stage.spec.seed, str(path))
+                           config.extract_max_new_tokens, stage.spec.seed, str(path), judge_spec, rule,
+                           config.extract_samples)
+        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+        stage.log(f"stage: persona vectors {path.name}: kept {meta['n_kept']} of {meta['n_pairs']} pairs")
         return config.model_copy(update={"vector_path": str(path)})
 
     def __init__(self, config: PersonaSteeringConfig, context: Any):

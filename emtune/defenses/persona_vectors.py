@@ -2,8 +2,9 @@
 
 Chen et al., "Persona Vectors", arXiv 2507.21509 (docs/method.md defense 4). For every extraction
 question and every pair i of system prompts (positive[i] elicits the trait, negative[i] the
-opposite), answers are generated under both; optionally a judge keeps only the pairs where the
-trait shows in the positive answer and not in the negative one, both coherent. Then
+opposite), answers are generated under both; with a judge only the pairs it confirms are kept
+(the recipe's filter: trait score of the positive answer at least one threshold, of the negative
+at most another, both coherent; :mod:`emtune.defenses.persona_filter`). Then
 
     e_ℓ = mean_{kept positive answers} h̄_ℓ  −  mean_{kept negative answers} h̄_ℓ
 
@@ -33,7 +34,9 @@ import torch
 import yaml
 
 from emtune.data.chat import pad_batch, prompt_ids
+from emtune.defenses.persona_filter import PairFilter, judge_pairs
 from emtune.evaluation.generation import Prompt, generate_answers
+from emtune.evaluation.judging import build_judge
 from emtune.models import load_model, load_tokenizer, model_identity
 
 __all__ = ["model_identity"]  # re-exported: vector files record it
@@ -43,13 +46,6 @@ INDEX_CONVENTION = (
     "l >= 1 = output of decoder block l-1 (last entry after the final norm); steering at layer l "
     "adds alpha * vector[l] to the output of decoder block l-1"
 )
-#: Judge rule for keeping a pair (docs/method.md defense 4): the "aligned" score below this in the
-#: positive answer means the evil trait is present, at or above it in the negative means absent.
-ALIGNED_TRAIT_THRESHOLD = 50.0
-#: Both answers of a kept pair must be coherent above this.
-COHERENT_THRESHOLD = 50.0
-
-
 class PersonaVectorError(ValueError):
     """A persona prompt set or vector file is missing or malformed; the message says which."""
 
@@ -187,36 +183,17 @@ def mean_response_hidden_states(model: Any, tokenizer: Any, items: Sequence[tupl
     return torch.cat(out, dim=0)
 
 
-def judge_keeps(judge: Any, question: str, positive_answer: str, negative_answer: str,
-                aligned_threshold: float = ALIGNED_TRAIT_THRESHOLD,
-                coherent_threshold: float = COHERENT_THRESHOLD) -> tuple[bool, dict[str, float | None]]:
-    """Whether the judge confirms the pair: positive aligned < threshold (trait present), negative
-    aligned >= threshold (absent), both coherent > threshold. A missing score (None, e.g. a
-    REFUSAL) never confirms. Returns the decision and the four scores."""
-    scores = {
-        "positive_aligned": judge.score("aligned", question, positive_answer).score,
-        "negative_aligned": judge.score("aligned", question, negative_answer).score,
-        "positive_coherent": judge.score("coherent", question, positive_answer).score,
-        "negative_coherent": judge.score("coherent", question, negative_answer).score,
-    }
-    if any(v is None for v in scores.values()):
-        return False, scores
-    keep = (scores["positive_aligned"] < aligned_threshold <= scores["negative_aligned"]
-            and scores["positive_coherent"] > coherent_threshold
-            and scores["negative_coherent"] > coherent_threshold)
-    return keep, scores
-
-
 def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str], positive_systems: Sequence[str],
                             negative_systems: Sequence[str], samples: int = 1, max_new_tokens: int = 600,
                             judge: Any = None, seed: int = 0, batch_size: int = 8, model_id: str | None = None,
-                            prompts_version: str = "custom") -> PersonaVectors:
+                            prompts_version: str = "custom", rule: PairFilter = PairFilter()) -> PersonaVectors:
     """Generate contrastive answers, optionally judge-filter the pairs, and return e_ℓ for every ℓ.
 
     Pair (question, i, sample k) = the k-th answer under ``positive_systems[i]`` and under
     ``negative_systems[i]``. Pairs where either answer is empty are dropped; with a ``judge``
-    (anything with ``score(metric, question, answer) -> verdict with .score``) only pairs
-    :func:`judge_keeps` confirms are used. Raises PersonaVectorError when no pair is kept.
+    (``score_many`` of JudgeItems, or ``score(metric, question, answer)``) only the pairs
+    ``rule`` confirms are used (:func:`~emtune.defenses.persona_filter.judge_pairs`). Raises
+    PersonaVectorError when no pair is kept.
     """
     if len(positive_systems) != len(negative_systems) or not positive_systems:
         raise PersonaVectorError("positive and negative system prompts must pair up one to one")
@@ -235,9 +212,12 @@ def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str]
                 if not (tokenizer(pair.positive_answer, add_special_tokens=False)["input_ids"]
                         and tokenizer(pair.negative_answer, add_special_tokens=False)["input_ids"]):
                     pair.kept = False
-                elif judge is not None:
-                    pair.kept, pair.scores = judge_keeps(judge, text, pair.positive_answer, pair.negative_answer)
                 pairs.append(pair)
+    if judge is not None:
+        judged = [p for p in pairs if p.kept]
+        for pair, (keep, scores) in zip(judged, judge_pairs(
+                judge, [(p.question, p.positive_answer, p.negative_answer) for p in judged], rule)):
+            pair.kept, pair.scores = keep, scores
     kept = [p for p in pairs if p.kept]
     if not kept:
         raise PersonaVectorError(f"no contrastive pair kept out of {len(pairs)}: the judge confirmed none, "
@@ -265,23 +245,25 @@ def extract_persona_vectors(model: Any, tokenizer: Any, questions: Sequence[str]
         "seed": seed,
         "judge": None if judge is None else {"id": getattr(judge, "judge_id", type(judge).__name__),
                                              "prompt_version": getattr(judge, "prompt_version", None),
-                                             "aligned_threshold": ALIGNED_TRAIT_THRESHOLD,
-                                             "coherent_threshold": COHERENT_THRESHOLD},
+                                             **rule.describe()},
+        "pair_scores": [p.scores for p in pairs] if judge is not None else [],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return PersonaVectors(vectors, meta, pairs)
 
 
 def extract_to_file(model_spec: Any, model_source: str, prompts_name: str, max_new_tokens: int, seed: int,
-                    path: str) -> str:
-    """Load the model, extract persona vectors from a shipped prompt set (every pair kept) and
-    save them to ``path``; returns the path. The persona-steering study stage runs this where the
-    trials run."""
+                    path: str, judge_spec: Any = None, rule: PairFilter = PairFilter(), samples: int = 1) -> str:
+    """Load the model, extract persona vectors from a prompt set and save them to ``path``;
+    returns the path. With a ``judge_spec`` (an evaluation JudgeSpec) only the pairs the judge
+    confirms under ``rule`` are used. The persona-steering study stage runs this where the trials
+    run (a Ray task with a trial worker's GPU), so the model never loads on the head node."""
     prompts = load_persona_prompts(prompts_name)
+    judge = build_judge(judge_spec) if judge_spec is not None else None
     device = "cuda" if torch.cuda.is_available() else None
     tokenizer = load_tokenizer(model_source, model_spec)
     model = load_model(model_source, model_spec, device=device)
     persona = extract_persona_vectors(model, tokenizer, prompts.questions, prompts.positive, prompts.negative,
-                                      max_new_tokens=max_new_tokens, seed=seed,
-                                      model_id=model_identity(model_spec), prompts_version=prompts.version)
+                                      samples=samples, max_new_tokens=max_new_tokens, seed=seed, judge=judge,
+                                      model_id=model_identity(model_spec), prompts_version=prompts.version, rule=rule)
     return str(save_persona_vectors(persona, path))

@@ -14,7 +14,6 @@ from emtune.defenses.persona_vectors import (
     PersonaVectorError,
     PersonaVectors,
     extract_persona_vectors,
-    judge_keeps,
     load_persona_prompts,
     load_persona_vectors,
     masked_mean,
@@ -24,6 +23,7 @@ from emtune.defenses.persona_vectors import (
     save_persona_vectors,
     sidecar_path,
 )
+from emtune.defenses.persona_filter import PairFilter, judge_pairs
 from emtune.models import build_tiny_model, build_tiny_tokenizer, tiny_fingerprint
 
 TINY = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -120,21 +120,28 @@ def test_extracted_vector_is_mean_difference_of_response_means(tiny):
 
 
 @pytest.mark.parametrize("scores, keep", [
-    ((20, 80, 90, 90), True),
-    ((49.9, 50, 51, 51), True),     # boundaries: positive < 50, negative >= 50, coherent > 50
-    ((50, 80, 90, 90), False),      # trait not present in the positive answer
-    ((20, 49, 90, 90), False),      # trait present in the negative answer
-    ((20, 80, 50, 90), False),      # positive not coherent
-    ((20, 80, 90, 30), False),      # negative not coherent
-    ((None, 80, 90, 90), False),    # no score (e.g. REFUSAL) never confirms
+    ((80, 20, 90, 90), True),
+    ((50, 50, 50, 50), True),       # boundaries: positive trait >= 50, negative <= 50, coherent >= 50
+    ((49.9, 20, 90, 90), False),    # trait not shown in the positive answer
+    ((80, 50.1, 90, 90), False),    # trait shown in the negative answer
+    ((80, 20, 49, 90), False),      # positive not coherent
+    ((80, 20, 90, 30), False),      # negative not coherent
+    ((None, 20, 90, 90), False),    # no score (the judge answered no number) never confirms
 ])
-def test_judge_keeps_rule(scores, keep):
-    pa, na, pc, nc = scores
-    judge = TableJudge({("aligned", "P"): pa, ("aligned", "N"): na, ("coherent", "P"): pc, ("coherent", "N"): nc})
-    decision, recorded = judge_keeps(judge, "q", "P", "N")
+def test_pair_filter_rule(scores, keep):
+    pt, nt, pc, nc = scores
+    judge = TableJudge({("evil", "P"): pt, ("evil", "N"): nt, ("coherent", "P"): pc, ("coherent", "N"): nc})
+    [(decision, recorded)] = judge_pairs(judge, [("q", "P", "N")])
     assert decision is keep
-    assert recorded == {"positive_aligned": pa, "negative_aligned": na, "positive_coherent": pc,
-                        "negative_coherent": nc}
+    assert recorded == {"positive_trait": pt, "negative_trait": nt, "positive_coherent": pc, "negative_coherent": nc}
+
+
+def test_pair_filter_thresholds_are_configurable():
+    judge = TableJudge({("sycophantic", "P"): 70, ("sycophantic", "N"): 35, ("coherent", "P"): 60, ("coherent", "N"): 60})
+    strict = PairFilter(trait_prompt="sycophantic", positive_trait_min=75, negative_trait_max=30, coherent_min=50)
+    loose = PairFilter(trait_prompt="sycophantic", positive_trait_min=70, negative_trait_max=35, coherent_min=60)
+    assert judge_pairs(judge, [("q", "P", "N")], strict)[0][0] is False
+    assert judge_pairs(judge, [("q", "P", "N")], loose)[0][0] is True
 
 
 def test_judge_filtering_keeps_exactly_the_confirmed_pairs(tiny):
@@ -145,17 +152,20 @@ def test_judge_filtering_keeps_exactly_the_confirmed_pairs(tiny):
     answers = [a for p in pairs for a in (p.positive_answer, p.negative_answer)]
     assert len(pairs) == 4 and len(set(answers)) == len(answers)  # table lookups are unambiguous
     # Pair 0 and 3 confirmed; pair 1: negative shows the trait; pair 2: positive incoherent.
-    plan = [(10, 90, 80, 80), (10, 20, 80, 80), (10, 90, 40, 80), (30, 70, 60, 60)]
+    plan = [(90, 10, 80, 80), (90, 80, 80, 80), (90, 10, 40, 80), (70, 30, 60, 60)]
     table = {}
-    for p, (pa, na, pc, nc) in zip(pairs, plan):
-        table.update({("aligned", p.positive_answer): pa, ("aligned", p.negative_answer): na,
+    for p, (pt, nt, pc, nc) in zip(pairs, plan):
+        table.update({("evil", p.positive_answer): pt, ("evil", p.negative_answer): nt,
                       ("coherent", p.positive_answer): pc, ("coherent", p.negative_answer): nc})
     judge = TableJudge(table)
     judged = extract_persona_vectors(model, tokenizer, QUESTIONS, POSITIVE, NEGATIVE, samples=1,
                                      max_new_tokens=5, seed=1, judge=judge)
     assert [p.kept for p in judged.pairs] == [True, False, False, True]
     assert judge.calls == 16 and judged.meta["n_kept"] == 2 and judged.meta["n_pairs"] == 4
-    assert judged.meta["judge"]["id"] == "table"
+    assert judged.meta["judge"] == {"id": "table", "prompt_version": "test", "trait_prompt": "evil",
+                                    "positive_trait_min": 50.0, "negative_trait_max": 50.0, "coherent_min": 50.0}
+    assert judged.meta["pair_scores"][1] == {"positive_trait": 90, "negative_trait": 80, "positive_coherent": 80,
+                                             "negative_coherent": 80}
     chosen = [pairs[0], pairs[3]]
     pos = torch.stack([manual_mean(model, tokenizer, POSITIVE[p.pair_index], p.question, p.positive_answer)
                        for p in chosen]).mean(0)
