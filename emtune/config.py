@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -277,11 +277,52 @@ def absolute_paths(raw: dict[str, Any]) -> None:
                 node[key] = absolute(node[key])
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Load and validate a study spec. Raises :class:`SpecError` listing every problem."""
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+    """Write ``KEY=VALUE`` overrides into a parsed spec (``--set model.source=tiny``).
+
+    KEY is a dotted path; a list entry is addressed by index or, for ``defenses``, by name
+    (``defenses.kl_to_reference.weight=0.1``); missing mapping keys are created. VALUE is parsed
+    as YAML (``0.1`` a number, ``[a, b]`` a list, ``null`` nothing). Raises SpecError naming the
+    override that cannot be applied.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(path, [("--set", f"{item!r}: expected KEY=VALUE, e.g. model.source=tiny", None)])
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise SpecError(path, [("--set", f"{item!r}: the value is not valid YAML ({err})", None)]) from None
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                index = int(part) if part.isdigit() else next(
+                    (j for j, e in enumerate(node) if isinstance(e, dict) and e.get("name") == part), None)
+                if index is None or index >= len(node):
+                    raise SpecError(path, [("--set", f"{item!r}: no list entry {where!r}", None)])
+                if last:
+                    node[index] = value
+                node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                elif node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise SpecError(path, [("--set", f"{item!r}: {'.'.join(parts[:i])!r} is a value, not a section", None)])
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
+    """Load and validate a study spec, with optional ``KEY=VALUE`` overrides applied first
+    (:func:`apply_overrides`). Raises :class:`SpecError` listing every problem."""
     sync_defense_registry()
     path = Path(path)
     raw, lines = load_yaml_with_lines(path)
+    apply_overrides(raw, overrides, path)
     absolute_paths(raw)
     try:
         spec = StudySpec.model_validate(raw)

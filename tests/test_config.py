@@ -9,22 +9,13 @@ import pytest
 from emtune.config import StudySpec, load_spec
 from emtune.spec_errors import SpecError
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
-
-
-NEEDS_DATA = {"paper_qwen7b_code.yaml": "data/insecure.jsonl"}  # public EM data emtune does not ship
+# The paper's spec needs public data emtune does not ship: tests/study/test_paper_spec.py covers it.
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")
+                 if p.name != "paper_qwen7b_code.yaml")
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_every_shipped_spec_validates(path: Path, tmp_path, monkeypatch) -> None:
-    if path.name in NEEDS_DATA:
-        # without the dataset, the one problem is the missing file; with it, the spec loads
-        [(where, message, _)] = _problems(path)
-        assert where == "data.train.path" and NEEDS_DATA[path.name] in message
-        monkeypatch.chdir(tmp_path)
-        (tmp_path / NEEDS_DATA[path.name]).parent.mkdir(parents=True)
-        (tmp_path / NEEDS_DATA[path.name]).write_text('{"messages": [{"role": "user", "content": "q"}, '
-                                                      '{"role": "assistant", "content": "a"}]}\n')
+def test_every_shipped_spec_validates(path: Path) -> None:
     spec = load_spec(path)
     assert isinstance(spec, StudySpec)
     assert spec.search.parameters

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import check_inputs_or_exit, exit_on_tracking_outage, fail, load_spec_or_exit
+from emtune.cli.common import add_set_option, check_inputs_or_exit, exit_on_tracking_outage, fail, load_spec_or_exit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = sub.add_parser("run", help="run a study (local Ray unless RAY_ADDRESS is set)")
     p.add_argument("spec", help="study spec YAML")
+    add_set_option(p)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--extend", type=int, default=None, metavar="N",
                    help="add N trials to the existing study of this spec (same Optuna study, same parent run)")
@@ -19,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Validate everything first, then run; print where to look afterwards."""
-    spec = load_spec_or_exit(args.spec)
+    spec = load_spec_or_exit(args.spec, args.overrides)
     check_inputs_or_exit(spec)
     if args.extend is not None and (args.extend < 1 or not (spec.study_dir / "optuna.db").is_file()):
         fail(f"--extend needs N >= 1 and an existing study at {spec.study_dir}; run it first without --extend")
