@@ -28,7 +28,9 @@ from emtune.evaluation.config import EvaluationSpec
 from emtune.evaluation.sets import EVAL_SETS, known_metrics
 from emtune.models import LoraSpec, ModelSpec, TinyModelSpec
 from emtune.search_spec import Baseline, ConstraintSpec, ObjectiveSpec, SearchSpec
-from emtune.spec_errors import SpecError, StrictModel, format_validation_error, load_yaml_with_lines
+from emtune.spec_errors import (
+    SpecError, StrictModel, apply_overrides, format_validation_error, load_yaml_with_lines,
+)
 from emtune.tracking.settings import TrackingSpec
 from emtune.train.settings import TrainingSpec
 
@@ -275,45 +277,6 @@ def absolute_paths(raw: dict[str, Any]) -> None:
             key: Any = int(last) if isinstance(node, list) else last
             if isinstance(node, list) or (isinstance(node, dict) and key in node):
                 node[key] = absolute(node[key])
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
-    """Write ``KEY=VALUE`` overrides into a parsed spec (``--set model.source=tiny``).
-
-    KEY is a dotted path; a list entry is addressed by index or, for ``defenses``, by name
-    (``defenses.kl_to_reference.weight=0.1``); missing mapping keys are created. VALUE is parsed
-    as YAML (``0.1`` a number, ``[a, b]`` a list, ``null`` nothing). Raises SpecError naming the
-    override that cannot be applied.
-    """
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise SpecError(path, [("--set", f"{item!r}: expected KEY=VALUE, e.g. model.source=tiny", None)])
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as err:
-            raise SpecError(path, [("--set", f"{item!r}: the value is not valid YAML ({err})", None)]) from None
-        parts = key.strip().split(".")
-        node: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            where = ".".join(parts[: i + 1])
-            if isinstance(node, list):
-                index = int(part) if part.isdigit() else next(
-                    (j for j, e in enumerate(node) if isinstance(e, dict) and e.get("name") == part), None)
-                if index is None or index >= len(node):
-                    raise SpecError(path, [("--set", f"{item!r}: no list entry {where!r}", None)])
-                if last:
-                    node[index] = value
-                node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                elif node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-            else:
-                raise SpecError(path, [("--set", f"{item!r}: {'.'.join(parts[:i])!r} is a value, not a section", None)])
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:

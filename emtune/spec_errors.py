@@ -1,4 +1,5 @@
-"""Readable errors for YAML specs: file, line, dotted path, what is wrong, and a hint.
+"""Readable errors for YAML specs: file, line, dotted path, what is wrong, and a hint; and
+``--set KEY=VALUE`` overrides applied to a parsed spec.
 
 pydantic reports locations as tuples; users think in dotted YAML paths and line numbers. This
 module keeps a path -> line map while loading the YAML and turns each pydantic error into one
@@ -10,7 +11,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -58,6 +59,45 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[str, int]]:
     lines: dict[str, int] = {}
     _walk(node, "", lines)
     return data, lines
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+    """Write ``KEY=VALUE`` overrides into a parsed spec (``--set model.source=tiny``).
+
+    KEY is a dotted path; a list entry is addressed by index or, for ``defenses``, by name
+    (``defenses.kl_to_reference.weight=0.1``); missing mapping keys are created. VALUE is parsed
+    as YAML (``0.1`` a number, ``[a, b]`` a list, ``null`` nothing). Raises SpecError naming the
+    override that cannot be applied.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(path, [("--set", f"{item!r}: expected KEY=VALUE, e.g. model.source=tiny", None)])
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise SpecError(path, [("--set", f"{item!r}: the value is not valid YAML ({err})", None)]) from None
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                index = int(part) if part.isdigit() else next(
+                    (j for j, e in enumerate(node) if isinstance(e, dict) and e.get("name") == part), None)
+                if index is None or index >= len(node):
+                    raise SpecError(path, [("--set", f"{item!r}: no list entry {where!r}", None)])
+                if last:
+                    node[index] = value
+                node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                elif node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise SpecError(path, [("--set", f"{item!r}: {'.'.join(parts[:i])!r} is a value, not a section", None)])
 
 
 def _walk(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:

@@ -111,3 +111,28 @@ def test_judge_metrics_need_a_judge(write_spec) -> None:
     path.write_text(path.read_text().replace("name: ood_drift", "name: general_misalignment"))
     [(_, message, _)] = _problems(path)
     assert "needs a judge" in message and "general_misalignment" in message
+
+
+def test_set_overrides_apply_before_validation(write_spec) -> None:
+    path = write_spec()
+    spec = load_spec(path, ["model.source=tiny", "defenses.kl_to_reference.weight=0.5", "training.max_steps=7",
+                            "model.tiny.pretrain_steps=3", "evaluation.in_domain={domain: code}",
+                            "defenses.0.tokens=response"])
+    assert spec.defenses[0].weight == 0.5 and spec.defenses[0].tokens == "response"
+    assert spec.training.max_steps == 7 and spec.model.tiny.pretrain_steps == 3
+    assert spec.evaluation.in_domain.domain == "code"
+    for bad, message in (("training.max_steps", "expected KEY=VALUE"), ("defenses.feature_l2.weight=1", "no list entry"),
+                         ("seed.x=1", "'seed' is a value, not a section"), ("seed=[1", "not valid YAML")):
+        with pytest.raises(SpecError, match=message):
+            load_spec(path, [bad])
+    with pytest.raises(SpecError, match="max_steps"):
+        load_spec(path, ["training.max_steps=-1"])  # an override is validated like the file
+
+
+def test_relative_question_files_resolve_like_datasets(write_spec, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.yaml").write_text("- {id: a, type: free_form, paraphrases: [hi]}\n")
+    spec = load_spec(write_spec(), ["evaluation.question_set=q.yaml"])
+    assert spec.evaluation.question_set == str(tmp_path / "q.yaml")  # Ray workers run in other folders
+    with pytest.raises(SpecError, match="evaluation.in_domain.questions: file 'missing.jsonl' not found"):
+        load_spec(write_spec(), ["evaluation.in_domain.questions=missing.jsonl"])

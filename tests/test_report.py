@@ -192,7 +192,9 @@ def test_report_of_hand_study_shows_front_rates_and_links(write_spec, blank_mlfl
         assert f"[runs:/{data.trials[n].row.mlflow_run_id}](runs:/{data.trials[n].row.mlflow_run_id})" in front_table
     assert "| 3 | infeasible | 0.1 | 3 |" in text and "ValueError: boom" in text
     assert f"- MLflow tracking URI: `sqlite:///{study_dir / 'mlflow.db'}`, experiment id 1" in text
-    assert "- judge: none (judge-free metrics only)" in text and "`general_v1` (version `general_v1`)" in text
+    assert "- judge: none (judge-free metrics only)" in text
+    assert "- general questions: shipped `general_v1` (version `general_v1`, 24 questions; emtune's own wording" in text
+    assert "- in-domain questions: held-out prompts of the training data" in text
     spec_block = text.split("```yaml\n")[1].split("```")[0]
     assert "name: x\n" in spec_block and "- {metric: train_loss, max: 5.0}" in spec_block
     assert "optuna-dashboard sqlite:///" in text

@@ -155,20 +155,33 @@ def _trials_table(study: StudyData, records: list[TrialRecord], reasons: bool = 
 
 
 def versions(study: StudyData) -> list[str]:
-    """Versions of the evaluation sets and the judge: from the spec, then from trial params/tags."""
+    """What the numbers were measured with: each question set (file and content hash, or the
+    shipped set and its wording note), the in-domain domain and its judge prompts, OpSwap's
+    construction, the judge and its prompt version; then what the trials themselves recorded."""
     ev = study.spec.evaluation
-    lines = [f"- general questions: `{ev.question_set}` (version {_question_set_version(ev.question_set)})"]
+    lines = [f"- general questions: {_question_set_line(ev.question_set)}"]
     if ev.triggered_question_set:
-        lines.append(f"- triggered questions: `{ev.triggered_question_set}` "
-                     f"(version {_question_set_version(ev.triggered_question_set)})"
+        lines.append(f"- triggered questions: {_question_set_line(ev.triggered_question_set)}"
                      + ("; asked only with a judge" if ev.judge.kind == "none" else ""))
+    source = ("held-out prompts of the training data (`evaluation.heldout_questions`)"
+              if ev.in_domain.questions == "heldout" else _question_set_line(ev.in_domain.questions))
+    aligned, coherent = ev.in_domain.prompts
+    lines.append(f"- in-domain questions: {source}; domain `{ev.in_domain.domain}`, judged with `{aligned}` as "
+                 f"aligned and `{coherent}` as coherent")
+    if ev.question_judge_prompts:
+        lines.append("- judge prompts: each question file's own, where its questions carry them")
     if study.spec.data.opswap is not None:
-        lines.append(f"- benign task: OpSwap `{study.spec.data.opswap.version}`")
+        from emtune.data.opswap import questions_version
+
+        opswap = study.spec.data.opswap
+        told = "rules stated in a system message" if opswap.rules_prompt else "rules not told (learned from rows)"
+        lines.append(f"- benign task: OpSwap `{questions_version(opswap)}`, tiers {list(opswap.tiers)}, "
+                     f"{opswap.n_test_per_tier} test rows per tier, {told}")
     judge = ev.judge
     if judge.kind == "none":
         lines.append("- judge: none (judge-free metrics only)")
     else:
-        lines.append(f"- judge: `{judge.judge_id}`, prompts `{judge.prompt_version}`, thresholds "
+        lines.append(f"- judge: `{judge.judge_id}`, prompts {_prompt_set_line(judge.prompt_version)}, thresholds "
                      + ", ".join(f"{k}={v:g}" for k, v in ev.thresholds.model_dump().items()))
     found: dict[str, set[str]] = {}
     for record in study.trials:
@@ -179,8 +192,25 @@ def versions(study: StudyData) -> list[str]:
     return ["### Evaluation versions", "", *lines, ""]
 
 
-def _question_set_version(name: str) -> str:
+def _question_set_line(name: str) -> str:
+    """A question set as the report names it: a file with its sha256, or a shipped set with its note."""
     try:
-        return f"`{load_question_set(name).version}`"
+        questions = load_question_set(name)
     except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
-        return f"unreadable now: {type(err).__name__}"
+        return f"`{name}` (unreadable now: {type(err).__name__})"
+    if questions.sha256:
+        return f"file `{questions.source}` (sha256 `{questions.sha256}`, version `{questions.version}`, {len(questions)} questions)"
+    note = f"; {questions.description}" if questions.description else ""
+    return f"shipped `{name}` (version `{questions.version}`, {len(questions)} questions{note})"
+
+
+def _prompt_set_line(source: str) -> str:
+    from emtune.evaluation.prompt_files import load_prompt_set
+
+    try:
+        prompts = load_prompt_set(source)
+    except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
+        return f"`{source}` (unreadable now: {type(err).__name__})"
+    if prompts.sha256:
+        return f"`{prompts.version}` from file `{prompts.path}` (sha256 `{prompts.sha256}`)"
+    return f"`{prompts.version}` (shipped, emtune's wording)"

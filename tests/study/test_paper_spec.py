@@ -139,7 +139,7 @@ def test_every_arm_runs_as_one_tiny_trial(tmp_path, monkeypatch, chat_server, wr
         assert Path(staged.defenses[2].vector_path).is_file()  # persona vectors, judge-filtered
         for arm, dials in ARMS.items():
             trial = staged.with_overrides(dials)
-            active = {d.name for d in trial.defenses if _active(d)}
+            active = {d.name for d in trial.defenses if _active(d, trial)}
             assert active == (set() if arm == "none" else {arm}), (arm, active)
             folder = tmp_path / "trials" / arm
             metrics = run_training(trial, folder, source, cache_dir=tmp_path / "cache")
@@ -155,8 +155,8 @@ def test_every_arm_runs_as_one_tiny_trial(tmp_path, monkeypatch, chat_server, wr
         ray.shutdown()
 
 
-def _active(config) -> bool:
+def _active(config, spec) -> bool:
+    from emtune.defenses.base import DefenseContext
     from emtune.defenses.registry import DEFENSES
 
-    cls = DEFENSES[config.name]
-    return any(getattr(config, field) != value for field, value in cls.off.items())
+    return DEFENSES[config.name](config, DefenseContext(spec=spec)).active
