@@ -194,23 +194,32 @@ def versions(study: StudyData) -> list[str]:
 
 def _question_set_line(name: str) -> str:
     """A question set as the report names it: a file with its sha256, or a shipped set with its note."""
-    try:
-        questions = load_question_set(name)
-    except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
-        return f"`{name}` (unreadable now: {type(err).__name__})"
+    questions = _read(load_question_set, name)
+    if isinstance(questions, str):
+        return questions
     if questions.sha256:
-        return f"file `{questions.source}` (sha256 `{questions.sha256}`, version `{questions.version}`, {len(questions)} questions)"
+        return (f"file `{questions.source}` (sha256 `{questions.sha256}`, version `{questions.version}`, "
+                f"{len(questions)} questions)")
     note = f"; {questions.description}" if questions.description else ""
     return f"shipped `{name}` (version `{questions.version}`, {len(questions)} questions{note})"
 
 
 def _prompt_set_line(source: str) -> str:
+    """A judge prompt set: its version, and for a file the path and sha256."""
     from emtune.evaluation.prompt_files import load_prompt_set
 
-    try:
-        prompts = load_prompt_set(source)
-    except Exception as err:  # noqa: BLE001 - a moved user file must not sink the report
-        return f"`{source}` (unreadable now: {type(err).__name__})"
+    prompts = _read(load_prompt_set, source)
+    if isinstance(prompts, str):
+        return prompts
     if prompts.sha256:
         return f"`{prompts.version}` from file `{prompts.path}` (sha256 `{prompts.sha256}`)"
     return f"`{prompts.version}` (shipped, emtune's wording)"
+
+
+def _read(loader: Any, name: str) -> Any:
+    """``loader(name)``, or a note when the file cannot be read now (a moved user file must not
+    sink the report)."""
+    try:
+        return loader(name)
+    except Exception as err:  # noqa: BLE001
+        return f"`{name}` (unreadable now: {type(err).__name__})"

@@ -241,9 +241,13 @@ def wait_for_placement_groups_released(timeout_s: float = 20.0) -> bool:
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
+    # This study's own Ray: without an address the state API looks for "the" local Ray and fails
+    # when another study (or user) runs one on the same machine.
+    address = ray.get_runtime_context().gcs_address
     while True:
         held = [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
-        cleaners = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        cleaners = list_actors(address=address,
+                               filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
         if not held and not cleaners:
             return True
         if time.monotonic() > deadline:
