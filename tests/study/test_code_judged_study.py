@@ -102,7 +102,8 @@ def test_code_in_domain_rates_and_opswap_tiers_match_the_saved_samples(tmp_path,
     study_dir = tmp_path / "studies" / "codejudged"
     [trial] = optuna.load_study(study_name="codejudged", storage=f"sqlite:///{study_dir / 'optuna.db'}").get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE
-    checkpoint = Path(trial.user_attrs["checkpoint_path"])
+    [checkpoint] = [c for c in (study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")
+                    if (c / "samples_in_domain.jsonl").is_file()]  # the final one (with the samples)
     in_domain = _rows(checkpoint / "samples_in_domain.jsonl")
     assert len(in_domain) == 8  # 4 held-out prompts x 2 samples
 
