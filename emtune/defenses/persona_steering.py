@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from emtune.defenses.base import Defense, LocalFile, StageServices
 from emtune.defenses.persona_filter import PairFilter
+from emtune.evaluation.judges import resolved_prompt_version
 from emtune.models import model_identity
 from emtune.spec_errors import StrictModel
 
@@ -113,13 +114,11 @@ def pair_filter(config: PersonaSteeringConfig) -> PairFilter:
 def vector_cache_path(config: PersonaSteeringConfig, spec: Any, cache_dir: Path) -> Path:
     """Where the study stage keeps the vectors extracted for this model, prompt set (by content),
     answer length, samples, seed, and judge filter (judge, prompt version, rule)."""
-    from emtune.defenses.persona_vectors import load_persona_prompts
+    from emtune.defenses.persona_vectors import load_persona_prompts  # torch
 
     prompts = load_persona_prompts(str(config.extract_prompts))
     judge = None
     if config.extract_filter == "judge":
-        from emtune.evaluation.judges import resolved_prompt_version
-
         judge_spec = spec.evaluation.judge
         judge = [judge_spec.judge_id, resolved_prompt_version(judge_spec.prompt_version), pair_filter(config).describe()]
     payload = [model_identity(spec.model), prompts.version, prompts.positive, prompts.negative, prompts.questions,
@@ -159,7 +158,7 @@ class PersonaSteering(Defense):
         is none, cached by content hash, and point at them."""
         if not config.extract_prompts or config.vector_path:
             return config
-        from emtune.defenses.persona_vectors import extract_to_file, sidecar_path
+        from emtune.defenses.persona_vectors import extract_to_file, sidecar_path  # torch
 
         path = vector_cache_path(config, stage.spec, stage.cache_dir)
         rule = pair_filter(config)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from emtune.data.opswap import questions_version
+from emtune.evaluation.prompt_files import load_prompt_set
 from emtune.evaluation.questions import load_question_set
 from emtune.evaluation.sets import paper_columns
 from emtune.report.data import (
@@ -171,8 +173,6 @@ def versions(study: StudyData) -> list[str]:
     if ev.question_judge_prompts:
         lines.append("- judge prompts: each question file's own, where its questions carry them")
     if study.spec.data.opswap is not None:
-        from emtune.data.opswap import questions_version
-
         opswap = study.spec.data.opswap
         told = "rules stated in a system message" if opswap.rules_prompt else "rules not told (learned from rows)"
         lines.append(f"- benign task: OpSwap `{questions_version(opswap)}`, tiers {list(opswap.tiers)}, "
@@ -206,8 +206,6 @@ def _question_set_line(name: str) -> str:
 
 def _prompt_set_line(source: str) -> str:
     """A judge prompt set: its version, and for a file the path and sha256."""
-    from emtune.evaluation.prompt_files import load_prompt_set
-
     prompts = _read(load_prompt_set, source)
     if isinstance(prompts, str):
         return prompts
