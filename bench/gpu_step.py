@@ -7,8 +7,9 @@ weights in bf16 and the step under bf16 autocast (as the Trainer does with ``bf1
 on the adapter. The step is emtune's own ``emtune.train.trainer.defended_loss`` with the real
 defense classes, then backward and the optimiser step. Defenses:
 
-* ``none``; ``kl_to_reference`` (λ 0.1) and ``feature_l2`` (λ 1, 5 layers): both add the
-  adapter-disabled reference forward; ``persona_steering`` (α 5, layer 20) with a random vector;
+* ``none``; ``kl_to_reference`` (λ 0.1) and ``feature_l2`` (λ 1, 5 blocks, the group's flattened
+  features; ``feature_l2_mean`` is the pooled variant, side by side): both add the adapter-disabled
+  reference forward; ``persona_steering`` (α 5, layer 20) with a random vector;
 * inoculation and interleaving change only the data (1.0× cost per training token): skipped;
   SafeLoRA acts once after training: not a per-step cost.
 
@@ -64,7 +65,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
 }
-DEFENSES = ("none", "kl_to_reference", "feature_l2", "persona_steering")
+DEFENSES = ("none", "kl_to_reference", "feature_l2", "feature_l2_mean", "persona_steering")
 SKIPPED = {"inoculation": "data only (system prompt swap): 1.0x per training token",
            "interleaving": "data only (extra rows): 1.0x per training token",
            "interleaving_selected": "data only once the study stage has run",
@@ -173,8 +174,8 @@ def make_defenses(name: str, model: Any, layer: int) -> list[Any]:
         return []
     if name == "kl_to_reference":
         return [KLToReference(KLToReferenceConfig(weight=0.1), ctx)]
-    if name == "feature_l2":
-        return [FeatureL2(FeatureL2Config(weight=1.0), ctx)]
+    if name in ("feature_l2", "feature_l2_mean"):
+        return [FeatureL2(FeatureL2Config(weight=1.0, pooling="mean" if name.endswith("mean") else "flatten"), ctx)]
     if name == "persona_steering":
         defense = PersonaSteering(PersonaSteeringConfig(alpha=5.0, layer=layer, vector_path="random"), ctx)
         vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -274,7 +275,7 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
         row = {"defense": name, "status": res["status"], "checkpointing": ckpt[name]}
         if res["times"]:
             step = statistics.median(res["times"])
-            fl = step_flops(counts, tokens, args.seq, reference=name in ("kl_to_reference", "feature_l2"))
+            fl = step_flops(counts, tokens, args.seq, reference=name != "none" and name != "persona_steering")
             row.update(step_s=step, tokens_per_s=tokens / step,
                        peak_gib=None if res["peak"] is None else res["peak"] / 2**30,
                        tflops=fl["lora"] / step / 1e12, mfu=fl["lora"] / step / args.peak_flops,
