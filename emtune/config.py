@@ -46,7 +46,12 @@ class ResourcesSpec(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent_trials: int = Field(1, gt=0)
     driver_memory_gb: float = Field(1.0, gt=0)
-    max_failures: int = Field(0, ge=0, description="Train worker-group restarts per trial")
+    max_failures: int = Field(0, ge=0, description="restarts of a trial's training after a failure, each "
+                              "resuming from its latest periodic checkpoint")
+    train_process: Literal["auto", "trial", "workers"] = Field(
+        "auto", description="where a trial trains: `trial` = in the trial's own process (Ray Train local "
+        "mode, no worker actors: starts in seconds; one worker only), `workers` = a Ray Train worker group, "
+        "`auto` = `trial` for one worker, `workers` for several")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="data parallelism across a trial's workers; fsdp shards large models"
     )
@@ -55,6 +60,18 @@ class ResourcesSpec(StrictModel):
         description="extra Ray resources for each trial's driver, e.g. {on_demand: 0.001} to pin "
         "drivers to non-preemptible nodes (cluster/ configs define `on_demand`)",
     )
+
+    @model_validator(mode="after")
+    def _one_worker_in_the_trial_process(self) -> "ResourcesSpec":
+        if self.train_process == "trial" and self.num_workers > 1:
+            raise ValueError("train_process: trial runs the training in the trial's own process, so it needs "
+                             "num_workers: 1; use train_process: workers (or auto) for several workers")
+        return self
+
+    @property
+    def in_trial_process(self) -> bool:
+        """True when a trial trains in its own process (Ray Train local mode) instead of a worker group."""
+        return self.train_process == "trial" or (self.train_process == "auto" and self.num_workers == 1)
 
 
 class BaselinesSpec(StrictModel):

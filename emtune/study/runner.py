@@ -116,9 +116,8 @@ class StudySession:
         self.searcher = EmtuneSearcher(spec, self.paths.optuna_url)
 
     def trainable(self) -> Any:
-        """The trial function with its driver's resources (no CPU: the Train workers take them)."""
+        """The trial function with its resources (:func:`driver_resources`)."""
         from ray import tune
-
 
         memory = int(self.spec.resources.driver_memory_gb * 2**30)
         return tune.with_resources(run_trial, driver_resources(self.spec.resources, memory))
@@ -148,10 +147,16 @@ class StudySession:
                 num_samples=num_trials,
                 max_concurrent_trials=concurrent_trials(self.spec.resources),
                 time_budget_s=self.spec.search.time_budget_s,
+                # a finished trial's process (torch and the model code imported) serves the next
+                # trial: with training in the trial's process, that is a warm worker per slot
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(self.paths.tune_dir),
+                # a trial whose process died (killed, out of host memory) starts again under its id
+                # and resumes from its latest checkpoint; a failure that raises is an outcome
+                failure_config=tune.FailureConfig(max_failures=self.spec.resources.max_failures),
                 callbacks=[StudyProgress(self.spec, self.client, self.parent_run_id, self.searcher)],
                 verbose=0,
             ),
@@ -206,9 +211,14 @@ class StudySession:
 
 
 def driver_resources(resources: Any, memory: int) -> dict[str, Any]:
-    """Resources of a trial's driver: no CPU (its Train workers hold those), its memory, and any
-    custom resources the spec names (``{"cpu": 0}`` alone is rejected by Ray; STACK.md)."""
+    """Resources of a trial's driver: its memory, any custom resources the spec names, and the one
+    worker's CPUs and GPUs when it trains in its own process (Ray Train local mode), else no CPU
+    (its Train workers hold those; ``{"cpu": 0}`` alone is rejected by Ray, hence the memory)."""
     out: dict[str, Any] = {"cpu": 0, "memory": memory}
+    if resources.in_trial_process:
+        out["cpu"] = resources.cpus_per_worker
+        if resources.gpus_per_worker:
+            out["gpu"] = resources.gpus_per_worker
     if resources.driver_resources:
         out["resources"] = dict(resources.driver_resources)
     return out

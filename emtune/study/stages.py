@@ -21,7 +21,7 @@ from typing import Any, Callable
 from emtune.config import DatasetSpec, StudySpec
 from emtune.defenses.base import StageServices
 from emtune.defenses.registry import DEFENSES
-from emtune.study.trial import trainer_for
+from emtune.study.trial import fit_training
 from emtune.trial_files import TrialFiles
 
 
@@ -48,12 +48,17 @@ def misaligned_adapter(spec: StudySpec, dataset: str | DatasetSpec, cache_dir: P
         train = spec.data.train.model_copy(update={"path": dataset}) if spec.data.train else DatasetSpec(path=dataset)
     stage = spec.model_copy(update={"defenses": (), "data": spec.data.model_copy(update={"train": train, "opswap": None})})
     log(f"[emtune] stage: training the undefended adapter on {path} (cached as {folder.name})")
-    result = trainer_for(stage, f"stage-{folder.name}", {
-        "model_source": model_source, "cache_dir": str(cache_dir), "evaluate": False,
-    }).fit()
+    args = (stage, f"stage-{folder.name}", {"model_source": model_source, "cache_dir": str(cache_dir),
+                                            "evaluate": False})
+    # in the trial's process (local mode) means in this one: train in a Ray task with a trial's
+    # resources instead, so a GPU stage does not run on the head node
+    if stage.resources.in_trial_process:
+        result = run_where_trials_run(stage, fit_training, *args)
+    else:
+        result = fit_training(*args)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(TrialFiles(Path(result.checkpoint.path)).adapter, tmp)
+    shutil.copytree(TrialFiles(result.folder).adapter, tmp)
     tmp.rename(folder)
     return folder
 

@@ -3,6 +3,9 @@
 Ray 2.5x+ (Train V2) no longer takes a Trainer inside a Tuner: the trial is a Tune function that
 builds a ``TorchTrainer`` and calls ``fit``. ``ray.tune.*`` is used here, ``ray.train.*`` only in
 the workers. The Train run is named after the Tune trial id so a restarted trial finds its run.
+A single-worker trial trains in this very process through Ray Train's local mode (no controller
+or worker actors to start; ``resources.train_process``, :mod:`emtune.train.launch`); a
+multi-worker trial gets Ray Train's worker group.
 This function owns its trial's MLflow child run: it logs params, per-step losses, metrics, the
 adapter and the generated samples, and closes the run FAILED with the reason when anything
 raises; the reported result carries the run id and adapter URI for the searcher.
@@ -14,6 +17,7 @@ import json
 import os
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +32,65 @@ FAILED, FINISHED = "FAILED", "FINISHED"
 
 
 def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) -> Any:
-    """The TorchTrainer of one trial (ScalingConfig from the spec; CPU for dry runs)."""
+    """The TorchTrainer of one trial: Ray Train's local mode (``num_workers=0``: the training runs
+    in this process, no controller or worker actors) when the spec trains in the trial's process
+    (``resources.train_process``; one worker by default), else a worker group sized by the spec."""
     import ray.train  # ray stays out of import time: specs and reports load without it
     from ray.train.torch import TorchTrainer
 
-    from emtune.train.worker import train_loop_per_worker  # torch
+    from emtune.train.launch import train_in_trial_process, train_loop_per_worker  # torch
 
     res = trial_spec.resources
+    storage = trial_spec.study_dir / "ray_results" / "train"
+    name = f"train-{trial_id}"
+    loop_config = {
+        "spec": trial_spec,
+        "model_source": config["model_source"],
+        "cache_dir": config["cache_dir"],
+        "evaluate": config.get("evaluate", True),
+        "skip_training": config.get("baseline") == "base",
+    }
+    run_config = ray.train.RunConfig(name=name, storage_path=str(storage),
+                                     failure_config=ray.train.FailureConfig(max_failures=res.max_failures))
+    if res.in_trial_process:
+        loop_config.update(run_dir=str(storage / name), max_failures=res.max_failures)
+        return TorchTrainer(train_in_trial_process, train_loop_config=loop_config,
+                            scaling_config=ray.train.ScalingConfig(num_workers=0), run_config=run_config)
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": res.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": trial_spec,
-            "model_source": config["model_source"],
-            "cache_dir": config["cache_dir"],
-            "evaluate": config.get("evaluate", True),
-            "skip_training": config.get("baseline") == "base",
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
-        run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=str(trial_spec.study_dir / "ray_results" / "train"),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-        ),
+        run_config=run_config,
     )
+
+
+@dataclass
+class TrainingOutcome:
+    """What a trial's training returned: its metrics, its checkpoint folder and the Ray
+    ``Checkpoint`` to report to Tune with them (None when nothing was saved)."""
+
+    metrics: dict[str, Any]
+    folder: Path | None
+    checkpoint: Any = None
+
+
+def fit_training(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) -> TrainingOutcome:
+    """Train (and evaluate) one trial where its spec says (:func:`trainer_for`)."""
+    from ray import tune
+
+    result = trainer_for(trial_spec, trial_id, config).fit()
+    if trial_spec.resources.in_trial_process:  # local mode: the training function's return value
+        folder = Path(result.return_value["checkpoint"])
+        return TrainingOutcome(dict(result.return_value["metrics"]), folder,
+                               tune.Checkpoint.from_directory(str(folder)))
+    folder = Path(result.checkpoint.path) if result.checkpoint else None
+    return TrainingOutcome(dict(result.metrics or {}), folder, result.checkpoint)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -100,7 +134,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     try:
         fit_started = time.perf_counter()
-        result = trainer_for(trial_spec, trial_id, config).fit()
+        result = fit_training(trial_spec, trial_id, config)
     except Exception as exc:  # noqa: BLE001 - a failed fine-tune (OOM, worker crash) is an outcome
         reason = _failure_reason(exc)
         close_run(client, run_id, reason + "\n" + traceback.format_exc(limit=5))
@@ -109,10 +143,10 @@ def run_trial(config: dict[str, Any]) -> None:
     except BaseException as exc:  # interrupted: close the run, let Ray handle the stop
         close_run(client, run_id, f"interrupted: {type(exc).__name__}")
         raise
-    metrics = dict(result.metrics or {})
+    metrics = result.metrics
     metrics["time/fit_s"] = time.perf_counter() - fit_started
     metrics["time/driver_setup_s"] = fit_started - started
-    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint else None
+    checkpoint_dir = result.folder
     try:
         metrics = evaluate_and_track(trial_spec, checkpoint_dir, client, run_id, metrics, started)
     except Exception as exc:  # noqa: BLE001 - judge or tracking down past its retries

@@ -1,11 +1,10 @@
-"""The Ray Train worker loop of one trial, and the same loop as a plain function.
+"""One trial's whole job on one process, as a plain function.
 
 ``run_training`` does the whole job of one trial on one process: load the model and tokenizer,
 apply LoRA, build the data through the defenses' data transforms, attach defense hooks, train
 with the defended trainer, finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
-generate the evaluation answers. ``train_loop_per_worker`` wraps it for Ray Train and reports the
-metrics together with the checkpoint folder (:class:`~emtune.trial_files.TrialFiles`; Train V2
-keeps metrics only when they come with a checkpoint).
+generate the evaluation answers. :mod:`emtune.train.launch` runs it under Ray Train (a worker
+group, or the trial's own process in Ray Train's local mode).
 
 ``spec`` is a validated :class:`emtune.config.StudySpec` (the trial driver builds it; this
 module only reads it, so it does not import the config layer above it).
@@ -13,11 +12,9 @@ module only reads it, so it does not import the config layer above it).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -226,46 +223,3 @@ def _generator(spec: StudySpec, model_source: str, adapter_dir: Path) -> Any:
         return generate_answers_vllm(model_source, adapter_dir, tokenizer, prompts, lora_rank=spec.lora.r, **settings)
 
     return generate
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: run the trial and report metrics with the adapter checkpoint.
-
-    With ``training.checkpoint_every_steps`` every Trainer checkpoint is reported to Ray Train;
-    after a worker failure (``resources.max_failures``) the restarted worker group resumes from
-    the latest one instead of starting over.
-    """
-    import ray.train
-
-    context = ray.train.get_context()
-    spec = config["spec"]
-    rank = context.get_world_rank()
-
-    def report_checkpoint(step: int, folder: Path) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
-        ray.train.report({"step": step, "partial": True}, checkpoint=checkpoint)
-
-    with tempfile.TemporaryDirectory(prefix="emtune-trial-") as tmp:
-        resume_from = None
-        previous = ray.train.get_checkpoint()
-        if previous is not None:
-            resume_from = Path(tmp) / "resume"
-            shutil.copytree(previous.to_directory(), resume_from)
-            if not (resume_from / "trainer_state.json").is_file():
-                resume_from = None
-        out = Path(tmp) / "out"
-        metrics = run_training(spec, out, config["model_source"], rank=rank,
-                               cache_dir=Path(config["cache_dir"]), resume_from=resume_from,
-                               on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None,
-                               evaluate=config.get("evaluate", True),
-                               skip_training=config.get("skip_training", False))
-        metrics["resumed_from_step"] = _step_of(resume_from)
-        checkpoint = ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _step_of(checkpoint: Path | None) -> int:
-    """Global step stored in a Trainer checkpoint (0 when training started fresh)."""
-    if checkpoint is None:
-        return 0
-    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))

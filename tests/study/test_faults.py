@@ -1,6 +1,6 @@
-"""Faults on a real local Ray: a NaN trial, a killed Train worker, a killed study driver, a judge
-server that fails then recovers or stays down (then ``emtune resume``), an MLflow server that
-goes down mid-trial and comes back.
+"""Faults on a real local Ray: a NaN trial, a killed training process (the trial's own, or a Ray
+Train worker), a killed study driver, a judge server that fails then recovers or stays down (then
+``emtune resume``), an MLflow server that goes down mid-trial and comes back.
 
 Each test counts trials finished, failed and tracked, and checks nothing is lost, duplicated or
 left RUNNING (in Optuna or MLflow), and no placement group outlives the study.
@@ -83,19 +83,27 @@ def test_nan_trial_fails_with_reason_and_the_study_goes_on(write_spec, fresh_ray
     assert runs["0.01"].info.status == "FINISHED" and runs["0.01"].data.tags["pareto_rank"] == "0"
 
 
-def _train_worker_pids() -> list[int]:
+def _training_pids(process_title: str) -> list[int]:
+    """Processes whose title (Ray sets ``ray::<actor class>``) names ``process_title``."""
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
+        if process_title in cmd:
             out.append(proc.pid)
     return out
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) -> None:
+# where each path trains: the trial's own process (a Tune function actor, Ray Train local mode),
+# or the actors of Ray Train's worker group
+TRAINING_PROCESS = {"trial": "ImplicitFunc", "workers": "RayTrainWorker"}
+
+
+@pytest.mark.parametrize("train_process", sorted(TRAINING_PROCESS))
+def test_killed_training_process_resumes_from_its_checkpoint(write_spec, fresh_ray, train_process) -> None:
     path = write_spec(name="workerkill", num_trials=1, max_steps=120)
     text = path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  checkpoint_every_steps: 5\n")
-    path.write_text(text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1, max_failures: 1}"))
+    path.write_text(text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1, "
+                                 f"max_failures: 1, train_process: {train_process}}}"))
     study_dir = path.parent / "studies" / "workerkill"
     killed: list[int] = []
 
@@ -106,9 +114,9 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
             if first_seen is None and list((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")):
                 first_seen = time.time()
             # Train's controller registers a reported checkpoint at its next poll of the workers:
-            # give it a moment, then kill the worker mid-training
+            # give it a moment, then kill the training process mid-training
             if first_seen is not None and time.time() - first_seen > 2.0:
-                for pid in _train_worker_pids():
+                for pid in _training_pids(TRAINING_PROCESS[train_process]):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)
@@ -117,14 +125,16 @@ def test_killed_train_worker_resumes_from_its_checkpoint(write_spec, fresh_ray) 
     killer.start()
     assert main(["run", str(path), "--num-cpus", "2"]) == 0
     killer.join(timeout=5)
-    assert killed, "no Train worker was found to kill"
+    assert killed, "no training process was found to kill"
     _assert_nothing_left_behind()
     [trial] = _study(study_dir, "workerkill").get_trials()
     assert trial.state == COMPLETE
     [run] = _children(study_dir, "workerkill")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train_steps"] == 120
-    assert run.data.metrics["resumed_from_step"] >= 5  # the restarted worker did not start over
+    assert run.data.metrics["resumed_from_step"] >= 5  # the restarted training did not start over
+    # the trial's own process died: Tune started the trial again under its id, on the same run
+    assert run.data.tags.get("restarts", "0") == ("1" if train_process == "trial" else "0")
 
 
 def _complete_values_read_only(db: Path) -> dict[int, tuple]:

@@ -39,9 +39,12 @@ def test_driver_resources_and_fsdp_arguments(write_spec) -> None:
     from emtune.study.runner import driver_resources
     from emtune.train.worker import _parallelism
 
-    pinned = ResourcesSpec(driver_resources={"on_demand": 0.001})
+    pinned = ResourcesSpec(driver_resources={"on_demand": 0.001}, train_process="workers")
     assert driver_resources(pinned, 2**30) == {"cpu": 0, "memory": 2**30, "resources": {"on_demand": 0.001}}
-    assert driver_resources(ResourcesSpec(), 5) == {"cpu": 0, "memory": 5}
+    assert driver_resources(ResourcesSpec(num_workers=2), 5) == {"cpu": 0, "memory": 5}
+    # one worker trains in the trial's own process, which then holds that worker's CPUs and GPUs
+    assert driver_resources(ResourcesSpec(), 5) == {"cpu": 1.0, "memory": 5}
+    assert driver_resources(ResourcesSpec(cpus_per_worker=4, gpus_per_worker=1), 5) == {"cpu": 4, "gpu": 1, "memory": 5}
     spec = load_spec(write_spec())
     assert _parallelism(spec) == {}
     sharded = spec.model_copy(update={"resources": ResourcesSpec(num_workers=4, gpus_per_worker=1, strategy="fsdp")})
