@@ -7,6 +7,11 @@ where p_ref is the same model with the LoRA adapter disabled (no second copy of 
 Paper value λ = 0.1, direction forward (p_θ ‖ p_ref), all non-pad tokens, no vocabulary
 normalisation. Other work divides by the vocabulary size (λ values are then not comparable) or
 uses the reverse direction; both are options here so a study states which it used.
+
+The reference's logits are never formed over the whole batch: its final hidden states go through
+its LM head a few positions at a time (``emtune.tensor_ops.masked_kl_sum``, the same value as
+:func:`kl_to_reference_loss` on full logits), so the term adds no [batch, seq, vocab] float32
+temporaries to a step. Models whose head output is transformed (softcapping) use full logits.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pydantic import Field
 
 from emtune.defenses.base import Defense
 from emtune.spec_errors import StrictModel
-from emtune.tensor_ops import kl_per_token, token_mask
+from emtune.tensor_ops import kl_per_token, masked_kl_sum, token_mask
 
 __all__ = ["KLToReference", "KLToReferenceConfig", "kl_per_token", "kl_to_reference_loss", "token_mask"]
 
@@ -69,14 +74,19 @@ class KLToReference(Defense):
         return self.config.weight > 0
 
     def loss_terms(self, batch: dict[str, Any], outputs: Any, reference: Callable[[], Any]) -> dict[str, Any]:
+        import torch
+
         if not self.active:
             return {}
         ref = reference()
-        loss = kl_to_reference_loss(
-            outputs.logits,
-            ref.logits,
-            token_mask(batch, self.config.tokens),
-            self.config.direction,
-            self.config.normalization,
-        )
+        mask = token_mask(batch, self.config.tokens)
+        if getattr(ref, "head", None) is None:  # only full reference logits on offer
+            loss = kl_to_reference_loss(outputs.logits, ref.logits, mask, self.config.direction,
+                                        self.config.normalization)
+        else:
+            weights = mask.to(outputs.logits.device, dtype=torch.float32)
+            total = masked_kl_sum(outputs.logits, ref.last_hidden_state, ref.head, weights, self.config.direction)
+            loss = total / weights.sum().clamp(min=1.0)
+            if self.config.normalization == "token_vocab_mean":
+                loss = loss / outputs.logits.shape[-1]
         return {"kl_to_reference": self.config.weight * loss}

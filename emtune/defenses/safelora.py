@@ -18,8 +18,11 @@ layer. In top-K mode the dial is K (0 = off). Conventions: a layer whose ΔW is 
 scores 1 (there is nothing to project); a layer with V = 0 has C = 0 (score 0; projecting zeroes
 its B). The scaling s cancels in the cosine; it is kept so the score reads as the formula.
 
-Memory stays bounded: C is never materialised (C·M = V·(Vᵀ·M)/‖V‖_F, out × in at most), and the
-weights are fetched one layer at a time, twice (score pass, then project pass), from a
+Memory stays bounded, everything is scored in rank space: with M = Vᵀ·B (in × r), N = V·M
+(out × r) and G = A·Aᵀ (r × r), ⟨ΔW, CΔW⟩ = s²·tr(MᵀM·G)/‖V‖_F, ‖ΔW‖² = s²·tr(BᵀB·G) and
+‖CΔW‖² = s²·tr(NᵀN·G)/‖V‖²_F, so neither C, ΔW nor any in × in matrix is formed: a layer holds
+V (out × in) and the base tensor it is read from, plus r-wide products (:func:`rank_similarity`).
+The weights are fetched one layer at a time, twice (score pass, then project pass), from a
 :class:`WeightSource`. The aligned weights default to the trained model's own frozen base weights
 (the adapter was trained on the aligned model, ``model.source``); ``aligned_source`` overrides
 that. The base weights come from ``base_source`` (default ``model.base_source``): a local folder
@@ -34,14 +37,17 @@ Only peft ``Linear`` LoRA layers are handled (not DoRA); ``fan_in_fan_out`` weig
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Union
 
 from pydantic import Field
 
 from emtune.defenses.base import Defense, LocalFile
-from emtune.models import materialize_tiny
+from emtune.defenses.weight_source import WeightSource, resolve_weight_folder
 from emtune.spec_errors import StrictModel
+
+__all__ = ["LazyWeightPairs", "SafeLoRA", "SafeLoRAConfig", "WeightSource", "alignment_projector", "apply_projector",
+           "lora_layers", "project_layers", "rank_similarity", "resolve_weight_folder", "score_layers",
+           "select_for_projection", "similarity"]
 
 if TYPE_CHECKING:  # torch stays out of import time so `emtune validate` is fast
     import torch
@@ -96,13 +102,36 @@ def apply_projector(v: "torch.Tensor", matrix: "torch.Tensor") -> "torch.Tensor"
 
 
 def similarity(delta_w: "torch.Tensor", v: "torch.Tensor") -> float:
-    """cos(vec(ΔW), vec(C·ΔW)); 1.0 when ΔW = 0 (nothing to project)."""
+    """cos(vec(ΔW), vec(C·ΔW)) from ΔW itself; 1.0 when ΔW = 0 (nothing to project). The
+    formula as written; scoring uses :func:`rank_similarity`, which gives the same value."""
     import torch
 
     if not torch.any(delta_w):
         return 1.0
     projected = apply_projector(v, delta_w)
     return float(torch.nn.functional.cosine_similarity(delta_w.flatten(), projected.flatten(), dim=0))
+
+
+def rank_similarity(b: "torch.Tensor", a: "torch.Tensor", v: "torch.Tensor") -> float:
+    """cos(vec(ΔW), vec(C·ΔW)) for ΔW ∝ B·A (B out × r, A r × in), through r-wide products only
+    (module docstring); the scaling s cancels. 1.0 when ΔW = 0; 0.0 when V = 0 (C = 0)."""
+    import torch
+
+    b, a = b.double(), a.double()
+    gram = a @ a.T  # G = A·Aᵀ, r × r
+    delta_sq = torch.trace(b.T @ b @ gram)  # ‖B·A‖²
+    if delta_sq <= 0:
+        return 1.0
+    v_norm = v.norm().double()
+    if v_norm == 0:
+        return 0.0
+    m = (v.T @ b.to(v.dtype)).double()  # Vᵀ·B, in × r
+    n = (v @ m.to(v.dtype)).double()  # V·Vᵀ·B, out × r
+    inner = torch.trace(m.T @ m @ gram) / v_norm  # ⟨BA, C·BA⟩
+    projected_sq = torch.trace(n.T @ n @ gram) / v_norm**2  # ‖C·BA‖²
+    if projected_sq <= 0:
+        return 0.0
+    return float(inner / torch.sqrt(delta_sq * projected_sq))
 
 
 def _adapter(model: Any) -> str:
@@ -130,31 +159,29 @@ def _fetch(weight_pairs: WeightPairs, name: str) -> tuple["torch.Tensor", "torch
 
 
 def _layer_v(module: Any, weight_pairs: WeightPairs, name: str, device: Any) -> "torch.Tensor":
-    """V of one layer in float32 on ``device``, oriented out × in like ΔW."""
+    """V of one layer in float32 on ``device``, oriented out × in like ΔW (one out × in float32
+    buffer: the base tensor is converted into it and the aligned one subtracted in place)."""
     import torch
 
     w_aligned, w_base = _fetch(weight_pairs, name)
     # upcast before subtracting: the difference of two bf16 weights loses most of its bits
-    v = w_aligned.to(device=device, dtype=torch.float32) - w_base.to(device=device, dtype=torch.float32)
+    v = w_base.to(device=device, dtype=torch.float32, copy=True)
+    del w_base
+    v.neg_().add_(w_aligned.to(device))  # V = W_aligned − W_base
     return v.T if getattr(module, "fan_in_fan_out", False) else v
 
 
-def _delta_w(module: Any, adapter: str) -> "torch.Tensor":
-    a = module.lora_A[adapter].weight.float()
-    b = module.lora_B[adapter].weight.float()
-    return module.scaling[adapter] * (b @ a)
-
-
 def score_layers(model: Any, weight_pairs: WeightPairs) -> dict[str, float]:
-    """Similarity of every LoRA layer, computed one layer at a time; changes nothing."""
+    """Similarity of every LoRA layer, computed one layer at a time in rank space; changes nothing."""
     import torch
 
     adapter = _adapter(model)
     scores = {}
     with torch.no_grad():
         for name, module in lora_layers(model).items():
-            delta = _delta_w(module, adapter)
-            scores[name] = similarity(delta, _layer_v(module, weight_pairs, name, delta.device))
+            a = module.lora_A[adapter].weight.float()
+            b = module.lora_B[adapter].weight.float()
+            scores[name] = rank_similarity(b, a, _layer_v(module, weight_pairs, name, b.device))
     return scores
 
 
@@ -179,72 +206,6 @@ def project_layers(model: Any, names: Iterable[str], weight_pairs: WeightPairs) 
             weight = layers[name].lora_B[adapter].weight
             projected = apply_projector(_layer_v(layers[name], weight_pairs, name, weight.device), weight.float())
             weight.copy_(projected.to(weight.dtype))
-
-
-# --- where the weights come from -------------------------------------------------------------
-
-
-class WeightSource:
-    """Tensors of one model by checkpoint key, read on demand (a state dict or safetensors folder)."""
-
-    def __init__(self, tensors: Mapping[str, Any] | None = None, folder: str | None = None):
-        self._tensors = tensors
-        self._folder = folder
-        self._files: dict[str, str] | None = None
-
-    @classmethod
-    def from_model(cls, model_or_state: Any) -> "WeightSource":
-        """Wrap an in-memory model (its ``state_dict``) or a state dict."""
-        state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
-        return cls(tensors=state)
-
-    def _index(self) -> dict[str, str]:
-        if self._files is None:
-            from safetensors import safe_open
-
-            files = sorted(Path(self._folder).glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"SafeLoRA needs *.safetensors weights in {self._folder}")
-            self._files = {}
-            for path in files:
-                with safe_open(str(path), framework="pt") as handle:
-                    self._files.update({key: str(path) for key in handle.keys()})
-        return self._files
-
-    def get(self, key: str) -> "torch.Tensor":
-        """The tensor at ``key``; falls back to the key without a leading ``model.``."""
-        keys = [key, key.removeprefix("model.")]
-        if self._tensors is not None:
-            for candidate in keys:
-                if candidate in self._tensors:
-                    return self._tensors[candidate]
-        else:
-            from safetensors import safe_open
-
-            index = self._index()
-            for candidate in keys:
-                if candidate in index:
-                    with safe_open(index[candidate], framework="pt") as handle:
-                        return handle.get_tensor(candidate)
-        raise KeyError(f"weight {key!r} not found in the SafeLoRA weight source")
-
-
-def resolve_weight_folder(source: str, spec: Any, cache_dir: Any, role: str = "base") -> str:
-    """A local folder holding ``source``'s safetensors: local path, tiny model, or hub snapshot.
-
-    ``tiny`` in the ``base`` role is the spec's tiny model before alignment pretraining
-    (``pretrain_steps: 0``, same seed); in the ``aligned`` role it is the spec's tiny model itself.
-    """
-    if source == "tiny":
-        tiny = spec.model.tiny
-        if role == "base":
-            tiny = tiny.model_copy(update={"pretrain_steps": 0})
-        return str(materialize_tiny(tiny, Path(cache_dir or ".")))
-    if Path(source).is_dir():
-        return source
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
 
 
 class LazyWeightPairs:

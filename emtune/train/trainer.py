@@ -14,31 +14,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from emtune.train.reference import ReferenceOutputs
 
-class ReferenceOutputs:
-    """The adapter-disabled model's outputs on one batch, computed once on first use.
-
-    With LoRA the aligned reference model is the same network with the adapter switched off,
-    so KL and feature-space defenses need no second copy of the weights.
-    """
-
-    def __init__(self, model: Any, inputs: dict[str, Any], hidden_states: bool):
-        self._model = model
-        self._inputs = inputs
-        self._hidden = hidden_states
-        self._outputs: Any = None
-        self.calls = 0
-
-    def __call__(self) -> Any:
-        if self._outputs is None:
-            self.calls += 1
-            with torch.no_grad(), self._model.disable_adapter():
-                self._outputs = self._model(
-                    input_ids=self._inputs["input_ids"],
-                    attention_mask=self._inputs["attention_mask"],
-                    output_hidden_states=self._hidden,
-                )
-        return self._outputs
+__all__ = ["CheckpointHook", "DefendedTrainer", "DefenseLossMixin", "LossHistory", "ReferenceOutputs",
+           "defended_loss", "defended_trainer_class"]
 
 
 def defended_loss(model: Any, inputs: dict[str, Any], defenses: list[Any], unwrapped: Any = None) -> tuple[Any, dict[str, Any], Any]:
@@ -48,7 +27,8 @@ def defended_loss(model: Any, inputs: dict[str, Any], defenses: list[Any], unwra
     """
     active = [d for d in defenses if d.active]
     hidden = any(d.needs_hidden_states for d in active)
-    outputs = model(**inputs, output_hidden_states=hidden)
+    # no KV cache: a training forward never reads it, and it would hold every layer's keys and values
+    outputs = model(**inputs, output_hidden_states=hidden, use_cache=False)
     reference = ReferenceOutputs(unwrapped if unwrapped is not None else model, inputs,
                                  any(d.needs_reference_hidden_states for d in active))
     terms: dict[str, Any] = {"task_loss": outputs.loss}

@@ -22,6 +22,7 @@ from emtune.defenses.safelora import (
     apply_projector,
     lora_layers,
     project_layers,
+    rank_similarity,
     resolve_weight_folder,
     score_layers,
     select_for_projection,
@@ -91,6 +92,20 @@ def test_similarity_hand_computed():
     assert similarity(torch.tensor([[0.0, 0.0], [2.0, 3.0]]), v) == pytest.approx(0.0)  # orthogonal
     assert similarity(torch.tensor([[5.0, -1.0], [0.0, 0.0]]), v) == pytest.approx(1.0)  # inside
     assert similarity(torch.zeros(2, 2), v) == 1.0  # nothing to project
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_space_score_equals_the_formula_on_delta_w(seed):
+    gen = torch.Generator().manual_seed(seed)
+    out_dim, in_dim, r = [(6, 9, 2), (9, 6, 3), (7, 7, 1), (12, 5, 4), (5, 40, 4)][seed]
+    b, a = torch.randn(out_dim, r, generator=gen), torch.randn(r, in_dim, generator=gen)
+    v = torch.randn(out_dim, in_dim, generator=gen)
+    v[:, : in_dim // 2] *= 0.01  # an uneven alignment direction, so scores spread over (0, 1)
+    expected = similarity(b @ a, v)
+    assert rank_similarity(b, a, v) == pytest.approx(expected, abs=1e-5)
+    assert rank_similarity(b * 3.0, a, v) == pytest.approx(expected, abs=1e-5)  # the scaling cancels
+    assert rank_similarity(torch.zeros_like(b), a, v) == 1.0 == similarity(torch.zeros(out_dim, in_dim), v)
+    assert rank_similarity(b, a, torch.zeros_like(v)) == 0.0 == similarity(b @ a, torch.zeros_like(v))
 
 
 def test_similarity_is_never_negative():
