@@ -26,3 +26,6 @@ class TrainingSpec(StrictModel):
     checkpoint_every_steps: int | None = Field(
         None, gt=0, description="report a resumable checkpoint (adapter + optimizer) every N steps"
     )
+    group_by_length: bool = Field(
+        True, description="batches of rows of similar length (less padding; batch order stays random); "
+        "false = plain random batches")

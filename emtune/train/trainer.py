@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from emtune.data.batching import LengthGroupedSampler, feature_lengths
 from emtune.train.reference import ReferenceOutputs
 
 __all__ = ["CheckpointHook", "DefendedTrainer", "DefenseLossMixin", "LossHistory", "ReferenceOutputs",
@@ -44,9 +45,10 @@ class DefenseLossMixin:
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, defenses: list[Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, defenses: list[Any] | None = None, group_by_length: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.defenses = defenses or []
+        self.group_by_length = group_by_length
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
 
@@ -60,6 +62,15 @@ class DefenseLossMixin:
                 self._term_sums[name] += float(value.detach())
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """Length-grouped batches (``emtune.data.batching``) when asked for, else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = feature_lengths(dataset) if self.group_by_length and dataset is not None else None
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, seed)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._term_count and "loss" in logs:

@@ -123,6 +123,7 @@ def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], tra
         train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id),
         defenses=defenses,
+        group_by_length=spec.training.group_by_length,
         callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
     )
     train_started = time.perf_counter()
