@@ -29,3 +29,9 @@ class TrainingSpec(StrictModel):
     group_by_length: bool = Field(
         True, description="batches of rows of similar length (less padding; batch order stays random); "
         "false = plain random batches")
+    fused_kernels: bool = Field(
+        True, description="Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels on GPU when liger-kernel is "
+        "installed (pip install 'emtune[gpu]'); the plain PyTorch path otherwise")
+    activation_checkpointing: int = Field(
+        0, ge=0, description="recompute the activations of every N-th decoder block in the backward pass "
+        "(1 = all blocks, 2 = half, 0 = none): less memory for about one forward pass per checkpointed block")

@@ -25,6 +25,7 @@ from emtune.data.opswap import generate as generate_opswap
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.registry import build_defenses
 from emtune.models import apply_lora, load_adapter, load_model, load_tokenizer
+from emtune.train.memory import memory_arguments
 from emtune.trial_files import TrialFiles
 
 StudySpec = Any  # emtune.config.StudySpec, validated by the trial driver
@@ -96,6 +97,7 @@ def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         **_parallelism(spec),
+        **memory_arguments(t),
     )
 
 
