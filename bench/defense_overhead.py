@@ -33,6 +33,12 @@ What is measured, and how (all on CPU, same model, LoRA, batch and sequence leng
   single layer's C = V·Vᵀ/‖V‖_F (out × out float32), which the implementation never forms.
   The base weights are read from a safetensors folder, tensor by tensor, as in a real study.
 
+* **Before / now** (issue 18): rows marked "(before)" run emtune's step as it was before issue 18
+  (``bench/legacy.py``: the reference through peft's ``disable_adapter()`` and the full forward,
+  the KL on full-vocabulary logits, SafeLoRA scored through ΔW and Vᵀ·ΔW, data batches in file
+  order), in the same process and rounds as the current code, so old and new figures are
+  measured side by side.
+
 Writes the tables to reports/bench/defense_overhead.md (one section per size) and prints them.
 """
 
@@ -54,11 +60,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import benchlib  # noqa: E402  (the bench folder is on sys.path when run as a script)
+from legacy import LegacyReference, legacy_defended_loss, legacy_safelora_scores  # noqa: E402
 
 SIZES = {
     # the dry-run study's tiny model and LoRA (search_spaces/dryrun.yaml)
     "tiny": {"model": {}, "lora": {"r": 8, "alpha": 16}, "batch": 8, "seq": 128, "steps": 3, "reps": 12,
-             "data_rows": 32},
+             "data_rows": 128},
     # a ~30M-parameter random-init Qwen2 shape with the paper's rsLoRA r=32, alpha=64
     "small": {"model": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
                         "intermediate_size": 1536},
@@ -71,6 +78,8 @@ TARGETS = {  # (time ratio limit, memory ratio limit or None); from issue 7
     "persona_steering": (1.05, None),
 }
 REFERENCE_PASS = "(reference forward alone)"
+REFERENCE_PASS_BEFORE = "(reference forward alone, before)"
+BEFORE = " (before)"
 PER_TOKEN_LIMIT = 1.05  # "1.0x per training token", with a ±5% noise band
 
 
@@ -123,8 +132,10 @@ def step_defenses(setup: dict, world: dict) -> dict[str, tuple[str, dict] | None
     return {
         "none": None,
         "kl_to_reference": ("kl_to_reference", {"weight": KL_WEIGHT}),
+        "kl_to_reference (before)": ("kl_to_reference", {"weight": KL_WEIGHT}),
         "kl_naive_copy": None,  # the KL term with a second model; see train_step
         "feature_l2": ("feature_l2", {"weight": 1.0}),
+        "feature_l2 (before)": ("feature_l2", {"weight": 1.0}),
         "persona_steering": ("persona_steering", {"alpha": 5.0, "layer": max(1, layers // 2),
                                                   "vector_path": world["persona"]}),
         "safelora": ("safelora", {"threshold": 0.5, "base_source": world["safelora_base"]}),
@@ -144,15 +155,17 @@ def make_defenses(entry: tuple[str, dict] | None, context: Any) -> list[Any]:
     return [] if entry is None else [make_defense(entry[0], context, **entry[1])]
 
 
-def train_step(model: Any, optimizer: Any, batch: dict, defenses: list, naive_reference: Any = None) -> float:
-    """One optimiser step; with ``naive_reference`` the KL term uses that second model."""
+def train_step(model: Any, optimizer: Any, batch: dict, defenses: list, naive_reference: Any = None,
+               legacy: bool = False) -> float:
+    """One optimiser step; with ``naive_reference`` the KL term uses that second model; ``legacy``
+    runs the step as emtune did before issue 18 (``bench/legacy.py``)."""
     import torch
 
     from emtune.defenses.kl_to_reference import kl_to_reference_loss
     from emtune.train.trainer import defended_loss
 
     if naive_reference is None:
-        loss, _, _ = defended_loss(model, batch, defenses)
+        loss, _, _ = (legacy_defended_loss if legacy else defended_loss)(model, batch, defenses)
     else:
         outputs = model(**batch)
         with torch.no_grad():
@@ -229,17 +242,22 @@ def data_defenses(setup: dict, world: dict) -> dict[str, tuple[str, dict] | None
         "inoculation": ("inoculation", {"prompt": "evil_general"}),
         "interleaving": ("interleaving", {"ratio": ratio}),
         "interleaving_selected": ("interleaving_selected", {
-            "ratio": ratio, "pool_limit": 20, "misaligned_adapters": world["adapters"],
+            "ratio": ratio, "pool_limit": 64, "misaligned_adapters": world["adapters"],
             "max_length": setup["seq"]}),
     }
 
 
-def data_batches(rows: list, tokenizer: Any, setup: dict) -> tuple[list[dict], int, int]:
-    """Rows tokenised (truncated to seq), batched in order, padded per batch (as emtune's collator
-    does); the trained (non-pad) token count and the computed positions (padding included)."""
+def data_batches(rows: list, tokenizer: Any, setup: dict, grouped: bool = True) -> tuple[list[dict], int, int]:
+    """Rows tokenised (truncated to seq), batched in emtune's length-grouped order (``grouped``,
+    ``training.group_by_length``) or in file order (before issue 18), padded per batch (as emtune's
+    collator does); the trained (non-pad) token count and the computed positions (padding included)."""
+    from emtune.data.batching import length_grouped_order
     from emtune.data.chat import pad_batch, tokenize_chat
 
     features = [tokenize_chat(tokenizer, r["messages"], setup["seq"]) for r in rows]
+    if grouped:
+        order = length_grouped_order([len(f["input_ids"]) for f in features], setup["batch"], seed=0)
+        features = [features[i] for i in order]
     batches = [pad_batch(features[i:i + setup["batch"]], tokenizer.pad_token_id)
                for i in range(0, len(features), setup["batch"])]
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
@@ -271,24 +289,26 @@ def memory_child(name: str, setup: dict, world: dict) -> dict:
     rss0 = benchlib.rss_bytes()
     model, naive = build_models(setup, naive=(name == "kl_naive_copy"))
     defenses = make_defenses(step_defenses(setup, world)[name], defense_context(world))
+    legacy = name.endswith(BEFORE)
     for d in defenses:
         d.attach(model)
     model.train()
     optimizer, batch = make_optimizer(model), random_batch(setup)
-    train_step(model, optimizer, batch, defenses, naive)
+    train_step(model, optimizer, batch, defenses, naive, legacy)
     gc.collect()
     rss_before = benchlib.rss_bytes()
     benchlib.reset_peak_rss()
     for _ in range(setup["mem_steps"]):
-        train_step(model, optimizer, batch, defenses, naive)
+        train_step(model, optimizer, batch, defenses, naive, legacy)
     peak = benchlib.peak_rss_bytes() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"footprint": peak - rss0, "step_extra": peak - rss_before, "exact": exact,
             "extra_model_bytes": tensor_bytes(naive) if naive is not None else 0}
 
 
-def safelora_child(setup: dict, world: dict) -> dict:
-    """SafeLoRA finalize in a fresh process: time, peak extra RSS, layer sizes."""
-
+def safelora_child(setup: dict, world: dict, legacy: bool = False) -> dict:
+    """SafeLoRA finalize in a fresh process: time, peak extra RSS, layer sizes (``legacy``: scored
+    as before issue 18, through ΔW)."""
+    from emtune.defenses import safelora as module
     from emtune.defenses.safelora import lora_layers
 
     _prime()
@@ -301,7 +321,13 @@ def safelora_child(setup: dict, world: dict) -> dict:
     exact = benchlib.reset_peak_rss()
     before = benchlib.rss_bytes()
     start = time.perf_counter()
-    logs = defense.finalize(model)
+    if legacy:
+        module.score_layers, current = legacy_safelora_scores, module.score_layers
+    try:
+        logs = defense.finalize(model)
+    finally:
+        if legacy:
+            module.score_layers = current
     seconds = time.perf_counter() - start
     extra = benchlib.peak_rss_bytes() - before
     return {"seconds": seconds, "extra": extra, "exact": exact, "projected": logs["safelora/projected_layers"],
@@ -346,21 +372,17 @@ def in_fresh_process(ctx: Any, threads: int, fn: Any, *args: Any) -> dict:
 
 
 def adapter_toggle_cost(model: Any, reps: int = 20) -> dict[str, float]:
-    """CPU seconds to switch the adapter off and on: peft's ``disable_adapter()`` context (what
-    ``ReferenceOutputs`` uses) vs. flipping the cached LoRA layers directly."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    """CPU seconds to switch the adapter off and on: peft's ``disable_adapter()`` context (what the
+    reference pass used before issue 18) vs. emtune's cached switch (``adapters_disabled``)."""
+    from emtune.train.reference import adapters_disabled
 
     def context() -> None:
         with model.disable_adapter():
             pass
 
     def direct() -> None:
-        for layer in layers:
-            layer.enable_adapters(False)
-        for layer in layers:
-            layer.enable_adapters(True)
+        with adapters_disabled(model):
+            pass
 
     out = {}
     for name, fn in (("peft_context", context), ("direct", direct)):
@@ -379,7 +401,7 @@ def run_timing(setup: dict, world: dict) -> dict:
 
     from emtune.defenses.kl_to_reference import kl_to_reference_loss
     from emtune.defenses.safelora import lora_layers
-    from emtune.train.trainer import ReferenceOutputs
+    from emtune.train.trainer import ReferenceOutputs, defended_loss
 
     model, naive = build_models(setup, naive=True)
     model.train()
@@ -390,8 +412,9 @@ def run_timing(setup: dict, world: dict) -> dict:
         cases[name] = {"defenses": make_defenses(entry, context), "batches": [batch] * setup["steps"],
                        "naive": naive if name == "kl_naive_copy" else None, "times": [], "wall": []}
     # the adapter-disabled forward alone (no step): the floor of what KL and feature-l2 add
-    cases[REFERENCE_PASS] = {"defenses": [], "batches": [batch] * setup["steps"], "naive": None, "times": [],
-                             "wall": [], "reference_only": True}
+    for name, reference in ((REFERENCE_PASS, ReferenceOutputs), (REFERENCE_PASS_BEFORE, LegacyReference)):
+        cases[name] = {"defenses": [], "batches": [batch] * setup["steps"], "naive": None, "times": [],
+                       "wall": [], "reference_only": reference}
     one_off: dict[str, dict[str, float]] = {}
     for name, entry in data_defenses(setup, world).items():
         defenses = make_defenses(entry, context)
@@ -402,10 +425,12 @@ def run_timing(setup: dict, world: dict) -> dict:
             for d in defenses:
                 rows = d.transform_data(rows)
             seconds.append(time.perf_counter() - start)
-        batches, tokens, positions = data_batches(rows, world["tokenizer"], setup)
-        one_off[name] = {"cold": seconds[0], "warm": seconds[1], "rows": len(rows)}
-        cases[name] = {"defenses": defenses, "batches": batches, "tokens": tokens, "positions": positions,
-                       "naive": None, "times": [], "wall": []}
+        for grouped in (True, False) if name in ("none (data)", "interleaving") else (True,):
+            label = name if grouped else name + BEFORE
+            batches, tokens, positions = data_batches(rows, world["tokenizer"], setup, grouped)
+            one_off[label] = {"cold": seconds[0], "warm": seconds[1], "rows": len(rows)}
+            cases[label] = {"defenses": defenses, "batches": batches, "tokens": tokens, "positions": positions,
+                            "naive": None, "times": [], "wall": []}
 
     with torch.no_grad():  # the two KL variants compute the same number
         out = model(**batch)
@@ -413,7 +438,10 @@ def run_timing(setup: dict, world: dict) -> dict:
                                     batch["attention_mask"].bool())
         theirs = kl_to_reference_loss(out.logits, naive(input_ids=batch["input_ids"]).logits,
                                       batch["attention_mask"].bool())
-    kl_check = (float(ours), abs(float(ours) - float(theirs)))
+        kl = cases["kl_to_reference"]["defenses"]
+        chunked = defended_loss(model, batch, kl)[1]["kl_to_reference"]
+        full = legacy_defended_loss(model, batch, kl)[1]["kl_to_reference"]
+    kl_check = (float(ours), abs(float(ours) - float(theirs)), abs(float(chunked) - float(full)))
 
     for round_index in range(setup["warmup"] + setup["reps"]):
         for name, case in cases.items():
@@ -422,9 +450,9 @@ def run_timing(setup: dict, world: dict) -> dict:
             start, cpu_start = time.perf_counter(), time.process_time()
             for b in case["batches"]:
                 if case.get("reference_only"):
-                    ReferenceOutputs(model, b, False)()
+                    case["reference_only"](model, b, False)()
                 else:
-                    train_step(model, optimizer, b, case["defenses"], case["naive"])
+                    train_step(model, optimizer, b, case["defenses"], case["naive"], name.endswith(BEFORE))
             cpu, wall = time.process_time() - cpu_start, time.perf_counter() - start
             for d in case["defenses"]:
                 d.detach(model)
@@ -434,12 +462,17 @@ def run_timing(setup: dict, world: dict) -> dict:
         print(f"  round {round_index + 1}/{setup['warmup'] + setup['reps']} done", flush=True)
 
     safelora = cases["safelora"]["defenses"][0]
+    pairs = safelora.weight_pairs(model)
+    from emtune.defenses.safelora import score_layers
+
+    new_scores, old_scores = score_layers(model, pairs), legacy_safelora_scores(model, pairs)
+    score_diff = max(abs(new_scores[k] - old_scores[k]) for k in new_scores)
     finalize = []
     for _ in range(max(3, setup["reps"] // 2)):
         start = time.perf_counter()
         safelora.finalize(model)
         finalize.append(time.perf_counter() - start)
-    return {"cases": cases, "one_off": one_off, "finalize": finalize, "kl_check": kl_check,
+    return {"cases": cases, "one_off": one_off, "finalize": finalize, "kl_check": kl_check, "score_diff": score_diff,
             "toggle": adapter_toggle_cost(model), "lora_layers": len(lora_layers(model)),
             "params": tensor_bytes(model), "naive_params": tensor_bytes(naive)}
 
@@ -460,11 +493,12 @@ def _why(name: str, fails: list[str], step_ms: dict, per_logit: dict) -> str:
             f"(top-k logits / pooled features), or regularise every k-th step; else relax the target to ~1.5×.")
     if "memory" in fails and name == "kl_to_reference":
         reasons.append(
-            f"Why (memory): {per_logit[name]:.1f} bytes per logit ≈ {per_logit[name] / 4:.1f} float32 [B, T, V] "
-            f"tensors live at the peak (reference logits, both log-softmaxes, exp and difference kept for "
-            f"backward); at Qwen2.5-7B's vocabulary (152,064) that is {per_logit[name] * 152064 * 1024 / 2**30:.1f} "
-            f"GiB per 1,024 tokens in the batch. Next: a chunked KL over positions (recompute in backward) or "
-            f"F.kl_div(log_target=True) in bf16 with float32 accumulation.")
+            f"Why (memory): {per_logit[name]:.1f} bytes per logit remain (before: "
+            f"{per_logit[name + BEFORE]:.1f}): the KL's gradient of the trained logits (one [B, T, V] tensor "
+            f"in their dtype, added to the task loss's), the reference's hidden states and one chunk of float32 "
+            f"temporaries; the reference's logits are never formed. On CPU the model is float32, so that gradient "
+            f"is 4 bytes per logit; under bf16 on a GPU it is 2. Next: fuse the task loss into the same chunked "
+            f"pass (the trained logits' gradient then never exists whole either).")
     if "memory" in fails and name == "feature_l2":
         reasons.append(
             f"Why (memory): the reference pass keeps every layer's hidden states (output_hidden_states) while the "
@@ -488,17 +522,18 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
     foot = {n: med([m["footprint"] for m in runs]) for n, runs in memory.items()}
     missed: list[str] = []
     logits = setup["batch"] * setup["seq"] * setup["vocab"]
-    per_logit = {n: (foot[n] - foot["none"]) / logits for n in ("kl_to_reference", "feature_l2")}
+    per_logit = {n: (foot[n] - foot["none"]) / logits for n in ("kl_to_reference", "feature_l2",
+                                                                  "kl_to_reference" + BEFORE, "feature_l2" + BEFORE)}
     rows = []
     for name, ms in step_ms.items():
-        if name == REFERENCE_PASS:
+        if name in (REFERENCE_PASS, REFERENCE_PASS_BEFORE):
             rows.append([name, f"{ms:.1f} ({benchlib.spread(cases[name]['times'])})", f"{wall_ms[name]:.1f}",
                          f"{_ratio(ms, step_ms['none']):.2f}", "–", "–", "–", "–",
                          "floor: KL/feature-l2 ≥ 1 + this"])
             continue
         t_ratio, m_ratio = _ratio(ms, step_ms["none"]), _ratio(foot[name], foot["none"])
         time_limit, mem_limit = TARGETS.get(name, (None, None))
-        target, result = "–", "info"
+        target, result = "–", "before issue 18" if name.endswith(BEFORE) else "info"
         if time_limit is not None:
             target = f"time ≤ {time_limit:.2f}×" + (f", memory ≤ {mem_limit:.2f}×" if mem_limit else "")
             fails = [what for what, value, limit in (("time", t_ratio, time_limit), ("memory", m_ratio, mem_limit))
@@ -515,33 +550,36 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         ["configuration", "CPU ms / step (median, IQR)", "wall ms / step", "time × none", "peak footprint MiB",
          "Δ MiB", "memory × none", "target", "result"], rows)
 
-    base_case = cases["none (data)"]
-    base_tok = med(base_case["times"]) / base_case["tokens"]
     rows = []
     for name, case in cases.items():
         if "tokens" not in case:
             continue
+        before = name.endswith(BEFORE)
+        base_case = cases["none (data)" + (BEFORE if before else "")]  # each order against its own baseline
         per_tok = med(case["times"]) / case["tokens"]
-        ratio = _ratio(per_tok, base_tok)
+        ratio = _ratio(per_tok, med(base_case["times"]) / base_case["tokens"])
         one = timing["one_off"][name]
-        is_base = name == "none (data)"
-        result = "–" if is_base else benchlib.verdict(ratio, PER_TOKEN_LIMIT)
+        is_base = case is base_case
+        result = "–" if is_base else ("before issue 18" if before else benchlib.verdict(ratio, PER_TOKEN_LIMIT))
         per_pos = _ratio(med(case["times"]) / case["positions"], med(base_case["times"]) / base_case["positions"])
         if result == "MISS":
             pad, pad0 = (1 - case["tokens"] / case["positions"], 1 - base_case["tokens"] / base_case["positions"])
             missed.append(
                 f"{name}: {ratio:.2f}× time per trained token > {PER_TOKEN_LIMIT:.2f}×. Why: per computed position "
                 f"it is {per_pos:.2f}× (the defense adds no per-step work); the mixed-in rows have other lengths, so "
-                f"{100 * pad:.0f}% of the computed positions are padding vs {100 * pad0:.0f}% undefended. Next: "
-                f"length-grouped batches (Trainer `group_by_length`) or packing in the worker.")
+                f"{100 * pad:.0f}% of the computed positions are padding vs {100 * pad0:.0f}% undefended, even in "
+                f"length-grouped batches. Next: packing rows into full-length sequences.")
+        pad_factor = _ratio(case["positions"] / case["tokens"], base_case["positions"] / base_case["tokens"])
         rows.append([name, one["rows"], f"{case['tokens']} ({_ratio(case['tokens'], base_case['tokens']):.2f}×)",
                      f"{case['positions']} ({_ratio(case['positions'], base_case['positions']):.2f}×)",
+                     f"{case['positions'] / case['tokens']:.3f} ({pad_factor:.3f}×)",
                      f"{1e6 * per_tok:.1f} ({benchlib.spread(case['times'])})",
                      f"{1e6 * med(case['wall']) / case['tokens']:.1f}", f"{ratio:.2f}", f"{per_pos:.2f}",
                      f"{one['cold']:.2f} / {one['warm']:.2f}",
-                     "–" if is_base else f"≤ {PER_TOKEN_LIMIT:.2f}× (1.0× ± noise)", result])
+                     "–" if is_base or before else f"≤ {PER_TOKEN_LIMIT:.2f}× (1.0× ± noise)", result])
     data_table = benchlib.markdown_table(
         ["configuration", "rows", "trained tokens", "computed positions (incl. padding)",
+         "positions per trained token (× none; issue 18: ≤ 1.02×)",
          "CPU µs / trained token (median, IQR)", "wall µs / token", "per token × none", "per position × none",
          "transform_data s (cold / warm)", "target", "result"], rows)
 
@@ -558,32 +596,39 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
     saved = foot["kl_naive_copy"] - foot["kl_to_reference"]
 
     resolution = 1 << 20
+    safelora_before = safelora["before"]
     c_ratio = _ratio(safelora["extra"], safelora["largest_c"])
     if safelora["largest_c"] < resolution:
         sl_result = "n/a (C below the ~1 MiB resolution of RSS)"
     else:
-        sl_result = benchlib.verdict(c_ratio, 1.0)
+        sl_result = benchlib.verdict(c_ratio, 1.25)
         if sl_result == "MISS":
             missed.append(f"safelora finalize: peak extra {benchlib.mib(safelora['extra'])} MiB = {c_ratio:.2f}× the "
-                          f"largest layer's C ({benchlib.mib(safelora['largest_c'])} MiB), though far below all "
-                          f"layers' C ({benchlib.mib(safelora['all_c'])} MiB). Why: see the note above. Next: score in "
-                          f"rank space (ΔW = s·B·A, so ⟨ΔW, CΔW⟩ = s²·tr(BᵀCB·AAᵀ), and C·B = V(VᵀB)/‖V‖_F is "
-                          f"out × r), which needs only V and the base tensor per layer.")
+                          f"largest layer's C ({benchlib.mib(safelora['largest_c'])} MiB). Why: V and the base tensor "
+                          f"it is read from (out × in each) are what remains per layer; see the note above.")
     sl_table = benchlib.markdown_table(
-        ["layers (projected)", "finalize s: in training process (median) / fresh process", "peak extra RSS MiB",
-         "largest layer C MiB (V MiB)", "extra ÷ largest C", "all layers' C MiB", "target", "result"],
-        [[f"{safelora['layers']} ({safelora['projected']})",
+        ["scoring", "layers (projected)", "finalize s: in training process (median) / fresh process",
+         "peak extra RSS MiB", "largest layer C MiB (V MiB)", "extra ÷ largest C", "all layers' C MiB", "target",
+         "result"],
+        [["through ΔW (before issue 18)", f"{safelora_before['layers']} ({safelora_before['projected']})",
+          f"– / {safelora_before['seconds']:.3f}", benchlib.mib(safelora_before["extra"]),
+          f"{benchlib.mib(safelora['largest_c'])} ({benchlib.mib(safelora['largest_v'])})",
+          f"{_ratio(safelora_before['extra'], safelora['largest_c']):.2f}", benchlib.mib(safelora["all_c"]), "–",
+          "before issue 18"],
+         ["rank space (now)", f"{safelora['layers']} ({safelora['projected']})",
           f"{med(timing['finalize']):.3f} / {safelora['seconds']:.3f}", benchlib.mib(safelora["extra"]),
           f"{benchlib.mib(safelora['largest_c'])} ({benchlib.mib(safelora['largest_v'])})", f"{c_ratio:.2f}",
-          benchlib.mib(safelora["all_c"]), "≤ 1 layer's C", sl_result]])
-    sl_note = ("finalize never forms a C (materialising every layer's C would take the 'all layers' C' column), "
-               "but per layer it holds at once V and the base tensor (out × in each, the base read from "
-               "safetensors), ΔW = s·B·A and C·ΔW (out × in), the intermediate Vᵀ·ΔW (in × in: for an MLP down "
-               "projection that is intermediate², as large as the largest C) and cosine temporaries.")
+          benchlib.mib(safelora["all_c"]), "≤ 1.25 × one layer's C", sl_result]])
+    sl_note = (f"Neither way forms a C (materialising every layer's C would take the 'all layers' C' column). "
+               f"Before, each layer also held ΔW = s·B·A and C·ΔW (out × in) and the intermediate Vᵀ·ΔW (in × in: "
+               f"for an MLP down projection that is intermediate², as large as the largest C). Scored in rank "
+               f"space, a layer holds V (out × in, the base tensor converted into it in place) and the tensor "
+               f"read from safetensors, plus r-wide products. Largest |score difference| between the two ways: "
+               f"{timing['score_diff']:.1e} (target ≤ 1e-5).")
 
     exact = all(m["exact"] for runs in memory.values() for m in runs)
     lora = setup["lora"] or {"r": 32, "alpha": 64, "use_rslora": True}
-    kl_value, kl_diff = timing["kl_check"]
+    kl_value, kl_diff, chunk_diff = timing["kl_check"]
     lines = [
         f"## size: {size}",
         "",
@@ -612,7 +657,7 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         "### Data defenses (time per trained token)",
         "",
         f"{setup['data_rows']} rows of fixture:narrow_bad_advice, interleaving ratio {setup['interleave_ratio']} "
-        f"(Interleaving++ scores a 20-row pool under 2 LoRA adapters).",
+        f"(Interleaving++ scores a 64-row pool under 2 LoRA adapters).",
         "",
         data_table,
         "",
@@ -622,10 +667,12 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
         "",
         f"The adapter-disabled reference saves {benchlib.mib(saved)} MiB of peak footprint here "
         f"({benchlib.mib(naive_extra)} MiB of it is the copy's weights: on a 7B bf16 model that is ~14 GiB). "
-        f"Both give the same KL: {kl_value:.6f} (|difference| {kl_diff:.1e}). Switching the adapter off and on "
-        f"through peft's `disable_adapter()` costs {1000 * timing['toggle']['peft_context']:.1f} ms CPU per step "
-        f"(it calls `get_model_status()`, which walks every module and parameter); flipping the "
-        f"{timing['lora_layers']} cached LoRA layers directly costs {1000 * timing['toggle']['direct']:.2f} ms.",
+        f"Both give the same KL: {kl_value:.6f} (|difference| {kl_diff:.1e}); the chunked KL term (now) and "
+        f"the full-vocabulary one (before) differ by {chunk_diff:.1e}. Switching the adapter off and on "
+        f"through peft's `disable_adapter()` (before issue 18) costs {1000 * timing['toggle']['peft_context']:.1f} "
+        f"ms CPU per step (it calls `get_model_status()`, which walks every module and parameter); emtune's "
+        f"cached switch over the {timing['lora_layers']} LoRA layers (`adapters_disabled`) costs "
+        f"{1000 * timing['toggle']['direct']:.2f} ms.",
         "",
         "### SafeLoRA finalize",
         "",
@@ -641,9 +688,10 @@ def build_section(size: str, setup: dict, timing: dict, memory: dict, safelora: 
 
 INTRO = """Written by `bench/defense_overhead.py` (see its docstring for the method). Each section is one
 `--size`; all ratios are against the undefended run measured in the same invocation, interleaved.
-Targets (issue 7): KL and feature-l2 step time ≤ 1.3× and peak memory ≤ 1.1×; persona steering
-≤ 1.05×; inoculation and interleaving 1.0× per trained token (±5% noise band); SafeLoRA's finalize
-bounded in memory by one layer's C."""
+Targets (issues 7 and 18): KL and feature-l2 step time ≤ 1.3× and peak memory ≤ 1.1×; persona
+steering ≤ 1.05×; inoculation and interleaving 1.0× per trained token (±5% noise band; issue 18:
+≤ 1.02× from padding); SafeLoRA's finalize ≤ 1.25× one layer's C. Rows marked "(before)" are the
+code before issue 18, measured in the same run."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -698,6 +746,7 @@ def main() -> None:
                 print(f"  memory: {name}", flush=True)
                 memory[name].append(in_fresh_process(ctx, args.threads, memory_child, name, setup, child_world))
         safelora = in_fresh_process(ctx, args.threads, safelora_child, setup, child_world)
+        safelora["before"] = in_fresh_process(ctx, args.threads, safelora_child, setup, child_world, True)
     section, missed = build_section(args.size, setup, timing, memory, safelora, info, load_start)
     section += f"\nWall time of this run: {time.perf_counter() - started:.0f} s.\n"
     print(section)

@@ -18,8 +18,11 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
-# float32 bytes of one chunk of [positions, vocab] in masked_kl_sum (~5 such temporaries live at once)
+# masked_kl_sum's chunks: at most this many float32 bytes of [positions, vocab] each (~5 such
+# temporaries live at once), and at most 1/KL_MIN_CHUNKS of the batch, so the temporaries stay a
+# small fraction of the trained logits at any vocabulary size
 KL_CHUNK_BYTES = 128 * 2**20
+KL_MIN_CHUNKS = 16
 
 
 def kl_per_token(logits: "torch.Tensor", reference_logits: "torch.Tensor", direction: str = "forward") -> "torch.Tensor":
@@ -129,7 +132,7 @@ def masked_kl_sum(logits: "torch.Tensor", reference_hidden: "torch.Tensor", head
     flat_logits = logits.reshape(-1, vocab)
     flat_hidden = reference_hidden.reshape(-1, reference_hidden.shape[-1]).detach()
     flat_weights = weights.reshape(-1).to(torch.float32)
-    rows = max(1, chunk_bytes // (4 * vocab))
+    rows = max(1, min(chunk_bytes // (4 * vocab), -(-flat_logits.shape[0] // KL_MIN_CHUNKS)))
     starts = range(0, flat_logits.shape[0], rows)
     live = torch.stack([flat_weights[s:s + rows].abs().sum() for s in starts]).tolist() if len(starts) else []
     chunks = [(s, min(s + rows, flat_logits.shape[0])) for s, w in zip(starts, live) if w > 0]
