@@ -31,6 +31,14 @@ so a LoRA step costs ≈ 4·N·T, not the 6·N·T of full fine-tuning (no weight
 frozen base). Gradient checkpointing's recomputation is not model FLOPs and is not counted. The
 table also shows the common "6·N·T" convention for comparison (it overstates LoRA work ~1.5×).
 
+Before / now (issue 18): with ``--before`` (the default) the same model first runs none, KL and
+feature-l2 as emtune's step was before issue 18 (``bench/legacy.py``: reference through peft's
+``disable_adapter()`` and the full forward, full-vocabulary KL; plain kernels; checkpointing per
+``--before-checkpointing``), then every defense with the current code, Liger-Kernel's fused
+RMSNorm/SwiGLU/RoPE when installed (``--kernels``) and selective activation checkpointing (every
+N-th block, N chosen from two probe steps to fill ``--memory-fraction`` of the card; the same N for
+every defense, so time and memory ratios compare like with like). Rows say which.
+
 Usage: ``python bench/gpu_step.py --shape qwen2.5-7b`` (needs CUDA; exits 2 with a message
 otherwise); ``--dry-run`` runs a tiny config on CPU to check the code end to end (its numbers
 mean nothing). ``bench/gpu.sh`` runs the 0.5B and 7B shapes.
@@ -52,7 +60,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from emtune.train.memory import apply_fused_kernels, set_activation_checkpointing  # noqa: E402
+from legacy import legacy_defended_loss  # noqa: E402
 
 # Real configs (the models' config.json on the hub); rope and window settings do not change cost.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -193,12 +205,17 @@ def free(device: Any) -> None:
 
 
 def measure_defense(model: Any, optimizer: Any, name: str, batch: dict[str, Any], args: argparse.Namespace,
-                    device: Any, layer: int) -> dict[str, Any]:
-    """Median step time and peak memory of ``args.steps`` steps after ``args.warmup`` untimed ones."""
+                    device: Any, layer: int, legacy: bool = False, steps: int | None = None,
+                    warmup: int | None = None) -> dict[str, Any]:
+    """Median step time and peak memory of ``steps`` steps after ``warmup`` untimed ones
+    (``legacy``: the step as emtune ran it before issue 18, ``bench/legacy.py``)."""
     import torch
 
     from emtune.train.trainer import defended_loss
 
+    step_fn = legacy_defended_loss if legacy else defended_loss
+    steps = args.steps if steps is None else steps
+    warmup = args.warmup if warmup is None else warmup
     defenses = make_defenses(name, model, layer)
     for d in defenses:
         d.attach(model)
@@ -207,17 +224,17 @@ def measure_defense(model: Any, optimizer: Any, name: str, batch: dict[str, Any]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        for i in range(args.warmup + args.steps):
+        for i in range(warmup + steps):
             sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, _, outputs = defended_loss(model, batch, defenses, model)
+                loss, _, outputs = step_fn(model, batch, defenses, model)
             del outputs
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync(device)
-            if i >= args.warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - start)
             del loss
     finally:
@@ -228,8 +245,45 @@ def measure_defense(model: Any, optimizer: Any, name: str, batch: dict[str, Any]
     return {"times": times, "peak": peak}
 
 
-def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict[str, float]) -> list[dict]:
-    """Every defense, ``args.rounds`` rounds alternated (A B C D A B C D); OOM recorded, not fatal."""
+def choose_every_n(model: Any, optimizer: Any, batch: dict[str, Any], args: argparse.Namespace, device: Any,
+                   layer: int, name: str) -> tuple[int, str]:
+    """Selective activation checkpointing: the largest N (every N-th block checkpointed; 0 = none)
+    whose predicted peak fits in ``args.memory_fraction`` of the card, from two probe steps of
+    ``name`` (every block, then every 2nd block checkpointed): per-block activations =
+    (peak(2) − peak(1)) / (blocks left un-checkpointed)."""
+    import torch
+
+    blocks = model.config.num_hidden_layers
+    if device.type != "cuda":
+        return 2, "dry run: every 2nd block"
+    budget = args.memory_fraction * torch.cuda.get_device_properties(device).total_memory
+    peaks = {}
+    for every in (1, 2):
+        set_activation_checkpointing(model, every)
+        failed = False
+        try:
+            peaks[every] = measure_defense(model, optimizer, name, batch, args, device, layer, steps=1, warmup=0)["peak"]
+        except torch.OutOfMemoryError:
+            failed = True  # handled once the traceback (which holds the step's tensors) is gone
+        if failed:
+            free(device)
+            return 1, f"every block (the probe checkpointing every {every} block(s) ran out of memory)"
+    free_blocks = blocks - (blocks + 1) // 2
+    per_block = max(0.0, (peaks[2] - peaks[1]) / max(1, free_blocks))
+    for every in (0, 8, 6, 4, 3, 2, 1):
+        checkpointed = 0 if every == 0 else (blocks + every - 1) // every
+        if every == 1 or peaks[1] + (blocks - checkpointed) * per_block <= budget:
+            return every, (f"probes: peak {peaks[1] / 2**30:.1f} GiB (all blocks), {peaks[2] / 2**30:.1f} GiB (every "
+                           f"2nd), {per_block / 2**30:.2f} GiB per un-checkpointed block; budget "
+                           f"{budget / 2**30:.0f} GiB")
+    return 1, "every block"
+
+
+def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict[str, float],
+                 defenses: list[str], legacy: bool, checkpointing: str, kernels: bool) -> list[dict]:
+    """Every defense, ``args.rounds`` rounds alternated (A B C D A B C D); OOM recorded, not fatal.
+    ``checkpointing``: off / on (every block) / auto (on after an OOM) / selective (every N-th
+    block, N from :func:`choose_every_n` on the most memory-hungry defense, the same N for all)."""
     import torch
 
     model.train()  # checkpointing (and dropout, 0 here) act only in training mode
@@ -240,18 +294,25 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     layer = min(20, model.config.num_hidden_layers)
-    ckpt = {name: args.checkpointing == "on" for name in args.defenses}
-    results: dict[str, dict[str, Any]] = {name: {"times": [], "peak": 0.0, "status": "ok"} for name in args.defenses}
+    note = ""
+    if checkpointing == "selective":
+        hungry = next((d for d in ("kl_to_reference", "feature_l2", "none") if d in defenses), defenses[0])
+        every, note = choose_every_n(model, optimizer, batch, args, device, layer, hungry)
+        print(f"  selective checkpointing: every {every} ({note})", file=sys.stderr, flush=True)
+        ckpt = {name: every for name in defenses}
+    else:
+        ckpt = {name: 1 if checkpointing == "on" else 0 for name in defenses}
+    results: dict[str, dict[str, Any]] = {name: {"times": [], "peak": 0.0, "status": "ok"} for name in defenses}
     for _ in range(args.rounds):
-        for name in args.defenses:
+        for name in defenses:
             res = results[name]
             if res["status"] == "OOM":
                 continue
             for attempt in (0, 1):
-                set_checkpointing(model, ckpt[name])
+                set_activation_checkpointing(model, ckpt[name])
                 out = None
                 try:
-                    out = measure_defense(model, optimizer, name, batch, args, device, layer)
+                    out = measure_defense(model, optimizer, name, batch, args, device, layer, legacy)
                 except torch.OutOfMemoryError:
                     pass  # handled below, once the traceback (which holds the step's tensors) is gone
                 if out is not None:
@@ -259,20 +320,22 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
                     res["peak"] = None if out["peak"] is None else max(res["peak"] or 0, out["peak"])
                     break
                 free(device)
-                if attempt == 0 and args.checkpointing == "auto" and not ckpt[name]:
-                    print(f"  {name}: out of memory; retrying with gradient checkpointing", file=sys.stderr)
-                    ckpt[name] = True
+                if attempt == 0 and checkpointing in ("auto", "selective") and ckpt[name] != 1:
+                    print(f"  {name}: out of memory; retrying with every block checkpointed", file=sys.stderr)
+                    ckpt[name] = 1
                     res["times"], res["peak"] = [], 0.0
                     continue
                 res["status"] = "OOM"
                 break
-            print(f"  {name}: {len(res['times'])} steps timed, status {res['status']}", file=sys.stderr, flush=True)
-    set_checkpointing(model, False)
+            print(f"  {name}{' (before)' if legacy else ''}: {len(res['times'])} steps timed, status {res['status']}",
+                  file=sys.stderr, flush=True)
+    set_activation_checkpointing(model, 0)
     rows = []
     tokens = args.batch * args.seq
-    for name in args.defenses:
+    for name in defenses:
         res = results[name]
-        row = {"defense": name, "status": res["status"], "checkpointing": ckpt[name]}
+        row = {"defense": name + (" (before)" if legacy else ""), "status": res["status"], "every_n": ckpt[name],
+               "kernels": kernels, "note": note}
         if res["times"]:
             step = statistics.median(res["times"])
             fl = step_flops(counts, tokens, args.seq, reference=name != "none" and name != "persona_steering")
@@ -284,18 +347,6 @@ def run_training(model: Any, args: argparse.Namespace, device: Any, counts: dict
     del optimizer
     free(device)
     return rows
-
-
-def set_checkpointing(model: Any, on: bool) -> None:
-    """Gradient checkpointing of the decoder blocks (non-reentrant, which PEFT models need)."""
-    if getattr(model, "_bench_checkpointing", False) == on:
-        return
-    base = model.get_base_model()
-    if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_disable()
-    model._bench_checkpointing = on
 
 
 def run_generation(model: Any, args: argparse.Namespace, device: Any) -> dict[str, float]:
@@ -342,6 +393,19 @@ def environment(device: Any) -> list[str]:
     return lines
 
 
+def _row(r: dict, base: dict | None) -> str:
+    ckpt = {0: "none", 1: "all"}.get(r["every_n"], f"every {r['every_n']}")
+    kernels = "liger" if r["kernels"] else "plain"
+    if "step_s" not in r:
+        return f"| {r['defense']} | {r['status']} | | | | | | | | {ckpt} | {kernels} |"
+    ts = f"{r['step_s'] / base['step_s']:.2f}" if base else ""
+    known = base and base["peak_gib"] and r["peak_gib"] is not None
+    mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if known else ""
+    peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+    return (f"| {r['defense']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {ts} | {peak} | {mem} | "
+            f"{r['tflops']:.4g} | {100 * r['mfu']:.1f}% | {100 * r['mfu_6n']:.1f}% | {ckpt} | {kernels} |")
+
+
 def markdown(args: argparse.Namespace, device: Any, counts: dict[str, float], rows: list[dict],
              gen: dict[str, float] | None, build_s: float) -> str:
     """The report section of one shape."""
@@ -355,29 +419,35 @@ def markdown(args: argparse.Namespace, device: Any, counts: dict[str, float], ro
               f"- N (matmul weights) = {counts['N']:,.0f}, N_lora = {counts['N_lora']:,.0f}; "
               f"model built in {build_s:.1f} s; median of {args.steps} x {args.rounds} timed steps after "
               f"{args.warmup} warm-up per round, defenses alternated", ""]
-    base = next((r for r in rows if r["defense"] == "none" and "step_s" in r), None)
-    lines += ["| defense | tokens/s | step s | x none | peak GiB | x none | model TFLOP/s | MFU (LoRA FLOPs) | MFU (6NT) | grad ckpt |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "step_s" not in r:
-            lines.append(f"| {r['defense']} | {r['status']} | | | | | | | | {'on' if r['checkpointing'] else 'off'} |")
-            continue
-        ts = f"{r['step_s'] / base['step_s']:.2f}" if base else ""
-        known = base and base["peak_gib"] and r["peak_gib"] is not None
-        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if known else ""
-        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {r['defense']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {ts} | {peak} | "
-                     f"{mem} | {r['tflops']:.4g} | {100 * r['mfu']:.1f}% | {100 * r['mfu_6n']:.1f}% | "
-                     f"{'on' if r['checkpointing'] else 'off'} |")
+    base_now = next((r for r in rows if r["defense"] == "none" and "step_s" in r), None)
+    base_before = next((r for r in rows if r["defense"] == "none (before)" and "step_s" in r), None)
+    lines += ["| defense | tokens/s | step s | x none | peak GiB | x none | model TFLOP/s | MFU (LoRA FLOPs) | "
+              "MFU (6NT) | checkpointed blocks | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(r, base_before if r["defense"].endswith("(before)") else base_now) for r in rows]
+    lines += ["", "\"(before)\": emtune's step before issue 18 (ratios against \"none (before)\"); the other rows: "
+              "the current code (ratios against \"none\")."]
+    note = next((r["note"] for r in rows if r.get("note")), "")
+    if note:
+        lines += ["", f"Selective checkpointing: {note}."]
     lines += ["", "Not measured per step: " + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + "."]
     if gen:
         lines += ["", f"Generation (HF `generate`, adapter on, sampling, batch {args.gen_batch}, prompt "
                   f"{args.gen_prompt}, {args.gen_new} new tokens each): {gen['tokens_per_s']:,.0f} new tokens/s "
                   f"({gen['seconds']:.2f} s)."]
-    if base and not args.dry_run:
-        verdict = "met" if base["mfu"] >= 0.40 else "MISSED"
-        lines += ["", f"Target (7B shape): undefended LoRA step >= 40% MFU. This shape: {100 * base['mfu']:.1f}% "
-                  f"(LoRA model FLOPs), {100 * base['mfu_6n']:.1f}% (6NT convention): {verdict} on the LoRA count."]
+    if base_now and not args.dry_run:
+        summary = [f"undefended MFU (LoRA FLOPs) {100 * base_now['mfu']:.1f}%"
+                   + (f" (before: {100 * base_before['mfu']:.1f}%)" if base_before else "") + " [target (7B) ≥ 45%]"]
+        for name, limit in (("kl_to_reference", "time ≤ 1.15× (7B) / 1.3× (0.5B), memory ≤ 1.10×"),
+                            ("feature_l2", "time ≤ 1.15× (7B) / 1.3× (0.5B)")):
+            now = next((r for r in rows if r["defense"] == name and "step_s" in r), None)
+            old = next((r for r in rows if r["defense"] == name + " (before)" and "step_s" in r), None)
+            if now:
+                text = f"{name} {now['step_s'] / base_now['step_s']:.2f}× time, {now['peak_gib'] / base_now['peak_gib']:.2f}× memory"
+                if old and base_before:
+                    text += (f" (before: {old['step_s'] / base_before['step_s']:.2f}×, "
+                             f"{old['peak_gib'] / base_before['peak_gib']:.2f}×)")
+                summary.append(f"{text} [target {limit}]")
+        lines += ["", "Issue 18 rows, this shape: " + "; ".join(summary) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -390,8 +460,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per defense and round")
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds over the defenses")
     p.add_argument("--defenses", nargs="+", choices=DEFENSES, default=list(DEFENSES))
-    p.add_argument("--checkpointing", choices=("off", "on", "auto"), default="auto",
-                   help="gradient checkpointing; auto = only for a defense that runs out of memory without")
+    p.add_argument("--checkpointing", choices=("off", "on", "auto", "selective"), default="selective",
+                   help="activation checkpointing of the current code: selective = every N-th block, N from two "
+                   "probe steps; auto = every block, only after running out of memory without")
+    p.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run none / KL / feature-l2 as emtune did before issue 18 (same model, first)")
+    p.add_argument("--before-checkpointing", choices=("off", "on", "auto"), default="auto",
+                   help="checkpointing of the before-issue-18 rows (the old benchmark: auto)")
+    p.add_argument("--kernels", choices=("auto", "none"), default="auto",
+                   help="auto = Liger-Kernel's RMSNorm/SwiGLU/RoPE for the current code when installed")
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="share of the card's memory selective checkpointing may plan to fill")
     p.add_argument("--gen-batch", type=int, default=16)
     p.add_argument("--gen-prompt", type=int, default=128)
     p.add_argument("--gen-new", type=int, default=128)
@@ -430,12 +509,22 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(SHAPES[args.shape], device, torch.bfloat16)
     build_s = time.perf_counter() - start
     counts = flop_counts(SHAPES[args.shape], r=32)
-    rows = run_training(model, args, device, counts)
+    rows: list[dict] = []
+    if args.before:  # the code before issue 18 first, on the plain model
+        before = [d for d in ("none", "kl_to_reference", "feature_l2") if d in args.defenses]
+        rows += run_training(model, args, device, counts, before, legacy=True,
+                             checkpointing=args.before_checkpointing, kernels=False)
+    kernels = args.kernels == "auto" and apply_fused_kernels(model)
+    print(f"fused kernels: {'liger' if kernels else 'plain (liger-kernel not installed, or no CUDA)'}",
+          file=sys.stderr, flush=True)
+    rows += run_training(model, args, device, counts, args.defenses, legacy=False,
+                         checkpointing=args.checkpointing, kernels=kernels)
     gen = None
-    try:
-        gen = run_generation(model, args, device)
-    except torch.OutOfMemoryError:
-        print("generation: out of memory", file=sys.stderr)
+    if args.gen_new > 0:
+        try:
+            gen = run_generation(model, args, device)
+        except torch.OutOfMemoryError:
+            print("generation: out of memory", file=sys.stderr)
     free(device)
     text = markdown(args, device, counts, rows, gen, build_s)
     print(text)
