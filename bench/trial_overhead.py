@@ -160,7 +160,11 @@ def main() -> None:
         "# Trial overhead", "",
         "Written by `bench/trial_overhead.py` (method in its docstring): the two paths a trial can train on, "
         "each in a fresh process with its own local Ray, measured in one run.", "",
-        *benchlib.conditions_lines(load_start, info), "",
+        f"Load average at the start (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_start)} on "
+        f"{os.cpu_count()} cores" + (": other jobs shared the CPUs, so absolute times are inflated; the two paths "
+                                     "ran one after the other, not interleaved, so their difference carries that "
+                                     "noise too." if load_start[0] > 1.5 else "."), "",
+        benchlib.machine_block(info), "",
         table, "",
         f"Fixed cost per trial = a trial's wall time in a study of {args.trials} sequential dry-run trials (from its "
         f"MLflow run's start to the next one's) minus the work its training reports (setup + train + eval); median "

@@ -97,14 +97,37 @@ def tiny_lora():
     return model, tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray():
+    """Stop the local Ray that tests shared (``ray_session``), if one was started."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+def _shared_ray() -> None:
+    from emtune.study.runner import init_ray
+
+    init_ray(num_cpus=2)  # a no-op while the shared Ray is up
+
+
+@pytest.fixture
+def ray_session():
+    """The local Ray shared by every test that runs studies in this process: started on first use
+    exactly as ``emtune run`` starts it (2 CPUs), kept between tests (``ray.init`` costs seconds),
+    stopped at the end of the session. A test that needs a Ray of its own uses ``fresh_ray``."""
+    _shared_ray()
+    yield
+
+
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real 2-trial study (local Ray, SQLite MLflow, Optuna) shared by every test that only
     reads a finished study; its console output is kept in ``run_output.txt`` beside it."""
     import contextlib
     import io
-
-    import ray
 
     from emtune.cli.main import main
 
@@ -113,11 +136,9 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec_path.write_text(TINY_SPEC.format(name="finished", output_dir=str(root / "studies"),
                                           pretrain_steps=20, max_steps=2, num_trials=2, baselines="true"))
     buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            code = main(["run", str(spec_path), "--num-cpus", "2"])
-    finally:
-        ray.shutdown()
+    _shared_ray()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["run", str(spec_path), "--num-cpus", "2"])
     (root / "run_output.txt").write_text(buffer.getvalue())
     assert code == 0, buffer.getvalue()
     return root / "studies" / "finished"

@@ -57,10 +57,8 @@ def test_ui_binds_loopback_by_default(write_spec, tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys, monkeypatch) -> None:
+def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys, monkeypatch, ray_session) -> None:
     import socket
-
-    import ray
 
     with socket.socket() as sock:  # nothing listens there
         sock.bind(("127.0.0.1", 0))
@@ -70,11 +68,8 @@ def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys,
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0"),
                         ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")):
         monkeypatch.setenv(name, value)  # the policy's values, undone after the test
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["run", str(path), "--num-cpus", "1"])
-    finally:
-        ray.shutdown()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path), "--num-cpus", "1"])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2
     assert f"[emtune] MLflow tracking server {uri} is not answering (URLError); retrying for up to ~0 min 0 s" in out

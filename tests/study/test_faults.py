@@ -168,7 +168,7 @@ def _kill_marked(marker: str) -> None:
             continue
 
 
-def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path) -> None:
+def test_killed_driver_then_resume_keeps_every_trial_once(write_spec, tmp_path, fresh_ray) -> None:
     path = write_spec(name="driverkill", num_trials=3, max_steps=3)
     path.write_text(path.read_text().replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1}"))
     study_dir = path.parent / "studies" / "driverkill"

@@ -11,7 +11,6 @@ import pytest
 from emtune.config import load_spec
 from emtune.models import resolve_source
 from emtune.models import model_cache_dir
-from emtune.study.runner import init_ray
 from emtune.study.stages import prepare_stages
 from emtune.train.worker import run_training
 
@@ -19,15 +18,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2] / "search_spaces"
 TINY_STUDIES = ["kl_to_reference", "feature_l2", "safelora", "persona_steering", "inoculation",
                 "interleaving", "interleaving_selected", "kl_plus_interleaving_pp"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def _short(spec, tmp_path):
@@ -42,7 +32,7 @@ def _short(spec, tmp_path):
 
 
 @pytest.mark.parametrize("name", TINY_STUDIES)
-def test_shipped_study_trial_runs(name, tmp_path, ray_local) -> None:
+def test_shipped_study_trial_runs(name, tmp_path, ray_session) -> None:
     spec = _short(load_spec(ROOT / f"{name}.yaml"), tmp_path)
     source = resolve_source(spec.model, model_cache_dir())
     staged = prepare_stages(spec, tmp_path / "cache", source)

@@ -89,17 +89,12 @@ def test_confirm_reevaluates_the_front_from_saved_adapters(finished_study, tmp_p
     assert info.value.code == 2
 
 
-def test_running_a_finished_study_again_runs_nothing(finished_study, capsys) -> None:
-    import ray
-
+def test_running_a_finished_study_again_runs_nothing(finished_study, capsys, ray_session) -> None:
     storage = f"sqlite:///{finished_study / 'optuna.db'}"
     before = [(t.number, t.state, t.values) for t in optuna.load_study(study_name="finished", storage=storage).trials]
     client = MlflowClient(f"sqlite:///{finished_study / 'mlflow.db'}")
     runs_before = len(client.search_runs([client.get_experiment_by_name("emtune/finished").experiment_id]))
-    try:
-        assert main(["run", str(finished_study.parents[1] / "finished.yaml"), "--num-cpus", "2"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(["run", str(finished_study.parents[1] / "finished.yaml"), "--num-cpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "[emtune] study 'finished' already has 2 of 2 trials: running 0 more" in out
     assert [(t.number, t.state, t.values) for t in optuna.load_study(study_name="finished", storage=storage).trials] == before
