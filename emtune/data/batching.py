@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
                          window: int = 64) -> list[int]:
     """Row indices in training order: consecutive runs of ``batch_size`` are one batch each."""
-    import torch
+    import torch  # data loading and spec checks do not need torch; only training orders rows
 
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     permutation = torch.randperm(len(lengths), generator=generator).tolist()

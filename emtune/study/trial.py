@@ -82,7 +82,7 @@ class TrainingOutcome:
 
 def fit_training(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) -> TrainingOutcome:
     """Train (and evaluate) one trial where its spec says (:func:`trainer_for`)."""
-    from ray import tune
+    from ray import tune  # ray loads in the trial process only
 
     result = trainer_for(trial_spec, trial_id, config).fit()
     if trial_spec.resources.in_trial_process:  # local mode: the training function's return value

@@ -16,6 +16,7 @@ Two entry points wrap :func:`emtune.train.worker.run_training`:
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -124,9 +125,7 @@ def train_in_trial_process(config: dict[str, Any]) -> dict[str, Any]:
 
 def _release_memory() -> None:
     """Free what a failed attempt left (its model, optimizer, CUDA cache) before the next one."""
-    import gc
-
-    import torch
+    import torch  # the trial driver imports this module before it needs torch
 
     gc.collect()
     if torch.cuda.is_available():

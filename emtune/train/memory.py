@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 # Liger kernels emtune uses: every per-layer kernel, not the loss (see the module docstring)
@@ -25,9 +26,7 @@ FUSED_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
 
 def fused_kernels_available() -> bool:
     """True where Liger's kernels can run: CUDA and an importable ``liger_kernel``."""
-    import importlib.util
-
-    import torch
+    import torch  # torch and transformers load when a model is trained, not when specs are read
 
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 _LAYERS: "weakref.WeakKeyDictionary[Any, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
 # config fields that transform the LM head's output (softcapping, scaling): with any of them set,
@@ -33,10 +34,8 @@ def _adapter_layers(model: Any) -> list | None:
     """The modules whose ``_disable_adapters`` flag switches the adapter off (LoRA layers and
     peft's modules-to-save wrappers), cached per model and adapter set; None when the cheap switch
     does not apply (not a peft LoRA-style model, or an adapter merged into its weights)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     try:
-        from peft.utils.other import AuxiliaryTrainingWrapper
+        from peft.utils.other import AuxiliaryTrainingWrapper  # peft >= 0.15
         kinds: tuple = (BaseTunerLayer, AuxiliaryTrainingWrapper)
     except ImportError:  # older peft
         kinds = (BaseTunerLayer,)
