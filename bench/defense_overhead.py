@@ -69,7 +69,7 @@ SIZES = {
     # a ~30M-parameter random-init Qwen2 shape with the paper's rsLoRA r=32, alpha=64
     "small": {"model": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
                         "intermediate_size": 1536},
-              "vocab": 8192, "lora": {}, "batch": 2, "seq": 128, "steps": 1, "reps": 5, "data_rows": 6},
+              "vocab": 8192, "lora": {}, "batch": 2, "seq": 128, "steps": 1, "reps": 5, "data_rows": 12},
 }
 KL_WEIGHT = 0.1  # the paper's λ
 TARGETS = {  # (time ratio limit, memory ratio limit or None); from issue 7

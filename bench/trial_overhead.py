@@ -41,28 +41,42 @@ DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMP
 
 
 def _empty_loop(config: dict) -> None:
+    """Report when the function started, how long emtune's worker imports take, when it reports."""
+    started = time.time()
+    import peft  # noqa: F401  (what emtune's worker imports before any work)
     import ray.train
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
+    imports = time.time() - started
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "done").write_text("1")
-        ray.train.report({"ok": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report({"fn_start": started, "imports_s": imports, "report_at": time.time()},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _empty_local(config: dict) -> dict:
     return {"ok": 1}  # local mode inside Tune cannot call ray.train.*: it returns its result
 
 
-def empty_fits(path: str, reps: int, storage: str) -> list[float]:
+def empty_fits(path: str, reps: int, storage: str) -> list[dict]:
+    """Empty fits after a warm-up: total, and (worker group) where the time goes: start until the
+    worker's function runs (controller actor, placement group, worker actor, torch backend),
+    the worker's imports, and from its report until ``fit`` returns (polling, teardown)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    def fit(i: int) -> float:
+    def fit(i: int) -> dict:
         workers = 1 if path == "workers" else 0
         loop = _empty_loop if workers else _empty_local
-        t = time.perf_counter()
-        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=workers),
-                     run_config=ray.train.RunConfig(name=f"empty-{path}-{i}", storage_path=storage)).fit()
-        return time.perf_counter() - t
+        t, wall = time.perf_counter(), time.time()
+        result = TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=workers),
+                              run_config=ray.train.RunConfig(name=f"empty-{path}-{i}", storage_path=storage)).fit()
+        out = {"total": time.perf_counter() - t}
+        if workers:
+            m, end = result.metrics, time.time()
+            out.update(start_to_fn=m["fn_start"] - wall, imports=m["imports_s"], report_to_end=end - m["report_at"])
+        return out
 
     fit(-1)  # warm-up: worker pool, imports cached on disk
     return [fit(i) for i in range(reps)]
@@ -108,7 +122,10 @@ def measure(path: str, reps: int, trials: int) -> dict:
     study = study_trials(path, trials, storage)
     overhead = [t - w for t, w in zip(study["per_trial_s"], study["work_s"])]
     later = overhead[1:] or overhead
-    return {"path": path, "ray_init_s": ray_init, "empty_fit_s": statistics.median(empties),
+    parts = {k: statistics.median(e[k] for e in empties) for k in ("start_to_fn", "imports", "report_to_end")
+             if k in empties[0]}
+    return {"path": path, "ray_init_s": ray_init, "empty_fit_s": statistics.median(e["total"] for e in empties),
+            "empty_parts": parts,
             "trial_s": statistics.median(study["per_trial_s"][1:] or study["per_trial_s"]),
             "work_s": statistics.median(study["work_s"][1:] or study["work_s"]),
             "first_overhead_s": overhead[0], "overhead_s": statistics.median(later),
@@ -170,7 +187,16 @@ def main() -> None:
         f"MLflow run's start to the next one's) minus the work its training reports (setup + train + eval); median "
         f"over the trials after the first. Target (issue 18): ≤ 5 s: {verdict} ({tuned['overhead_s']:.1f} s on "
         f"the trial-process path vs {rows['workers']['overhead_s']:.1f} s on a worker group in this run; the "
-        f"report before issue 18 measured {OLD['workers']:.1f} s for a worker-group TorchTrainer fit).", "",
+        f"report before issue 18 measured {OLD['workers']:.1f} s for a worker-group TorchTrainer fit). The "
+        f"first trial of a path also pays its process's start and imports (torch, transformers, peft), which "
+        f"Tune's reuse of the trial process saves every later trial.", "",
+        "Where a worker-group trial's fixed cost goes (empty fit, medians): "
+        + (f"{rows['workers']['empty_parts']['start_to_fn']:.1f} s from `fit()` until the worker's function runs "
+           f"(Train controller actor, placement group, worker actor process, torch backend setup); then "
+           f"{rows['workers']['empty_parts']['imports']:.1f} s for the worker's imports of torch, transformers and "
+           f"peft; {rows['workers']['empty_parts']['report_to_end']:.1f} s from its report until `fit()` returns "
+           f"(controller polling, worker and controller teardown). The trial-process path has none of these; "
+           f"its imports happen once per Tune actor." if rows["workers"].get("empty_parts") else "n/a."), "",
         "## Which path a spec takes, and why", "",
         "`resources.train_process: auto` (the default) trains a one-worker trial in the trial's own process "
         "(Ray Train local mode) and a multi-worker trial on Ray Train's worker group; `trial` or `workers` "

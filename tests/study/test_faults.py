@@ -83,14 +83,16 @@ def test_nan_trial_fails_with_reason_and_the_study_goes_on(write_spec, fresh_ray
     assert runs["0.01"].info.status == "FINISHED" and runs["0.01"].data.tags["pareto_rank"] == "0"
 
 
-def _training_pids(process_title: str) -> list[int]:
-    """Processes whose title (Ray sets ``ray::<actor class>``) names ``process_title``."""
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if process_title in cmd:
-            out.append(proc.pid)
-    return out
+def _training_pids(actor_class: str) -> list[int]:
+    """Process ids of this test's Ray actors of ``actor_class`` (never another Ray's on the machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        return []
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
 
 
 # where each path trains: the trial's own process (a Tune function actor, Ray Train local mode),
