@@ -44,9 +44,12 @@ def legacy_defended_loss(model: Any, inputs: dict, defenses: list, unwrapped: An
     return sum(terms.values()), terms, outputs
 
 
-def legacy_safelora_scores(model: Any, weight_pairs: Any) -> dict[str, float]:
-    """SafeLoRA's ``score_layers`` before issue 18 (ΔW formed, C·ΔW through Vᵀ·ΔW)."""
+def legacy_safelora_scores(model: Any, weight_pairs: Any, dtype: Any = None) -> dict[str, float]:
+    """SafeLoRA's ``score_layers`` before issue 18 (ΔW formed, C·ΔW through Vᵀ·ΔW); with
+    ``dtype=torch.float64``, the same formula in double precision (a reference for both ways)."""
     import torch
+
+    dtype = dtype or torch.float32
 
     from emtune.defenses.safelora import _adapter, _fetch, lora_layers, similarity
 
@@ -54,12 +57,11 @@ def legacy_safelora_scores(model: Any, weight_pairs: Any) -> dict[str, float]:
     scores = {}
     with torch.no_grad():
         for name, module in lora_layers(model).items():
-            a = module.lora_A[adapter].weight.float()
-            b = module.lora_B[adapter].weight.float()
+            a = module.lora_A[adapter].weight.to(dtype)
+            b = module.lora_B[adapter].weight.to(dtype)
             delta = module.scaling[adapter] * (b @ a)
             w_aligned, w_base = _fetch(weight_pairs, name)
-            v = w_aligned.to(device=delta.device, dtype=torch.float32) - w_base.to(device=delta.device,
-                                                                                    dtype=torch.float32)
+            v = w_aligned.to(device=delta.device, dtype=dtype) - w_base.to(device=delta.device, dtype=dtype)
             v = v.T if getattr(module, "fan_in_fan_out", False) else v
             scores[name] = similarity(delta, v)
     return scores
