@@ -5,9 +5,9 @@ Kept in a leaf module (no emtune imports) because both the KL and feature-space 
 imported inside the functions so that importing emtune (e.g. for ``emtune validate``) stays light.
 
 :func:`masked_kl_sum` is the KL of a training step without vocabulary-sized temporaries: the
-reference's logits are computed from its final hidden states a few positions at a time, and the
-gradient is recomputed the same way in the backward pass, so nothing of shape [positions, vocab]
-is kept beyond the trained logits themselves (which the task loss needs anyway) and their gradient.
+reference's logits are computed from its final hidden states a few positions at a time, each
+chunk's gradient with its value, so nothing of shape [positions, vocab] is kept beyond the trained
+logits themselves (which the task loss needs anyway) and their gradient.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def _chunk_terms(logits: "torch.Tensor", hidden: "torch.Tensor", head: Any, reve
 
 
 class _ChunkedKL:
-    """torch.autograd.Function (built lazily, torch being imported late): Σ_t w_t·KL_t."""
+    """torch.autograd.Function (built lazily, torch being imported late): Σ_t w_t·KL_t. Each chunk's
+    gradient is computed with its value, in the forward pass, into one buffer shaped like the
+    logits (what a backward pass would allocate anyway): nothing is recomputed, and the backward
+    pass only scales that buffer. Like fused-loss kernels, it supports one backward pass."""
 
     function: Any = None
 
@@ -86,31 +89,25 @@ class _ChunkedKL:
                 @staticmethod
                 def forward(ctx: Any, logits: Any, hidden: Any, weights: Any, head: Any, reverse: bool,
                             chunks: list) -> Any:
-                    device = logits.device.type
-                    ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
-                    ctx.head, ctx.reverse, ctx.chunks = head, reverse, chunks
-                    ctx.save_for_backward(logits, hidden, weights)
+                    grad = torch.zeros_like(logits) if logits.requires_grad else None
                     total = logits.new_zeros((), dtype=torch.float32)
                     for start, stop in chunks:
-                        kl, _, _ = _chunk_terms(logits[start:stop], hidden[start:stop], head, reverse)
+                        kl, p, other = _chunk_terms(logits[start:stop], hidden[start:stop], head, reverse)
+                        scale = weights[start:stop].unsqueeze(-1)
                         total += (kl * weights[start:stop]).sum()
-                    return total
-
-                @staticmethod
-                def backward(ctx: Any, grad_total: Any) -> Any:
-                    logits, hidden, weights = ctx.saved_tensors
-                    enabled, dtype, device = ctx.autocast
-                    grad = torch.zeros_like(logits)
-                    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                        for start, stop in ctx.chunks:
-                            kl, p, other = _chunk_terms(logits[start:stop], hidden[start:stop], ctx.head, ctx.reverse)
-                            scale = (weights[start:stop] * grad_total).unsqueeze(-1)
-                            if ctx.reverse:  # d KL(q||p) / dz = p - q
+                        if grad is not None:
+                            if reverse:  # d KL(q||p) / dz = p - q
                                 chunk = p.sub_(other)
                             else:  # d KL(p||q) / dz = p * ((log p - log q) - KL)
                                 chunk = other.sub_(kl.unsqueeze(-1)).mul_(p)
                             grad[start:stop] = chunk.mul_(scale)
-                    return grad, None, None, None, None, None
+                    ctx.save_for_backward(grad)
+                    return total
+
+                @staticmethod
+                def backward(ctx: Any, grad_total: Any) -> Any:
+                    (grad,) = ctx.saved_tensors
+                    return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None
 
             cls.function = ChunkedKL
         return cls.function
