@@ -8,7 +8,7 @@ STAMP := $(VENV)/.emtune-installed
 SPEC ?= search_spaces/dryrun.yaml
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast mutants install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
+
+# Mutation testing of the modules behind defenses, metrics, fronts and constraints (not CI; about an
+# hour on a quiet 2-core machine): writes reports/mutants.md. Rerun when those modules change.
+mutants: $(STAMP)
+	nice -n 19 $(PY) tools/mutants.py
 
 clean:
 	rm -rf studies .pytest_cache

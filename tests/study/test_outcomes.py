@@ -11,7 +11,9 @@ import optuna
 import pytest
 
 from emtune.search_spec import ConstraintSpec, ObjectiveSpec, Relative
-from emtune.study.outcomes import MISSING_METRIC_VIOLATION, constraint_violations, outcome, relative_value
+from emtune.study.outcomes import (
+    MISSING_METRIC_VIOLATION, baseline_record, constraint_violations, outcome, relative_value,
+)
 
 COMPLETE, FAIL, PRUNED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                           optuna.trial.TrialState.PRUNED)
@@ -114,3 +116,13 @@ def test_outcome_states_and_reasons() -> None:
     assert outcome(objectives, {"error": "OOM"}, True) == (FAIL, None, "OOM")
     state, _, reason = outcome(objectives, None, True)
     assert state == FAIL and "raised an error" in reason
+
+
+def test_a_baseline_keeps_its_finite_numbers_or_its_failure() -> None:
+    assert baseline_record({"ood_drift": 0.5, "train_steps": 2, "run": "r1", "bad": math.nan}, False) == \
+        {"ood_drift": 0.5, "train_steps": 2.0}
+    assert baseline_record({"ood_drift": 0.5, "error": "judge down"}, False) == {"error": "judge down"}
+    assert baseline_record({"ood_drift": 0.5}, True) == {"error": "the baseline trial failed"}
+    assert baseline_record({"error": "OOM"}, True) == {"error": "OOM"}
+    assert baseline_record(None, False) == {"error": "the baseline trial failed"}
+    assert baseline_record({}, False) == {"error": "the baseline trial failed"}

@@ -29,6 +29,20 @@ def test_run_training_writes_adapter_history_and_metrics(write_spec, tmp_path) -
     assert len(samples) == 24  # 24 general questions x 1 sample
 
 
+def test_a_non_finite_training_loss_fails_the_trial_before_evaluation(write_spec, tmp_path) -> None:
+    """A diverged fine-tune (learning rate 1e30, no gradient clipping) is a FAIL with its reason: no
+    evaluation runs, so no metric of a broken model reaches the front."""
+    path = write_spec(max_steps=3)
+    path.write_text(path.read_text().replace("learning_rate: 1.0e-2", "learning_rate: 1.0e+30")
+                    .replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  max_grad_norm: 1.0e+30\n"))
+    spec = load_spec(path)
+    metrics = run_training(spec, tmp_path / "out", resolve_source(spec.model, model_cache_dir()))
+    assert not math.isfinite(metrics["train_loss"])
+    assert metrics["error"] == "training loss is not finite"
+    assert not {"ood_drift", "indomain_nll"} & set(metrics)
+    assert TrialFiles(tmp_path / "out").sample_sets() == []
+
+
 def test_prepare_rows_with_opswap_alongside_and_as_task(write_spec) -> None:
     from emtune.train.worker import prepare_rows
 

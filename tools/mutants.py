@@ -1,0 +1,355 @@
+"""Mutation testing for the modules that compute defenses, metrics, fronts and constraints.
+
+``make mutants`` runs this script (nice'd, one mutant at a time). For every module listed in
+``tools/mutants.yaml`` it makes small changes to the code one at a time (a comparison, an
+arithmetic or boolean operator, a number, a sign, a ``min``/``max``, the branches of a conditional
+expression), runs that module's fast tests against each changed version, and writes
+``reports/mutants.md``: how many mutants the tests killed, and every survivor with the reason it
+is equivalent to the original or was left. It also re-plants the hand-written bugs of
+``tools/mutants.yaml`` (``planted:``) and records which tests catch each.
+
+How a mutant runs: the parent process imports the heavy third-party libraries once and forks one
+child per mutant; the child puts an import hook in front of the normal ones that serves the mutated
+code for the one module under test, and runs pytest in-process on that module's tests (``-x``:
+the first failure kills the mutant). Nothing is written to the source tree, so a crash or a
+Ctrl-C never leaves a mutated file behind. A mutant that hangs past the time limit counts as
+killed (timeout). The tool is not part of CI: rerun it when those modules change.
+
+mutmut (3.x) was the first choice; its trampoline copy of the package under ``mutants/`` and
+whole-suite stats run do not fit a suite that needs a per-module test selection to finish on a
+shared two-core machine, so emtune keeps this small, dependency-free runner instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib.abc
+import importlib.util
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WARM = ("torch", "numpy", "yaml", "pydantic", "optuna", "transformers", "peft", "openai", "sqlalchemy",
+        "transformers.models.qwen2.modeling_qwen2", "pytest")
+
+COMPARE = {ast.Lt: [ast.LtE], ast.LtE: [ast.Lt], ast.Gt: [ast.GtE], ast.GtE: [ast.Gt], ast.Eq: [ast.NotEq],
+           ast.NotEq: [ast.Eq], ast.In: [ast.NotIn], ast.NotIn: [ast.In], ast.Is: [ast.IsNot], ast.IsNot: [ast.Is]}
+BINARY = {ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.Div], ast.Div: [ast.Mult], ast.FloorDiv: [ast.Mult],
+          ast.Mod: [ast.FloorDiv], ast.Pow: [ast.Mult], ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd]}
+
+
+@dataclass
+class Site:
+    """One mutant: where (function), what changed (before -> after), and its stable key."""
+
+    index: int
+    qualname: str
+    line: int
+    before: str
+    after: str
+    key: str = ""
+
+
+class Mutator(ast.NodeTransformer):
+    """Walks a module in a fixed order; lists mutation sites, or applies the one numbered ``apply``.
+
+    Not mutated: docstrings, f-strings, annotations, decorators, ``raise`` statements (messages),
+    class-level field declarations (documented defaults, covered by the config tests), and lines
+    marked ``# pragma: no mutate``."""
+
+    def __init__(self, source: str, apply: int | None = None):
+        self.lines = source.splitlines()
+        self.apply = apply
+        self.sites: list[Site] = []
+        self.scope: list[str] = []
+        self.kinds: list[str] = []  # "class" / "def", innermost last
+
+    # -- traversal with skips --------------------------------------------------------------------
+    def _body(self, node):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:]
+        node.body[len(node.body) - len(body):] = [self.visit(s) for s in body]
+
+    def visit_FunctionDef(self, node):  # noqa: N802 (ast naming)
+        self.scope.append(node.name)
+        self.kinds.append("def")
+        node.args.defaults = [self.visit(d) for d in node.args.defaults]
+        node.args.kw_defaults = [self.visit(d) if d is not None else None for d in node.args.kw_defaults]
+        self._body(node)
+        self.scope.pop()
+        self.kinds.pop()
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):  # noqa: N802
+        self.scope.append(node.name)
+        self.kinds.append("class")
+        self._body(node)
+        self.scope.pop()
+        self.kinds.pop()
+        return node
+
+    def visit_AnnAssign(self, node):  # noqa: N802
+        if self.kinds and self.kinds[-1] == "class":  # a field declaration
+            return node
+        if node.value is not None:
+            node.value = self.visit(node.value)
+        return node
+
+    def visit_Raise(self, node):  # noqa: N802
+        return node
+
+    def visit_JoinedStr(self, node):  # noqa: N802
+        return node
+
+    def visit_If(self, node):  # noqa: N802
+        if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return node
+        return self.generic_visit(node)
+
+    def visit_Expr(self, node):  # noqa: N802
+        if isinstance(node.value, ast.Constant):
+            return node
+        return self.generic_visit(node)
+
+    # -- mutation sites --------------------------------------------------------------------------
+    def _site(self, node, variants):
+        """Offer ``variants`` (functions node -> mutated copy); return the node, mutated if chosen."""
+        line = getattr(node, "lineno", 0)
+        if 0 < line <= len(self.lines) and "pragma: no mutate" in self.lines[line - 1]:
+            return node
+        before = ast.unparse(node)
+        for make in variants:
+            index = len(self.sites)
+            mutated = make(copy.deepcopy(node))
+            self.sites.append(Site(index, ".".join(self.scope) or "<module>", line, before, ast.unparse(mutated)))
+            if index == self.apply:
+                return ast.copy_location(mutated, node)
+        return node
+
+    def visit_Compare(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        variants = []
+        for i, op in enumerate(node.ops):
+            for other in COMPARE.get(type(op), []):
+                def make(n, i=i, other=other):
+                    n.ops[i] = other()
+                    return n
+                variants.append(make)
+        return self._site(node, variants)
+
+    def visit_BinOp(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        return self._site(node, [lambda n, o=o: (setattr(n, "op", o()), n)[1] for o in BINARY.get(type(node.op), [])])
+
+    def visit_AugAssign(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        return self._site(node, [lambda n, o=o: (setattr(n, "op", o()), n)[1] for o in BINARY.get(type(node.op), [])])
+
+    def visit_UnaryOp(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        if isinstance(node.op, (ast.USub, ast.Not)):
+            return self._site(node, [lambda n: n.operand])
+        return node
+
+    def visit_BoolOp(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        other = ast.Or if isinstance(node.op, ast.And) else ast.And
+        return self._site(node, [lambda n: (setattr(n, "op", other()), n)[1]])
+
+    def visit_IfExp(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        return self._site(node, [lambda n: ast.IfExp(test=n.test, body=n.orelse, orelse=n.body)])
+
+    def visit_Call(self, node):  # noqa: N802
+        node = self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
+            swap = "max" if node.func.id == "min" else "min"
+            return self._site(node, [lambda n: (setattr(n.func, "id", swap), n)[1]])
+        return node
+
+    def visit_Constant(self, node):  # noqa: N802
+        value = node.value
+        if isinstance(value, bool):
+            return self._site(node, [lambda n: ast.Constant(not value)])
+        if isinstance(value, int):
+            return self._site(node, [lambda n: ast.Constant(value + 1)])
+        if isinstance(value, float):
+            return self._site(node, [lambda n: ast.Constant(value * 2 if value else 1.0)])
+        return node
+
+
+def sites_of(path: Path, module: str) -> list[Site]:
+    """Every mutant of one file, each with a key that survives line moves."""
+    source = path.read_text()
+    mutator = Mutator(source)
+    mutator.visit(ast.parse(source))
+    seen: dict[str, int] = {}
+    for site in mutator.sites:
+        key = f"{module}:{site.qualname}: `{site.before}` -> `{site.after}`"
+        seen[key] = seen.get(key, 0) + 1
+        site.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
+    return mutator.sites
+
+
+def mutated_code(path: Path, index: int | None, edits: list[dict[str, str]] | None = None):
+    """Compiled code of ``path`` with mutant ``index`` applied, or with text ``edits`` (old -> new)."""
+    source = path.read_text()
+    if edits is not None:
+        for edit in edits:
+            if source.count(edit["old"]) != 1:
+                raise SystemExit(f"{path}: a planted bug's `old` text must occur exactly once, found "
+                                 f"{source.count(edit['old'])}: {edit['old']!r}")
+            source = source.replace(edit["old"], edit["new"])
+        return compile(source, str(path), "exec")
+    tree = ast.parse(source)
+    if index is not None:
+        tree = ast.fix_missing_locations(Mutator(source, apply=index).visit(tree))
+    return compile(tree, str(path), "exec")
+
+
+class _Serve(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import hook that serves the given code object for one module name."""
+
+    def __init__(self, name: str, path: Path, code):
+        self.name, self.path, self.code = name, path, code
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin=str(self.path))
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__file__ = str(self.path)
+        exec(self.code, module.__dict__)
+
+
+@dataclass
+class Outcome:
+    status: str  # killed | survived | timeout | error
+    seconds: float
+    failed: list[str] = field(default_factory=list)
+
+
+def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True) -> Outcome:
+    """Fork; in the child serve ``code`` as ``module`` and run pytest on ``tests``."""
+    handle = tempfile.NamedTemporaryFile(prefix="emtune-mutant-", suffix=".txt", delete=False)
+    handle.close()
+    failures = handle.name
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            import pytest
+
+            if not os.environ.get("MUTANTS_VERBOSE"):  # quiet unless debugging the tool itself
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            sys.meta_path.insert(0, _Serve(module, path, code))
+
+            def hook(report):  # pluggy matches hook arguments by name
+                if report.failed:
+                    with open(failures, "a") as handle:
+                        handle.write(report.nodeid + "\n")
+
+            plugin = type("Failures", (), {"pytest_runtest_logreport": staticmethod(hook)})()
+            args = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", "-o", "addopts="]
+            code_ = pytest.main(args + (["-x"] if stop_first else []), plugins=[plugin])
+            os._exit(int(code_))
+        except BaseException:  # noqa: BLE001 - any crash of the child is a failed run
+            import traceback
+
+            traceback.print_exc()
+            os._exit(99)
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.perf_counter() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            Path(failures).unlink(missing_ok=True)
+            return Outcome("timeout", time.perf_counter() - started)
+        time.sleep(0.05)
+    failed = Path(failures).read_text().split()
+    Path(failures).unlink(missing_ok=True)
+    code_ = os.waitstatus_to_exitcode(status)
+    state = "survived" if code_ == 0 else "killed" if code_ in (1, 2) else "error"
+    return Outcome(state, time.perf_counter() - started, failed)
+
+
+def module_name(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "tools" / "mutants.yaml"))
+    parser.add_argument("--report", default=str(ROOT / "reports" / "mutants.md"))
+    parser.add_argument("--module", action="append", help="only this module (path as in the config); repeatable")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--no-planted", action="store_true", help="skip the planted bugs")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = yaml.safe_load(Path(args.config).read_text())
+    notes: dict[str, dict[str, str]] = config.get("notes") or {}
+    modules = {m: t for m, t in config["modules"].items() if not args.module or m in args.module}
+    if args.list:
+        for rel in modules:
+            for site in sites_of(ROOT / rel, module_name(rel)):
+                print(f"{site.line:4d} {site.key}")
+        return 0
+    for name in WARM:
+        __import__(name)
+    from mutants_report import write_report  # tools/ is on the path when run as a script
+
+    results: dict[str, list[tuple[Site, Outcome]]] = {}
+    baselines: dict[str, float] = {}
+    for rel, tests in modules.items():
+        path, name = ROOT / rel, module_name(rel)
+        base = run_tests(name, path, mutated_code(path, None), tests, timeout=1800, stop_first=False)
+        if base.status != "survived":
+            raise SystemExit(f"{rel}: its tests fail without any mutation ({base.failed}); fix them first")
+        baselines[rel] = base.seconds
+        limit = max(60.0, 4 * base.seconds)
+        sites = sites_of(path, name)
+        print(f"{rel}: {len(sites)} mutants, tests take {base.seconds:.0f} s", flush=True)
+        results[rel] = []
+        for site in sites:
+            outcome = run_tests(name, path, mutated_code(path, site.index), tests, timeout=limit)
+            results[rel].append((site, outcome))
+            mark = "." if outcome.status in ("killed", "timeout") else "S" if outcome.status == "survived" else "E"
+            print(mark, end="", flush=True)
+        print(flush=True)
+    planted = []
+    if not args.no_planted and not args.module:
+        for bug in config.get("planted") or []:
+            path = ROOT / bug["file"]
+            code = mutated_code(path, None, bug["edits"])
+            outcome = run_tests(module_name(bug["file"]), path, code, bug["tests"], timeout=1800, stop_first=False)
+            planted.append((bug, outcome))
+            print(f"planted: {bug['name']}: {outcome.status} by {outcome.failed}", flush=True)
+    write_report(Path(args.report), results, baselines, notes, planted, partial=bool(args.module))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
