@@ -11,7 +11,8 @@ is equivalent to the original or was left. It also re-plants the hand-written bu
 How a mutant runs: the parent process imports the heavy third-party libraries once and forks one
 child per mutant; the child puts an import hook in front of the normal ones that serves the mutated
 code for the one module under test, and runs pytest in-process on that module's tests (``-x``:
-the first failure kills the mutant). Nothing is written to the source tree, so a crash or a
+the first failure kills the mutant). Only the tests that run the mutated lines are run, fastest
+first (a line coverage of each test, recorded in an unmutated run first). Nothing is written to the source tree, so a crash or a
 Ctrl-C never leaves a mutated file behind. A mutant that hangs past the time limit counts as
 killed (timeout). The tool is not part of CI: rerun it when those modules change.
 
@@ -27,6 +28,7 @@ import ast
 import copy
 import importlib.abc
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -57,6 +59,7 @@ class Site:
     before: str
     after: str
     key: str = ""
+    end_line: int = 0
 
 
 class Mutator(ast.NodeTransformer):
@@ -134,7 +137,8 @@ class Mutator(ast.NodeTransformer):
         for make in variants:
             index = len(self.sites)
             mutated = make(copy.deepcopy(node))
-            self.sites.append(Site(index, ".".join(self.scope) or "<module>", line, before, ast.unparse(mutated)))
+            self.sites.append(Site(index, ".".join(self.scope) or "<module>", line, before, ast.unparse(mutated),
+                                   end_line=getattr(node, "end_lineno", line) or line))
             if index == self.apply:
                 return ast.copy_location(mutated, node)
         return node
@@ -244,13 +248,52 @@ class Outcome:
     status: str  # killed | survived | timeout | error
     seconds: float
     failed: list[str] = field(default_factory=list)
+    covers: dict[str, list[int]] = field(default_factory=dict)  # test -> lines of the module it ran
+    durations: dict[str, float] = field(default_factory=dict)
 
 
-def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True) -> Outcome:
-    """Fork; in the child serve ``code`` as ``module`` and run pytest on ``tests``."""
-    handle = tempfile.NamedTemporaryFile(prefix="emtune-mutant-", suffix=".txt", delete=False)
+class _Recorder:
+    """A pytest plugin (in the child): failing tests, each test's duration, and with ``trace`` the
+    lines of one file each test executes (lines run at import time go under ``<import>``)."""
+
+    def __init__(self, target: str | None):
+        self.failed: list[str] = []
+        self.durations: dict[str, float] = {}
+        self.covers: dict[str, set[int]] = {}
+        self.current = "<import>"
+        if target is not None:
+            import threading
+
+            def local(frame, event, arg):
+                if event == "line":
+                    self.covers.setdefault(self.current, set()).add(frame.f_lineno)
+                return local
+
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != target:
+                    return None
+                self.covers.setdefault(self.current, set()).add(frame.f_lineno)
+                return local
+
+            sys.settrace(tracer)
+            threading.settrace(tracer)
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.current = nodeid
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failed.append(report.nodeid)
+        self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
+
+
+def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True,
+              trace: bool = False) -> Outcome:
+    """Fork; in the child serve ``code`` as ``module`` and run pytest on ``tests`` (node ids or
+    files). With ``trace`` also record which lines of the module each test runs."""
+    handle = tempfile.NamedTemporaryFile(prefix="emtune-mutant-", suffix=".json", delete=False)
     handle.close()
-    failures = handle.name
+    results = Path(handle.name)
     started = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
@@ -262,16 +305,13 @@ def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, s
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
             sys.meta_path.insert(0, _Serve(module, path, code))
-
-            def hook(report):  # pluggy matches hook arguments by name
-                if report.failed:
-                    with open(failures, "a") as handle:
-                        handle.write(report.nodeid + "\n")
-
-            plugin = type("Failures", (), {"pytest_runtest_logreport": staticmethod(hook)})()
+            recorder = _Recorder(str(path) if trace else None)
             args = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", "-o", "addopts="]
-            code_ = pytest.main(args + (["-x"] if stop_first else []), plugins=[plugin])
-            os._exit(int(code_))
+            exit_code = pytest.main(args + (["-x"] if stop_first else []), plugins=[recorder])
+            sys.settrace(None)
+            results.write_text(json.dumps({"failed": recorder.failed, "durations": recorder.durations,
+                                           "covers": {k: sorted(v) for k, v in recorder.covers.items()}}))
+            os._exit(int(exit_code))
         except BaseException:  # noqa: BLE001 - any crash of the child is a failed run
             import traceback
 
@@ -285,14 +325,26 @@ def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, s
         if time.perf_counter() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            Path(failures).unlink(missing_ok=True)
+            results.unlink(missing_ok=True)
             return Outcome("timeout", time.perf_counter() - started)
         time.sleep(0.05)
-    failed = Path(failures).read_text().split()
-    Path(failures).unlink(missing_ok=True)
-    code_ = os.waitstatus_to_exitcode(status)
-    state = "survived" if code_ == 0 else "killed" if code_ in (1, 2) else "error"
-    return Outcome(state, time.perf_counter() - started, failed)
+    data = json.loads(results.read_text() or "{}") if results.is_file() else {}
+    results.unlink(missing_ok=True)
+    exit_code = os.waitstatus_to_exitcode(status)
+    state = "survived" if exit_code == 0 else "killed" if exit_code in (1, 2) else "error"
+    return Outcome(state, time.perf_counter() - started, data.get("failed", []), data.get("covers", {}),
+                   data.get("durations", {}))
+
+
+def tests_for(site: "Site", base: Outcome) -> list[str]:
+    """The tests that run the mutated lines, fastest first (all of them for import-time code)."""
+    lines = set(range(site.line, site.end_line + 1))
+    if lines & set(base.covers.get("<import>", [])) and not any(
+            lines & set(v) for k, v in base.covers.items() if k != "<import>"):
+        chosen = list(base.durations)  # module-level code: every test depends on it
+    else:
+        chosen = [test for test, covered in base.covers.items() if test != "<import>" and lines & set(covered)]
+    return sorted(chosen, key=lambda t: base.durations.get(t, 0.0))
 
 
 def module_name(path: str) -> str:
@@ -325,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines: dict[str, float] = {}
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
-        base = run_tests(name, path, mutated_code(path, None), tests, timeout=1800, stop_first=False)
+        base = run_tests(name, path, mutated_code(path, None), tests, timeout=1800, stop_first=False, trace=True)
         if base.status != "survived":
             raise SystemExit(f"{rel}: its tests fail without any mutation ({base.failed}); fix them first")
         baselines[rel] = base.seconds
@@ -334,7 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rel}: {len(sites)} mutants, tests take {base.seconds:.0f} s", flush=True)
         results[rel] = []
         for site in sites:
-            outcome = run_tests(name, path, mutated_code(path, site.index), tests, timeout=limit)
+            chosen = tests_for(site, base)
+            if not chosen:  # no test runs this line: it survives without a run
+                results[rel].append((site, Outcome("survived", 0.0)))
+                print("S", end="", flush=True)
+                continue
+            outcome = run_tests(name, path, mutated_code(path, site.index), chosen, timeout=limit)
             results[rel].append((site, outcome))
             mark = "." if outcome.status in ("killed", "timeout") else "S" if outcome.status == "survived" else "E"
             print(mark, end="", flush=True)
