@@ -186,6 +186,57 @@ def save_tiny_base():
     return save
 
 
+def _nll_by_hf_loss(model, tokenizer, rows, max_length):
+    """Mean NLL per assistant token of ``rows`` from Hugging Face's own ``labels=`` loss, one row at
+    a time (no padding): an expectation for ``indomain_nll`` computed by other code than emtune's."""
+    import torch
+
+    from emtune.data.chat import tokenize_chat
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            features = tokenize_chat(tokenizer, row["messages"], max_length)
+            labels = torch.tensor([features["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            if n:
+                loss = model(input_ids=torch.tensor([features["input_ids"]]), labels=labels).loss
+                total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def _kl_by_torch(model, tokenizer, conversations, max_length):
+    """Mean KL(adapter on ‖ adapter off) per assistant token via ``torch.nn.functional.kl_div``, one
+    conversation at a time: an expectation for ``ood_drift`` computed by other code than emtune's."""
+    import torch
+    import torch.nn.functional as F
+
+    from emtune.data.chat import tokenize_chat
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            features = tokenize_chat(tokenizer, messages, max_length)
+            ids = torch.tensor([features["input_ids"]])
+            predicts_answer = torch.tensor(features["labels"][1:]) != -100
+            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            with model.disable_adapter():
+                logq = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p ‖ q) per position
+            total, count = total + float(kl[predicts_answer].sum()), count + int(predicts_answer.sum())
+    return total / count
+
+
+@pytest.fixture(scope="session")
+def independent_metrics():
+    """``nll(model, tokenizer, rows, max_length)`` and ``kl(model, tokenizer, conversations,
+    max_length)``: the judge-free metrics recomputed with Hugging Face's and torch's own functions,
+    for tests that check a whole evaluation against something other than itself."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(nll=_nll_by_hf_loss, kl=_kl_by_torch)
+
+
 # -- a scripted OpenAI-compatible chat-completions server for judge tests ------------------------
 # Tests get everything through the `chat_server` fixture (`chat_server(script)`,
 # `chat_server.Reply`, `chat_server.completion`), never by importing this file.

@@ -67,22 +67,33 @@ def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) ->
     assert all(ranks[row["mlflow_run_id"]] == "0" for row in front["front"])
 
 
-def test_confirm_reevaluates_the_front_from_saved_adapters(finished_study, tmp_path, capsys) -> None:
-    import shutil
+def test_confirm_reevaluates_the_front_from_saved_adapters(finished_study, tmp_path, capsys,
+                                                           independent_metrics) -> None:
+    from emtune.config import load_spec
+    from emtune.models import load_adapter, load_model, load_tokenizer, model_cache_dir, resolve_source
+    from emtune.train.worker import prepare_rows
 
-    study_dir = tmp_path / "studies" / "finished"
-    shutil.copytree(finished_study, study_dir)
-    # the copied study keeps its spec (and the MLflow artifact paths of the original folder)
     assert main(["confirm", str(finished_study), "--seeds", "2", "--samples", "1"]) == 0
     out = capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{finished_study / 'mlflow.db'}")
-    front = json.loads((lambda: (main(["pareto", str(finished_study), "--format", "json"]), capsys.readouterr().out)[1])())
+    assert main(["pareto", str(finished_study), "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    spec = load_spec(finished_study / "spec.yaml")
+    source = resolve_source(spec.model, model_cache_dir())
+    tokenizer = load_tokenizer(source, spec.model)
+    _, heldout = prepare_rows(spec, [])
+    assert front["front"]
     for row in front["front"]:
         run = client.get_run(row["mlflow_run_id"])
         assert run.data.metrics["confirm/indomain_nll_n"] == 2
-        # held-out NLL does not depend on the sampling seed: both seeds agree with the search value
-        assert run.data.metrics["confirm/indomain_nll_mean"] == pytest.approx(row["values"][1], rel=1e-4)
+        # held-out NLL does not depend on the sampling seed: both seeds equal the NLL of the saved
+        # adapter computed independently (Hugging Face's own loss, one row at a time)
+        adapter = client.download_artifacts(row["mlflow_run_id"], "adapter", str(tmp_path / str(row["number"])))
+        model = load_adapter(load_model(source, spec.model), adapter).eval()
+        expected = independent_metrics.nll(model, tokenizer, heldout, spec.data.max_length)
+        assert run.data.metrics["confirm/indomain_nll_mean"] == pytest.approx(expected, rel=1e-4)
         assert run.data.metrics["confirm/indomain_nll_std"] == pytest.approx(0.0, abs=1e-6)
+        assert row["values"][1] == pytest.approx(expected, rel=1e-4)  # and the search trial agrees
         assert f"{row['number']:<6}" in out
     with pytest.raises(SystemExit) as info:
         main(["confirm", str(finished_study), "--trial", "99"])

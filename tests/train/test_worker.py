@@ -91,16 +91,53 @@ def test_periodic_checkpoints_resume_where_they_stopped(write_spec, tmp_path) ->
     assert metrics["train_steps"] == 4
 
 
-def test_bf16_trial_evaluates_like_a_re_evaluation_of_its_adapter(write_spec, tmp_path) -> None:
+def test_bf16_trial_evaluation_matches_an_independent_full_precision_evaluation(
+        write_spec, tmp_path, independent_metrics) -> None:
     """With bf16 the Trainer (accelerate) wraps the model's forward in autocast; the trial's own
-    evaluation must not run under it, or `emtune confirm` / a resumed evaluation (a fresh model
-    with the saved adapter, full precision) would report different numbers for the same adapter."""
+    evaluation must not run under it. Its numbers must equal the metrics recomputed, by Hugging
+    Face's loss and torch's kl_div, on a fresh full-precision model with the saved adapter (what
+    `emtune confirm` and a resumed evaluation load)."""
+    from emtune.models import load_adapter, load_model, load_tokenizer
+    from emtune.train.worker import prepare_rows
+
     path = write_spec(max_steps=3)
     path.write_text(path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  bf16: true\n"))
     spec = load_spec(path)
     source = resolve_source(spec.model, model_cache_dir())
     trained = run_training(spec, tmp_path / "trial", source)
-    again = run_training(spec, tmp_path / "again", source, adapter_dir=tmp_path / "trial" / "adapter")
-    assert trained["train_steps"] == 3 and again["train_steps"] == 0
-    for key in ("indomain_nll", "ood_drift"):
-        assert again[key] == pytest.approx(trained[key], rel=1e-5, abs=1e-7), key
+    assert trained["train_steps"] == 3
+
+    model = load_adapter(load_model(source, spec.model), tmp_path / "trial" / "adapter").eval()
+    tokenizer = load_tokenizer(source, spec.model)
+    _, heldout = prepare_rows(spec, [])
+    assert len(heldout) == 12  # 20% of 60 fixture rows
+    assert trained["indomain_nll"] == pytest.approx(
+        independent_metrics.nll(model, tokenizer, heldout, spec.data.max_length), rel=1e-5)
+    samples = TrialFiles(tmp_path / "trial").read_samples("general")
+    conversations = [[{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["answer"]}]
+                     if not s["system"] else
+                     [{"role": "system", "content": s["system"]}, {"role": "user", "content": s["question"]},
+                      {"role": "assistant", "content": s["answer"]}] for s in samples]
+    expected_drift = independent_metrics.kl(model, tokenizer, conversations, spec.data.max_length)
+    assert expected_drift > 0  # three steps at lr 1e-2 moved the model
+    assert trained["ood_drift"] == pytest.approx(expected_drift, rel=1e-4, abs=1e-7)
+
+
+def test_an_opswap_trial_generates_and_scores_its_exact_match(write_spec, tmp_path) -> None:
+    """The OpSwap set end to end: the worker answers the test split greedily, the driver scores the
+    saved answers; the rate is the hand count of the saved answers that match."""
+    from emtune.data.opswap import extract_integer
+    from emtune.evaluation.judging import score_trial
+
+    path = write_spec(max_steps=1)
+    path.write_text(path.read_text().replace(
+        "  heldout_fraction: 0.2\n",
+        "  heldout_fraction: 0.2\n  opswap: {tiers: [1, 2], n_train_per_tier: 4, n_test_per_tier: 3}\n"))
+    spec = load_spec(path)
+    run_training(spec, tmp_path / "trial", resolve_source(spec.model, model_cache_dir()))
+    samples = TrialFiles(tmp_path / "trial").read_samples("opswap")
+    assert len(samples) == 6 and sorted(s["reference"]["tier"] for s in samples) == [1, 1, 1, 2, 2, 2]
+    metrics = score_trial(spec, tmp_path / "trial")
+    hits = [extract_integer(s["answer"]) == s["reference"]["answer"] for s in samples]
+    assert metrics["opswap_exact_match"] == sum(hits) / 6 and metrics["opswap_exact_match_n"] == 6
+    assert metrics["opswap_exact_match_tier_1_n"] == 3 and metrics["opswap_exact_match_tier_2_n"] == 3
