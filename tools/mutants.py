@@ -12,7 +12,8 @@ How a mutant runs: the parent process imports the heavy third-party libraries on
 child per mutant; the child puts an import hook in front of the normal ones that serves the mutated
 code for the one module under test, and runs pytest in-process on that module's tests (``-x``:
 the first failure kills the mutant). Only the tests that run the mutated lines are run, fastest
-first (a line coverage of each test, recorded in an unmutated run first). Nothing is written to the source tree, so a crash or a
+first (each test's line coverage comes from a first, unmutated run whose code carries a probe call
+before every statement). Nothing is written to the source tree, so a crash or a
 Ctrl-C never leaves a mutated file behind. A mutant that hangs past the time limit counts as
 killed (timeout). The tool is not part of CI: rerun it when those modules change.
 
@@ -208,7 +209,7 @@ def sites_of(path: Path, module: str) -> list[Site]:
     return mutator.sites
 
 
-def mutated_code(path: Path, index: int | None, edits: list[dict[str, str]] | None = None):
+def mutated_code(path: Path, index: int | None, edits: list[dict[str, str]] | None = None, probes: bool = False):
     """Compiled code of ``path`` with mutant ``index`` applied, or with text ``edits`` (old -> new)."""
     source = path.read_text()
     if edits is not None:
@@ -220,15 +221,17 @@ def mutated_code(path: Path, index: int | None, edits: list[dict[str, str]] | No
         return compile(source, str(path), "exec")
     tree = ast.parse(source)
     if index is not None:
-        tree = ast.fix_missing_locations(Mutator(source, apply=index).visit(tree))
-    return compile(tree, str(path), "exec")
+        tree = Mutator(source, apply=index).visit(tree)
+    if probes:
+        tree = _Probes().visit(tree)
+    return compile(ast.fix_missing_locations(tree), str(path), "exec")
 
 
 class _Serve(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Import hook that serves the given code object for one module name."""
 
-    def __init__(self, name: str, path: Path, code):
-        self.name, self.path, self.code = name, path, code
+    def __init__(self, name: str, path: Path, code, probe=None):
+        self.name, self.path, self.code, self.probe = name, path, code, probe
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.name:
@@ -240,6 +243,7 @@ class _Serve(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         module.__file__ = str(self.path)
+        module.__dict__["__mutants_probe__"] = self.probe
         exec(self.code, module.__dict__)
 
 
@@ -252,31 +256,47 @@ class Outcome:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-class _Recorder:
-    """A pytest plugin (in the child): failing tests, each test's duration, and with ``trace`` the
-    lines of one file each test executes (lines run at import time go under ``<import>``)."""
+class _Probes(ast.NodeTransformer):
+    """Puts ``__mutants_probe__(first, last)`` before every statement (after docstrings and
+    ``__future__`` imports): the lines of that statement, or of a compound statement's header."""
 
-    def __init__(self, target: str | None):
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        for name in ("body", "orelse", "finalbody"):
+            statements = getattr(node, name, None)
+            if not isinstance(statements, list) or not statements or not isinstance(statements[0], ast.stmt):
+                continue
+            out = []
+            for i, stmt in enumerate(statements):
+                docstring = i == 0 and isinstance(stmt, ast.Expr) and isinstance(getattr(stmt, "value", None), ast.Constant)
+                future = isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__"
+                if not (docstring or future):
+                    inner = [getattr(stmt, f) for f in ("body", "handlers") if isinstance(getattr(stmt, f, None), list)]
+                    first_inner = min((s.lineno for block in inner for s in block if hasattr(s, "lineno")), default=None)
+                    last = first_inner - 1 if first_inner else stmt.end_lineno
+                    out.append(ast.Expr(ast.Call(ast.Name("__mutants_probe__", ast.Load()),
+                                                 [ast.Constant(stmt.lineno), ast.Constant(max(last, stmt.lineno))], [])))
+                out.append(stmt)
+            setattr(node, name, out)
+        return node
+
+
+class _Recorder:
+    """A pytest plugin (in the child): failing tests, each test's duration, and the lines of the
+    module under test each test runs (lines run at import time go under ``<import>``)."""
+
+    def __init__(self):
         self.failed: list[str] = []
         self.durations: dict[str, float] = {}
-        self.covers: dict[str, set[int]] = {}
+        self.spans: dict[str, set[tuple[int, int]]] = {}
         self.current = "<import>"
-        if target is not None:
-            import threading
 
-            def local(frame, event, arg):
-                if event == "line":
-                    self.covers.setdefault(self.current, set()).add(frame.f_lineno)
-                return local
+    def probe(self, first: int, last: int) -> None:
+        self.spans.setdefault(self.current, set()).add((first, last))
 
-            def tracer(frame, event, arg):
-                if frame.f_code.co_filename != target:
-                    return None
-                self.covers.setdefault(self.current, set()).add(frame.f_lineno)
-                return local
-
-            sys.settrace(tracer)
-            threading.settrace(tracer)
+    def covers(self) -> dict[str, list[int]]:
+        return {test: sorted({line for first, last in spans for line in range(first, last + 1)})
+                for test, spans in self.spans.items()}
 
     def pytest_runtest_logstart(self, nodeid, location):
         self.current = nodeid
@@ -287,10 +307,10 @@ class _Recorder:
         self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
 
 
-def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True,
-              trace: bool = False) -> Outcome:
+def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True) -> Outcome:
     """Fork; in the child serve ``code`` as ``module`` and run pytest on ``tests`` (node ids or
-    files). With ``trace`` also record which lines of the module each test runs."""
+    files); code compiled with probes (``mutated_code(..., probes=True)``) records which lines of
+    the module each test runs."""
     handle = tempfile.NamedTemporaryFile(prefix="emtune-mutant-", suffix=".json", delete=False)
     handle.close()
     results = Path(handle.name)
@@ -304,13 +324,12 @@ def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, s
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
-            sys.meta_path.insert(0, _Serve(module, path, code))
-            recorder = _Recorder(str(path) if trace else None)
+            recorder = _Recorder()
+            sys.meta_path.insert(0, _Serve(module, path, code, recorder.probe))
             args = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", "-o", "addopts="]
             exit_code = pytest.main(args + (["-x"] if stop_first else []), plugins=[recorder])
-            sys.settrace(None)
             results.write_text(json.dumps({"failed": recorder.failed, "durations": recorder.durations,
-                                           "covers": {k: sorted(v) for k, v in recorder.covers.items()}}))
+                                           "covers": recorder.covers()}))
             os._exit(int(exit_code))
         except BaseException:  # noqa: BLE001 - any crash of the child is a failed run
             import traceback
@@ -377,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines: dict[str, float] = {}
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
-        base = run_tests(name, path, mutated_code(path, None), tests, timeout=1800, stop_first=False, trace=True)
+        base = run_tests(name, path, mutated_code(path, None, probes=True), tests, timeout=1800, stop_first=False)
         if base.status != "survived":
             raise SystemExit(f"{rel}: its tests fail without any mutation ({base.failed}); fix them first")
         baselines[rel] = base.seconds
