@@ -375,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "tools" / "mutants.yaml"))
     parser.add_argument("--report", default=str(ROOT / "reports" / "mutants.md"))
     parser.add_argument("--module", action="append", help="only this module (path as in the config); repeatable")
+    parser.add_argument("--planted-only", action="store_true", help="only re-plant the hand-written bugs")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
-    parser.add_argument("--no-planted", action="store_true", help="skip the planted bugs")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = yaml.safe_load(Path(args.config).read_text())
-    notes: dict[str, dict[str, str]] = config.get("notes") or {}
-    modules = {m: t for m, t in config["modules"].items() if not args.module or m in args.module}
+    modules = {m: t for m, t in config["modules"].items()
+               if not args.planted_only and (not args.module or m in args.module)}
     if args.list:
         for rel in modules:
             for site in sites_of(ROOT / rel, module_name(rel)):
@@ -390,40 +390,42 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name in WARM:
         __import__(name)
-    from mutants_report import write_report  # tools/ is on the path when run as a script
+    from mutants_report import commit, load_results, write_report  # tools/ is on the path as a script
 
-    results: dict[str, list[tuple[Site, Outcome]]] = {}
-    baselines: dict[str, float] = {}
+    # results of earlier runs stay for the modules not rerun now (reports/mutants.json)
+    record_path = Path(args.report).with_suffix(".json")
+    record = load_results(record_path, list(config["modules"]))
+    record_path.parent.mkdir(parents=True, exist_ok=True)
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
         base = run_tests(name, path, mutated_code(path, None, probes=True), tests, timeout=1800, stop_first=False)
         if base.status != "survived":
             raise SystemExit(f"{rel}: its tests fail without any mutation ({base.failed}); fix them first")
-        baselines[rel] = base.seconds
         limit = max(60.0, 4 * base.seconds)
         sites = sites_of(path, name)
         print(f"{rel}: {len(sites)} mutants, tests take {base.seconds:.0f} s", flush=True)
-        results[rel] = []
+        rows = []
         for site in sites:
             chosen = tests_for(site, base)
-            if not chosen:  # no test runs this line: it survives without a run
-                results[rel].append((site, Outcome("survived", 0.0)))
-                print("S", end="", flush=True)
-                continue
-            outcome = run_tests(name, path, mutated_code(path, site.index), chosen, timeout=limit)
-            results[rel].append((site, outcome))
-            mark = "." if outcome.status in ("killed", "timeout") else "S" if outcome.status == "survived" else "E"
-            print(mark, end="", flush=True)
+            outcome = (run_tests(name, path, mutated_code(path, site.index), chosen, timeout=limit) if chosen
+                       else Outcome("not covered", 0.0))  # no test runs this line
+            rows.append({"key": site.key, "line": site.line, "qualname": site.qualname, "before": site.before,
+                         "after": site.after, "status": outcome.status, "killed_by": outcome.failed[:1]})
+            print("." if outcome.status in ("killed", "timeout") else "S", end="", flush=True)
         print(flush=True)
-    planted = []
-    if not args.no_planted and not args.module:
+        record["modules"][rel] = {"commit": commit(), "seconds": round(base.seconds, 1), "mutants": rows}
+        record_path.write_text(json.dumps(record, indent=1))
+    if args.planted_only or not args.module:
+        record["planted"] = []
         for bug in config.get("planted") or []:
             path = ROOT / bug["file"]
             code = mutated_code(path, None, bug["edits"])
             outcome = run_tests(module_name(bug["file"]), path, code, bug["tests"], timeout=1800, stop_first=False)
-            planted.append((bug, outcome))
+            record["planted"].append({"name": bug["name"], "status": outcome.status, "failed": outcome.failed,
+                                      "commit": commit()})
             print(f"planted: {bug['name']}: {outcome.status} by {outcome.failed}", flush=True)
-    write_report(Path(args.report), results, baselines, notes, planted, partial=bool(args.module))
+        record_path.write_text(json.dumps(record, indent=1))
+    write_report(Path(args.report), record, config.get("notes") or {})
     return 0
 
 

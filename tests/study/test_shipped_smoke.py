@@ -54,7 +54,10 @@ class Record:
 
 
 def forward_hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Forward hooks on the model other than transformers' own (it installs output-capturing hooks
+    the first time hidden states are asked for, e.g. by feature_l2, and keeps them)."""
+    hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    return sum(not getattr(h, "__module__", "").startswith("transformers") for h in hooks)
 
 
 def lora_b(model: Any) -> dict[str, Any]:
