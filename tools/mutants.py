@@ -8,14 +8,14 @@ expression), runs that module's fast tests against each changed version, and wri
 is equivalent to the original or was left. It also re-plants the hand-written bugs of
 ``tools/mutants.yaml`` (``planted:``) and records which tests catch each.
 
-How a mutant runs: the parent process imports the heavy third-party libraries once and forks one
-child per mutant; the child puts an import hook in front of the normal ones that serves the mutated
-code for the one module under test, and runs pytest in-process on that module's tests (``-x``:
-the first failure kills the mutant). Only the tests that run the mutated lines are run, fastest
-first (each test's line coverage comes from a first, unmutated run whose code carries a probe call
-before every statement). Nothing is written to the source tree, so a crash or a
-Ctrl-C never leaves a mutated file behind. A mutant that hangs past the time limit counts as
-killed (timeout). The tool is not part of CI: rerun it when those modules change.
+How a mutant runs (``tools/mutants_run.py``): one pytest session per module collects its tests
+once; a first, unmutated run with a probe before every statement records which lines each test
+executes; then each mutant runs in a forked child that swaps the mutated code into the live
+functions and runs only the tests that execute the mutated lines, fastest first, stopping at the
+first failure. Nothing is written to the source tree, so a crash or a Ctrl-C never leaves a
+mutated file behind. A mutant that hangs past ``--timeout`` counts as killed. Results are kept
+per module in ``reports/mutants.json``, so ``--module`` reruns one module and rewrites the report.
+The tool is not part of CI: rerun it when those modules change.
 
 mutmut (3.x) was the first choice; its trampoline copy of the package under ``mutants/`` and
 whole-suite stats run do not fit a suite that needs a per-module test selection to finish on a
@@ -27,15 +27,10 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import importlib.abc
-import importlib.util
 import json
 import os
-import signal
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -227,35 +222,6 @@ def mutated_code(path: Path, index: int | None, edits: list[dict[str, str]] | No
     return compile(ast.fix_missing_locations(tree), str(path), "exec")
 
 
-class _Serve(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Import hook that serves the given code object for one module name."""
-
-    def __init__(self, name: str, path: Path, code, probe=None):
-        self.name, self.path, self.code, self.probe = name, path, code, probe
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
-            return None
-        return importlib.util.spec_from_loader(fullname, self, origin=str(self.path))
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        module.__file__ = str(self.path)
-        module.__dict__["__mutants_probe__"] = self.probe
-        exec(self.code, module.__dict__)
-
-
-@dataclass
-class Outcome:
-    status: str  # killed | survived | timeout | error
-    seconds: float
-    failed: list[str] = field(default_factory=list)
-    covers: dict[str, list[int]] = field(default_factory=dict)  # test -> lines of the module it ran
-    durations: dict[str, float] = field(default_factory=dict)
-
-
 class _Probes(ast.NodeTransformer):
     """Puts ``__mutants_probe__(first, last)`` before every statement (after docstrings and
     ``__future__`` imports): the lines of that statement, or of a compound statement's header."""
@@ -281,91 +247,6 @@ class _Probes(ast.NodeTransformer):
         return node
 
 
-class _Recorder:
-    """A pytest plugin (in the child): failing tests, each test's duration, and the lines of the
-    module under test each test runs (lines run at import time go under ``<import>``)."""
-
-    def __init__(self):
-        self.failed: list[str] = []
-        self.durations: dict[str, float] = {}
-        self.spans: dict[str, set[tuple[int, int]]] = {}
-        self.current = "<import>"
-
-    def probe(self, first: int, last: int) -> None:
-        self.spans.setdefault(self.current, set()).add((first, last))
-
-    def covers(self) -> dict[str, list[int]]:
-        return {test: sorted({line for first, last in spans for line in range(first, last + 1)})
-                for test, spans in self.spans.items()}
-
-    def pytest_runtest_logstart(self, nodeid, location):
-        self.current = nodeid
-
-    def pytest_runtest_logreport(self, report):
-        if report.failed:
-            self.failed.append(report.nodeid)
-        self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
-
-
-def run_tests(module: str, path: Path, code, tests: list[str], timeout: float, stop_first: bool = True) -> Outcome:
-    """Fork; in the child serve ``code`` as ``module`` and run pytest on ``tests`` (node ids or
-    files); code compiled with probes (``mutated_code(..., probes=True)``) records which lines of
-    the module each test runs."""
-    handle = tempfile.NamedTemporaryFile(prefix="emtune-mutant-", suffix=".json", delete=False)
-    handle.close()
-    results = Path(handle.name)
-    started = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            import pytest
-
-            if not os.environ.get("MUTANTS_VERBOSE"):  # quiet unless debugging the tool itself
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 1)
-                os.dup2(devnull, 2)
-            recorder = _Recorder()
-            sys.meta_path.insert(0, _Serve(module, path, code, recorder.probe))
-            args = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", "-o", "addopts="]
-            exit_code = pytest.main(args + (["-x"] if stop_first else []), plugins=[recorder])
-            results.write_text(json.dumps({"failed": recorder.failed, "durations": recorder.durations,
-                                           "covers": recorder.covers()}))
-            os._exit(int(exit_code))
-        except BaseException:  # noqa: BLE001 - any crash of the child is a failed run
-            import traceback
-
-            traceback.print_exc()
-            os._exit(99)
-    deadline = started + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.perf_counter() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            results.unlink(missing_ok=True)
-            return Outcome("timeout", time.perf_counter() - started)
-        time.sleep(0.05)
-    data = json.loads(results.read_text() or "{}") if results.is_file() else {}
-    results.unlink(missing_ok=True)
-    exit_code = os.waitstatus_to_exitcode(status)
-    state = "survived" if exit_code == 0 else "killed" if exit_code in (1, 2) else "error"
-    return Outcome(state, time.perf_counter() - started, data.get("failed", []), data.get("covers", {}),
-                   data.get("durations", {}))
-
-
-def tests_for(site: "Site", base: Outcome) -> list[str]:
-    """The tests that run the mutated lines, fastest first (all of them for import-time code)."""
-    lines = set(range(site.line, site.end_line + 1))
-    if lines & set(base.covers.get("<import>", [])) and not any(
-            lines & set(v) for k, v in base.covers.items() if k != "<import>"):
-        chosen = list(base.durations)  # module-level code: every test depends on it
-    else:
-        chosen = [test for test, covered in base.covers.items() if test != "<import>" and lines & set(covered)]
-    return sorted(chosen, key=lambda t: base.durations.get(t, 0.0))
-
-
 def module_name(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".")
 
@@ -376,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=str(ROOT / "reports" / "mutants.md"))
     parser.add_argument("--module", action="append", help="only this module (path as in the config); repeatable")
     parser.add_argument("--planted-only", action="store_true", help="only re-plant the hand-written bugs")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one mutant may run (then killed)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -391,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in WARM:
         __import__(name)
     from mutants_report import commit, load_results, write_report  # tools/ is on the path as a script
+    from mutants_run import run_session
 
     # results of earlier runs stay for the modules not rerun now (reports/mutants.json)
     record_path = Path(args.report).with_suffix(".json")
@@ -398,32 +281,33 @@ def main(argv: list[str] | None = None) -> int:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
-        base = run_tests(name, path, mutated_code(path, None, probes=True), tests, timeout=1800, stop_first=False)
-        if base.status != "survived":
-            raise SystemExit(f"{rel}: its tests fail without any mutation ({base.failed}); fix them first")
-        limit = max(60.0, 4 * base.seconds)
         sites = sites_of(path, name)
-        print(f"{rel}: {len(sites)} mutants, tests take {base.seconds:.0f} s", flush=True)
+        plan = [{"id": "baseline", "code": mutated_code(path, None, probes=True), "probe": True}]
+        plan += [{"id": str(site.index), "code": mutated_code(path, site.index), "line": site.line,
+                  "end_line": site.end_line} for site in sites]
+        print(f"{rel}: {len(sites)} mutants", flush=True)
+        results = run_session(name, tests, plan, args.timeout)
+        base = results.get("baseline") or {"status": "no result", "failed": []}
+        if base["status"] != "survived":
+            raise SystemExit(f"{rel}: its tests fail without any mutation ({base['failed']}); fix them first")
         rows = []
         for site in sites:
-            chosen = tests_for(site, base)
-            outcome = (run_tests(name, path, mutated_code(path, site.index), chosen, timeout=limit) if chosen
-                       else Outcome("not covered", 0.0))  # no test runs this line
+            outcome = results.get(str(site.index)) or {"status": "no result", "failed": []}
             rows.append({"key": site.key, "line": site.line, "qualname": site.qualname, "before": site.before,
-                         "after": site.after, "status": outcome.status, "killed_by": outcome.failed[:1]})
-            print("." if outcome.status in ("killed", "timeout") else "S", end="", flush=True)
-        print(flush=True)
-        record["modules"][rel] = {"commit": commit(), "seconds": round(base.seconds, 1), "mutants": rows}
+                         "after": site.after, "status": outcome["status"], "killed_by": outcome["failed"][:1]})
+        seconds = sum(base.get("durations", {}).values())
+        print(f"  {sum(r['status'] in ('killed', 'timeout') for r in rows)} killed", flush=True)
+        record["modules"][rel] = {"commit": commit(), "seconds": round(seconds, 1), "mutants": rows}
         record_path.write_text(json.dumps(record, indent=1))
     if args.planted_only or not args.module:
         record["planted"] = []
         for bug in config.get("planted") or []:
-            path = ROOT / bug["file"]
-            code = mutated_code(path, None, bug["edits"])
-            outcome = run_tests(module_name(bug["file"]), path, code, bug["tests"], timeout=1800, stop_first=False)
-            record["planted"].append({"name": bug["name"], "status": outcome.status, "failed": outcome.failed,
+            code = mutated_code(ROOT / bug["file"], None, bug["edits"])
+            outcome = run_session(module_name(bug["file"]), bug["tests"],
+                                  [{"id": "bug", "code": code, "all": True}], 1800)["bug"]
+            record["planted"].append({"name": bug["name"], "status": outcome["status"], "failed": outcome["failed"],
                                       "commit": commit()})
-            print(f"planted: {bug['name']}: {outcome.status} by {outcome.failed}", flush=True)
+            print(f"planted: {bug['name']}: {outcome['status']} by {outcome['failed']}", flush=True)
         record_path.write_text(json.dumps(record, indent=1))
     write_report(Path(args.report), record, config.get("notes") or {})
     return 0

@@ -147,3 +147,14 @@ def test_indomain_nll_counts_only_tokens_inside_max_length(tokenizer) -> None:
     # (positions 13..15): 2 x log 2 + log 798 over 3
     got = heldout_nll(model, tokenizer, [{"messages": chat("z", "z z z")}], max_length=16)
     assert got == pytest.approx((2 * math.log(2) + math.log(798)) / 3, abs=1e-5)
+
+
+def test_a_single_answer_token_is_its_own_mean(tokenizer) -> None:
+    """Cut at 14 tokens, 'z' / 'z z z' keeps one labelled token (the first 'z', predicted at
+    position 12): both metrics are that one position's value."""
+    vocab = len(tokenizer)
+    p, q = two_token(0.5, 0.5, vocab), two_token(0.25, 0.75, vocab)
+    everywhere = FixedLM(vocab, adapter=lambda t: p, reference=lambda t: q)
+    assert ood_drift(everywhere, tokenizer, [chat("z", "z z z")], max_length=14) == pytest.approx(FORWARD, abs=1e-6)
+    got = heldout_nll(nll_model(tokenizer), tokenizer, [{"messages": chat("z", "z z z")}], max_length=14)
+    assert got == pytest.approx(math.log(2), abs=1e-5)

@@ -149,6 +149,7 @@ def test_opswap_exact_match_per_tier_with_intervals(write_spec, tmp_path) -> Non
     rate(metrics, "opswap_exact_match_tier_1", 2, 3, 0)
     rate(metrics, "opswap_exact_match_tier_2", 1, 2, 0)
     assert "opswap_exact_match_tier_3" not in metrics  # no tier-3 rows: no made-up rate
+    assert {f"opswap_exact_match_tier_{t}" for t in (1, 2, 3)} <= set(known_metrics())  # objectives may name them
     table = opswap_exact_match(None, TrialFiles(folder).read_samples("opswap")).tables["samples"]
     assert table["expected"] == [42, 7, 3, 13, -5] and table["tier"] == [1, 1, 1, 2, 2]
 

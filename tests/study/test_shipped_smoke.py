@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -118,10 +119,10 @@ def loss_term(name: str):
 
 
 def rows_added(record: Record, trial: dict) -> None:
-    task = {repr(r["messages"]) for r in record.rows_in}
-    added = [r for r in record.rows_out if repr(r["messages"]) not in task]
-    assert len(record.rows_out) > len(record.rows_in) and added, "no safety rows were mixed in"
-    assert len(record.rows_out) == len(record.rows_in) + len(added)  # every task row kept
+    given = Counter(repr(r["messages"]) for r in record.rows_in)
+    trained = Counter(repr(r["messages"]) for r in record.rows_out)
+    assert not given - trained, "a training row was dropped"
+    assert len(record.rows_out) > len(record.rows_in) and set(trained) - set(given), "no safety rows were mixed in"
     assert trial["meta"]["num_train_rows"] >= len(record.rows_out)
 
 
