@@ -169,6 +169,13 @@ def test_every_shipped_spec_is_run_or_skipped_with_a_reason() -> None:
         assert not missing, f"{name}: no EVIDENCE check for {missing}: say what the defense visibly does"
 
 
+@pytest.fixture(scope="module")
+def stage_cache(tmp_path_factory) -> Path:
+    """One study-stage cache for every spec of the module: stages are cached by content hash, so
+    specs that need the same persona vectors or misaligned ensemble compute them once."""
+    return tmp_path_factory.mktemp("stage-cache")
+
+
 def _short(spec, tmp_path):
     """The same study, shrunk: 2 steps without warm-up (so the second step trains a moved adapter), 40
     rows, 4-token answers, study folder in tmp."""
@@ -192,14 +199,14 @@ def _top_of_range(search) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_shipped_spec_trial_shows_its_defenses_acting(name, tmp_path, ray_local, monkeypatch) -> None:
+def test_shipped_spec_trial_shows_its_defenses_acting(name, tmp_path, ray_session, stage_cache, monkeypatch) -> None:
     if name in SKIPPED:
         pytest.skip(SKIPPED[name])
     import emtune.evaluation.runner as runner
 
     spec = _short(load_spec(ROOT / f"{name}.yaml"), tmp_path)
     source = resolve_source(spec.model, model_cache_dir())
-    staged = prepare_stages(spec, tmp_path / "cache", source)
+    staged = prepare_stages(spec, stage_cache, source)
     trial_spec = staged.with_overrides(_top_of_range(staged.search))
     records: dict[str, Record] = {}
     spy(monkeypatch, records)
@@ -211,7 +218,7 @@ def test_shipped_spec_trial_shows_its_defenses_acting(name, tmp_path, ray_local,
         return evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(runner, "evaluate_model", evaluate_and_count_hooks)
-    metrics = run_training(trial_spec, tmp_path / "trial", source, cache_dir=tmp_path / "cache")
+    metrics = run_training(trial_spec, tmp_path / "trial", source, cache_dir=stage_cache)
 
     assert metrics["train_steps"] == 2 and "error" not in metrics, metrics
     for key in ("train_loss", "ood_drift", "indomain_nll"):
