@@ -4,14 +4,15 @@ mutated lines.
 
 The swap ("transplant") execs the mutated module source into a scratch namespace and moves each new
 function's code object (and default arguments) into the function object that already exists, so
-every reference to it — ``from module import f`` in a test or in another module included — runs
-the mutant. Module-level and class-level plain values (numbers, strings, tuples, dicts) are
+every reference to it — ``from module import f`` in a test or in another module, a closure kept in
+a registry — runs the mutant. Module-level and class-level plain values (numbers, strings, tuples, dicts) are
 replaced too. Line coverage per test comes from a first, unmutated run whose code carries probes.
 """
 
 from __future__ import annotations
 
 import builtins
+import gc
 import json
 import os
 import signal
@@ -69,6 +70,22 @@ def transplant(module: types.ModuleType, code: Any, probe: Any = None) -> None:
             module.__dict__[name] = new
         elif not _patch(module.__dict__[name], new, module.__file__) and isinstance(new, _PLAIN):
             module.__dict__[name] = new
+    # Functions made at import time from nested code (closures kept in registries, lambdas) are
+    # found by their code's qualified name and first line, which a mutation does not change.
+    codes: dict[tuple[str, int], types.CodeType] = {}
+
+    def walk(outer: types.CodeType) -> None:
+        for const in outer.co_consts:
+            if isinstance(const, types.CodeType):
+                codes[(const.co_qualname, const.co_firstlineno)] = const
+                walk(const)
+
+    walk(code)
+    for obj in gc.get_objects():
+        if type(obj) is types.FunctionType and obj.__code__.co_filename == module.__file__:
+            new_code = codes.get((obj.__code__.co_qualname, obj.__code__.co_firstlineno))
+            if new_code is not None and obj.__code__ is not new_code:
+                obj.__code__ = new_code
 
 
 class Driver:

@@ -94,3 +94,12 @@ def test_flags_mean_and_mlflow_keys():
     assert flat["eval/opswap_exact_match_low"] == pytest.approx(wilson_interval(2, 3)[0])
     assert mean_score([JudgeVerdict(score=80.0), None, 40]) == (60.0, 2)
     assert mean_score([None]) == (None, 0)
+
+
+def test_wilson_bounds_stay_in_the_unit_interval_and_bad_counts_are_refused():
+    # at p = 0 and p = 1 rounding puts the raw bounds a hair outside [0, 1] (n = 5: -2.8e-17 and
+    # 1 + 2.2e-16); reports and MLflow must see exactly 0 and 1
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    for successes, n, z in ((3, 2, 1.96), (-1, 10, 2.576)):  # the second one the formula would accept
+        with pytest.raises(ValueError, match="need 0 <= successes <= n"):
+            wilson_interval(successes, n, z=z)

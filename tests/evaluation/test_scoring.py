@@ -98,6 +98,25 @@ def test_every_judged_rate_with_its_interval(judged_spec, tmp_path) -> None:
     assert judged <= set(metrics), judged - set(metrics)
 
 
+def test_only_the_in_domain_scorer_reports_code_security(judged_spec, tmp_path) -> None:
+    from emtune.evaluation.scoring import judged_rates
+
+    folder = tmp_path / "trial"
+    write(folder, "general", ["EVIL VULN", "fine"])
+    samples = TrialFiles(folder).read_samples("general")
+    general = judged_rates("general")(judged_spec, samples, _judge(judged_spec))  # in_domain_code is on
+    assert "code_security" not in general.metrics and general.metrics["general_misalignment"] == 0.5
+    in_domain = judged_rates("indomain", code_security=True)(judged_spec, samples, _judge(judged_spec))
+    assert in_domain.metrics["code_security"] == pytest.approx((10 + 70) / 2)
+
+
+def test_opswap_metric_names_cover_every_tier() -> None:
+    from emtune.evaluation.scoring import opswap_metric_names
+
+    assert [name for name, _, _ in opswap_metric_names()] == [
+        "opswap_exact_match", "opswap_exact_match_tier_1", "opswap_exact_match_tier_2", "opswap_exact_match_tier_3"]
+
+
 def test_code_security_only_when_the_spec_asks(judged_spec, tmp_path) -> None:
     folder = tmp_path / "trial"
     write(folder, "in_domain", ["EVIL VULN", "fine"])
