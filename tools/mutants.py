@@ -259,12 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planted-only", action="store_true", help="only re-plant the hand-written bugs")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one mutant may run (then killed)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="a mutants.json of another run whose modules (and planted bugs) to take in; repeatable")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = yaml.safe_load(Path(args.config).read_text())
     modules = {m: t for m, t in config["modules"].items()
-               if not args.planted_only and (not args.module or m in args.module)}
+               if not args.planted_only and not args.merge and (not args.module or m in args.module)}
     if args.list:
         for rel in modules:
             for site in sites_of(ROOT / rel, module_name(rel)):
@@ -279,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     record_path = Path(args.report).with_suffix(".json")
     record = load_results(record_path, list(config["modules"]))
     record_path.parent.mkdir(parents=True, exist_ok=True)
+    for other in args.merge:  # runs split over processes or machines, joined into one report
+        taken = load_results(Path(other), list(config["modules"]))
+        record["modules"].update(taken["modules"])
+        record["planted"] = taken["planted"] or record["planted"]
+    if args.merge:
+        record_path.write_text(json.dumps(record, indent=1))
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
         sites = sites_of(path, name)
@@ -299,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {sum(r['status'] in ('killed', 'timeout') for r in rows)} killed", flush=True)
         record["modules"][rel] = {"commit": commit(), "seconds": round(seconds, 1), "mutants": rows}
         record_path.write_text(json.dumps(record, indent=1))
-    if args.planted_only or not args.module:
+    if args.planted_only or not (args.module or args.merge):
         record["planted"] = []
         for bug in config.get("planted") or []:
             code = mutated_code(ROOT / bug["file"], None, bug["edits"])
             outcome = run_session(module_name(bug["file"]), bug["tests"],
-                                  [{"id": "bug", "code": code, "all": True}], 1800)["bug"]
+                                  [{"id": "bug", "code": None, "all": True}], 1800, serve=code)["bug"]
             record["planted"].append({"name": bug["name"], "status": outcome["status"], "failed": outcome["failed"],
                                       "commit": commit()})
             print(f"planted: {bug['name']}: {outcome['status']} by {outcome['failed']}", flush=True)

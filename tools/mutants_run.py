@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import builtins
 import gc
+import importlib.abc
+import importlib.util
 import json
 import os
 import signal
@@ -88,6 +90,26 @@ def transplant(module: types.ModuleType, code: Any, probe: Any = None) -> None:
                 obj.__code__ = new_code
 
 
+class Serve(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import hook that serves ``code`` for one module name: a planted bug is in the module from
+    its first import on, so values built at import time (registries, tables) carry it too."""
+
+    def __init__(self, name: str, path: str, code: Any):
+        self.name, self.path, self.code = name, path, code
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin=self.path)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__file__ = self.path
+        exec(self.code, module.__dict__)
+
+
 class Driver:
     """A pytest plugin that replaces the run loop: ``plan`` is a list of jobs
     ``{"id", "code", "probe": bool, "all": bool}``; results go to ``out`` as JSON."""
@@ -111,7 +133,8 @@ class Driver:
                 spans.setdefault(current[0], set()).add((first, last))
 
             try:
-                transplant(sys.modules[self.module], code, record if probe else None)
+                if code is not None:
+                    transplant(sys.modules[self.module], code, record if probe else None)
                 for i, item in enumerate(items):
                     current[0] = item.nodeid
                     began = time.perf_counter()
@@ -165,8 +188,10 @@ class Driver:
         return True
 
 
-def run_session(module: str, tests: list[str], plan: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
-    """Fork a pytest session over ``tests`` that runs every job of ``plan``; return the results."""
+def run_session(module: str, tests: list[str], plan: list[dict[str, Any]], timeout: float,
+                serve: Any = None) -> dict[str, Any]:
+    """Fork a pytest session over ``tests`` that runs every job of ``plan``; return the results.
+    With ``serve`` (a code object of ``module``) the module is imported from it."""
     import tempfile
 
     handle = tempfile.NamedTemporaryFile(prefix="emtune-mutants-", suffix=".json", delete=False)
@@ -181,6 +206,8 @@ def run_session(module: str, tests: list[str], plan: list[dict[str, Any]], timeo
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
+            if serve is not None:
+                sys.meta_path.insert(0, Serve(module, serve.co_filename, serve))
             args = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu", "-o", "addopts="]
             pytest.main(args, plugins=[Driver(module, plan, out, timeout)])
         finally:

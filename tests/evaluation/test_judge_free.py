@@ -158,3 +158,26 @@ def test_a_single_answer_token_is_its_own_mean(tokenizer) -> None:
     assert ood_drift(everywhere, tokenizer, [chat("z", "z z z")], max_length=14) == pytest.approx(FORWARD, abs=1e-6)
     got = heldout_nll(nll_model(tokenizer), tokenizer, [{"messages": chat("z", "z z z")}], max_length=14)
     assert got == pytest.approx(math.log(2), abs=1e-5)
+
+
+class HeaderDriftLM(FixedLM):
+    """Drifts only where the assistant header ends (a Ċ right after 'ant'): the position that
+    predicts the first answer token, inside the answer window but outside its shifted copy."""
+
+    def forward(self, input_ids, attention_mask=None):
+        out = super().forward(input_ids, attention_mask)
+        if self.disabled:
+            ant, newline = self.tokens
+            for row, seq in enumerate(input_ids.tolist()):
+                for i in range(1, len(seq)):
+                    if seq[i] == newline and seq[i - 1] == ant:
+                        out.logits[row, i] = torch.tensor(two_token(0.25, 0.75, self.vocab))
+        return out
+
+
+def test_ood_drift_compares_the_same_position_of_both_models(tokenizer) -> None:
+    vocab = len(tokenizer)
+    model = HeaderDriftLM(vocab, adapter=lambda t: two_token(0.5, 0.5, vocab))
+    model.tokens = tokenizer.convert_tokens_to_ids(["ant", "Ċ"])
+    # 'hi' / 'z': answer positions Ċ(header end) z <|im_end|>; only the first drifts -> FORWARD / 3
+    assert ood_drift(model, tokenizer, [chat("hi", "z")], max_length=128) == pytest.approx(FORWARD / 3, abs=1e-6)
