@@ -44,3 +44,70 @@ def test_derived_reference_and_plot(tmp_path) -> None:
     assert table.reference == pytest.approx([3.2, 3.2])  # worst + 10% of the range
     png = plot_front(table, tmp_path / "front.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ordered_study():
+    """Four trials told out of order (2, 1, 0, 3), one exactly on its constraint bound, one FAIL
+    re-evaluated as a later trial, two baselines."""
+    dists = {"w": optuna.distributions.FloatDistribution(0, 1), "k": optuna.distributions.IntDistribution(1, 9)}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for params in ({"w": 0.125, "k": 1}, {"w": 0.5, "k": 2}, {"w": 0.75, "k": 3}, {"w": 0.1, "k": 4},
+                   {"w": 0.9, "k": 5}):
+        study.enqueue_trial(params)
+    trials = [study.ask(dists) for _ in range(5)]
+    values = {0: (1.0, 1.0), 1: (2.0, 2.0), 2: (3.0, 3.0), 3: (0.5, 4.0)}
+    constraints = {0: -1.0, 1: -1.0, 2: -1.0, 3: 0.0}  # 0.0: the bound is met exactly
+    for number in (2, 1, 0, 3):
+        trials[number].set_constraint("c", constraints[number])
+        study.tell(trials[number], values[number])
+    study.tell(trials[4], state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({"w": 0.9})
+    redo = study.ask({"w": dists["w"]})
+    redo.set_user_attr("reevaluates", 4)
+    study.tell(redo, (0.25, 5.0))
+    study.set_user_attr("baseline:undefended", {"a": 1.5, "b": 2.25, "other": 9.0})
+    study.set_user_attr("baseline:base", {"error": "the baseline trial failed"})
+    return study
+
+
+def test_front_table_by_hand_states_feasibility_order_and_history() -> None:
+    table = front_table(_ordered_study(), ["a", "b"], ["minimize", "minimize"], reference=[4.0, 6.0])
+    rows = {r.number: r for r in table.rows}
+    assert {n: (r.state, r.rank, r.feasible) for n, r in rows.items()} == {
+        0: ("COMPLETE", 0, True), 1: ("COMPLETE", 1, True), 2: ("COMPLETE", 2, True),
+        3: ("COMPLETE", 0, True),  # constraint value 0.0 is met
+        4: ("REEVALUATED", None, True), 5: ("COMPLETE", 0, True)}
+    assert table.counts() == {"COMPLETE": 5, "REEVALUATED": 1}
+    assert [r.number for r in table.front] == [5, 3, 0]  # by the first objective: 0.25, 0.5, 1.0
+    # completion order 2, 1, 0, 3, 5 (not trial order): boxes to (4, 6) are added as they arrive
+    # (3,3): 1*3 = 3; (2,2): 2*4 = 8; (1,1): 3*5 = 15; (0.5,4): + 0.5*2 = 16; (0.25,5): + 0.25*1 = 16.25
+    assert table.hypervolume == pytest.approx([3.0, 8.0, 15.0, 16.0, 16.25])
+    assert table.baselines == {"undefended": {"a": 1.5, "b": 2.25, "other": 9.0},
+                               "base": {"error": "the baseline trial failed"}}
+    front = table.to_dict()
+    assert front["hypervolume"] == pytest.approx(16.25) and [t["number"] for t in front["front"]] == [5, 3, 0]
+    assert [t["number"] for t in front["trials"]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_format_table_by_hand() -> None:
+    table = front_table(_ordered_study(), ["a", "b"], ["minimize", "minimize"], reference=[4.0, 6.0])
+    assert format_table(table) == "\n".join([
+        "trial  rank  a     b  k  w      state",
+        "-----  ----  ----  -  -  -----  --------",
+        "0      0     1     1  1  0.125  COMPLETE",
+        "3      0     0.5   4  4  0.1    COMPLETE",
+        "5      0     0.25  5  -  0.9    COMPLETE",
+        "baseline base: the baseline trial failed",
+        "baseline undefended: a 1.5, b 2.25",
+        "",
+        "front size 3; hypervolume 16.25 (reference [4.0, 6.0], spec); trials: complete 5, reevaluated 1",
+    ])
+    every = format_table(table, all_trials=True).splitlines()
+    assert every[2:8] == [
+        "0      0     1     1  1  0.125  COMPLETE",
+        "3      0     0.5   4  4  0.1    COMPLETE",
+        "5      0     0.25  5  -  0.9    COMPLETE",
+        "1      1     2     2  2  0.5    COMPLETE",
+        "2      2     3     3  3  0.75   COMPLETE",
+        "4      -     -     -  5  0.9    REEVALUATED",
+    ]

@@ -291,3 +291,19 @@ def test_validation_messages_name_the_culprit():
         pareto_front([(1, "a")], MIN2)
     with pytest.raises(ValueError, match=r"point 0 is not a sequence"):
         pareto_front([1.0, 2.0], MIN2)
+
+
+def test_one_objective_hypervolume_is_the_distance_from_the_best_to_the_reference():
+    assert hypervolume([[3.0], [1.0], [2.0]], ["minimize"], [5.0]) == pytest.approx(4.0)  # 5 - 1
+    assert hypervolume([[3.0], [1.0]], ["maximize"], [0.5]) == pytest.approx(2.5)  # 3 - 0.5
+    assert hypervolume_history([[3.0], [1.0], [2.0]], ["minimize"], [5.0]) == pytest.approx([2.0, 4.0, 4.0])
+
+
+def test_reference_margin_zero_and_spreads_below_one():
+    # margin 0 puts the reference on the worst value itself; a negative margin is refused
+    assert reference_from_points([[1.0, 4.0], [3.0, 2.0]], MIN2, margin=0.0) == [3.0, 4.0]
+    with pytest.raises(ValueError, match="margin"):
+        reference_from_points([[1.0, 4.0]], MIN2, margin=-0.1)
+    # a spread of 0.3 scales the margin (0.5 + 0.1 * 0.3), not the worst value's size
+    assert reference_from_points([[0.2], [0.5]], ["minimize"]) == [pytest.approx(0.53)]
+    assert reference_from_points([[0.2], [0.5]], ["maximize"]) == [pytest.approx(0.17)]  # 0.2 - 0.1 * 0.3
