@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=str(ROOT / "reports" / "mutants.md"))
     parser.add_argument("--module", action="append", help="only this module (path as in the config); repeatable")
     parser.add_argument("--planted-only", action="store_true", help="only re-plant the hand-written bugs")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the mutants that survived last time (after adding tests); keep the rest")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one mutant may run (then killed)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--merge", action="append", default=[],
@@ -290,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     for rel, tests in modules.items():
         path, name = ROOT / rel, module_name(rel)
         sites = sites_of(path, name)
+        before = {row["key"]: row for row in (record["modules"].get(rel) or {}).get("mutants", [])}
+        rerun = [site for site in sites if not (args.survivors and site.key in before
+                                                and before[site.key]["status"] in ("killed", "timeout"))]
         plan = [{"id": "baseline", "code": mutated_code(path, None, probes=True), "probe": True}]
         plan += [{"id": str(site.index), "code": mutated_code(path, site.index), "line": site.line,
-                  "end_line": site.end_line} for site in sites]
+                  "end_line": site.end_line} for site in rerun]
         print(f"{rel}: {len(sites)} mutants", flush=True)
         results = run_session(name, tests, plan, args.timeout)
         base = results.get("baseline") or {"status": "no result", "failed": []}
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{rel}: its tests fail without any mutation ({base['failed']}); fix them first")
         rows = []
         for site in sites:
+            if site not in rerun:  # killed last time, kept
+                rows.append(before[site.key])
+                continue
             outcome = results.get(str(site.index)) or {"status": "no result", "failed": []}
             rows.append({"key": site.key, "line": site.line, "qualname": site.qualname, "before": site.before,
                          "after": site.after, "status": outcome["status"], "killed_by": outcome["failed"][:1]})
