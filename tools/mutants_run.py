@@ -141,6 +141,8 @@ class Driver:
                     reports = runtestprotocol(item, nextitem=items[i + 1] if i + 1 < len(items) else None, log=False)
                     state["durations"][item.nodeid] = time.perf_counter() - began
                     if any(r.failed for r in reports):
+                        if os.environ.get("MUTANTS_VERBOSE"):  # debugging the tool: show why
+                            print(*(r.longreprtext for r in reports if r.failed), file=sys.stderr)
                         state["failed"].append(item.nodeid)
                         if stop_first:
                             break
