@@ -45,3 +45,35 @@ def test_alignment_direction_is_read_in_the_adapters_orientation(conv1d_lora) ->
     project_layers(model, [name], same_direction)
     expected = a.norm() * b.norm() * b
     assert torch.allclose(module.lora_B["default"].weight, expected, atol=1e-5)
+
+
+def test_projector_by_hand_for_zero_and_small_alignment_matrices() -> None:
+    from emtune.defenses.safelora import alignment_projector, apply_projector
+
+    w = torch.arange(6.0).reshape(3, 2)  # out 3 x in 2
+    assert torch.equal(alignment_projector(w, w), torch.zeros(3, 3))  # V = 0: nothing to project on
+    small = torch.tensor([[0.3, 0.0], [0.0, 0.4], [0.0, 0.0]])  # ‖V‖ = 0.5 < 1
+    expected = torch.diag(torch.tensor([0.09, 0.16, 0.0])) / 0.5
+    assert torch.allclose(alignment_projector(small, torch.zeros(3, 2)), expected)
+    m = torch.arange(12.0).reshape(3, 4)
+    assert torch.equal(apply_projector(torch.zeros(3, 2), m), torch.zeros(3, 4))
+    unit = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # ‖V‖ = 1: C keeps M's first row only
+    assert torch.equal(apply_projector(unit, m), torch.tensor([[0.0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_strength_off_and_on_in_both_modes(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from emtune.defenses.base import DefenseContext
+    from emtune.defenses.safelora import SafeLoRA, SafeLoRAConfig
+
+    context = DefenseContext(spec=SimpleNamespace(model=SimpleNamespace(base_source="tiny")))
+    for mode in ("threshold", "top_k"):
+        assert not SafeLoRA(SafeLoRAConfig(mode=mode, **SafeLoRA.off), context).active, mode
+    assert SafeLoRA(SafeLoRAConfig(mode="threshold", threshold=0.5), context).active
+    assert SafeLoRA(SafeLoRAConfig(mode="top_k", top_k=1), context).active
+    no_base = SimpleNamespace(model=SimpleNamespace(base_source=None))
+    assert SafeLoRA.spec_problems(SafeLoRAConfig(base_source="tiny"), no_base) == []
+    assert "base model" in SafeLoRA.spec_problems(SafeLoRAConfig(), no_base)[0]
+    files = SafeLoRA.local_files(SafeLoRAConfig(base_source=str(tmp_path)))
+    assert [(f.field, f.path, f.folder) for f in files] == [("base_source", str(tmp_path), True)]
