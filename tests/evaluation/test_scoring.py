@@ -98,6 +98,11 @@ def test_every_judged_rate_with_its_interval(judged_spec, tmp_path) -> None:
     rate(metrics, "indomain_incoherence", 1, 4, 0)
     rate(metrics, "triggered_misalignment", 2, 3, 0)
     rate(metrics, "triggered_incoherence", 0, 3, 0)
+    # answers the aligned role labelled instead of scoring: REFUSE (general), PROSE -> UNKNOWN (code)
+    assert {k: v for k, v in metrics.items() if "_label_" in k} == {
+        "general_label_code": 0.0, "general_label_refusal": 1.0, "general_label_unknown": 0.0,
+        "indomain_label_code": 0.0, "indomain_label_refusal": 0.0, "indomain_label_unknown": 1.0,
+        "triggered_label_code": 0.0, "triggered_label_refusal": 0.0, "triggered_label_unknown": 0.0}
     judged = {m.name for m in known_metrics().values() if m.judged}
     assert judged <= set(metrics), judged - set(metrics)
 
