@@ -95,3 +95,8 @@ def test_config_round_trips_and_pickles() -> None:
     assert KLToReferenceConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))) == cfg
     defense = pickle.loads(pickle.dumps(KLToReference(cfg, DefenseContext(spec=None))))
     assert defense.config == cfg
+
+
+def test_one_selected_token_is_its_own_mean() -> None:
+    # a single masked-in position: the loss is that position's KL, not half of it
+    assert kl_to_reference_loss(P_LOGITS, Q_LOGITS, torch.tensor([[1]])).item() == pytest.approx(FORWARD, abs=1e-6)
