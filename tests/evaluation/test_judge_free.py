@@ -164,9 +164,11 @@ class HeaderDriftLM(FixedLM):
     """Drifts only where the assistant header ends (a Ċ right after 'ant'): the position that
     predicts the first answer token, inside the answer window but outside its shifted copy."""
 
+    drift_side = "reference"
+
     def forward(self, input_ids, attention_mask=None):
         out = super().forward(input_ids, attention_mask)
-        if self.disabled:
+        if self.disabled == (self.drift_side == "reference"):
             ant, newline = self.tokens
             for row, seq in enumerate(input_ids.tolist()):
                 for i in range(1, len(seq)):
@@ -175,9 +177,13 @@ class HeaderDriftLM(FixedLM):
         return out
 
 
-def test_ood_drift_compares_the_same_position_of_both_models(tokenizer) -> None:
+@pytest.mark.parametrize("side, per_position", [("reference", FORWARD), ("adapter", REVERSE)])
+def test_ood_drift_compares_the_same_position_of_both_models(tokenizer, side, per_position) -> None:
+    """Either model moves at the header's end only ('adapter': the fine-tuned one is q there, so
+    KL(q ‖ p) there is the number REVERSE names); a shift of either model's logits misses it."""
     vocab = len(tokenizer)
     model = HeaderDriftLM(vocab, adapter=lambda t: two_token(0.5, 0.5, vocab))
-    model.tokens = tokenizer.convert_tokens_to_ids(["ant", "Ċ"])
-    # 'hi' / 'z': answer positions Ċ(header end) z <|im_end|>; only the first drifts -> FORWARD / 3
-    assert ood_drift(model, tokenizer, [chat("hi", "z")], max_length=128) == pytest.approx(FORWARD / 3, abs=1e-6)
+    model.tokens, model.drift_side = tokenizer.convert_tokens_to_ids(["ant", "Ċ"]), side
+    # 'hi' / 'z': answer positions Ċ(header end) z <|im_end|>; only the first drifts -> 1/3 of it
+    got = ood_drift(model, tokenizer, [chat("hi", "z")], max_length=128)
+    assert got == pytest.approx(per_position / 3, abs=1e-6)
