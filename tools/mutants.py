@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "commit": commit()})
             print(f"planted: {bug['name']}: {outcome['status']} by {outcome['failed']}", flush=True)
         record_path.write_text(json.dumps(record, indent=1))
-    write_report(Path(args.report), record, config.get("notes") or {})
+    write_report(Path(args.report), record, config.get("notes") or {}, list(config["modules"]))
     return 0
 
 

@@ -41,7 +41,8 @@ def _verdict(row: dict[str, Any], notes: dict[str, dict[str, str]]) -> tuple[str
     return "unexplained", f"{row['status']}; no note in tools/mutants.yaml"
 
 
-def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, str]]) -> None:
+def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, str]],
+                 configured: list[str] | None = None) -> None:
     """The Markdown report: a score per module, every survivor with its reason, the planted bugs."""
     lines = [
         "# Mutation testing",
@@ -85,6 +86,11 @@ def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, 
     score = f"{100 * totals['killed'] / live:.1f}%" if live else "n/a"
     lines.append(f"| **all** | | | {totals['mutants']} | {totals['killed']} | {totals['equivalent']} | "
                  f"{totals['left']} | {totals['unexplained']} | **{score}** |")
+    missing = [m for m in configured or [] if m not in record["modules"]]
+    if missing:
+        lines += ["", "Configured in `tools/mutants.yaml` but not in this record yet (no run finished them; "
+                  "`make mutants` or `tools/mutants.py --module PATH` adds them): "
+                  + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", "## Survivors", *(survivors or ["", "None."])]
     if stale:
         lines += ["", "## Notes that no longer apply", "", *stale]
