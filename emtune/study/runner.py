@@ -162,8 +162,9 @@ class StudySession:
             ),
         )
 
-    def fit(self, tuner: Any, searcher: Any = None) -> Any:
-        """Run the tuner, then close orphans and publish the final front."""
+    def fit(self, tuner: Any, searcher: Any = None, lost: frozenset[str] = frozenset()) -> Any:
+        """Run the tuner, then close orphans and publish the final front. ``lost`` are the Ray
+        trial ids an earlier driver left running: any the tuner did not finish are closed as lost."""
         searcher = searcher or self.searcher
         orphan_reason = LOST
         try:
@@ -173,12 +174,12 @@ class StudySession:
             orphan_reason = (f"stopped: the study's time budget (search.time_budget_s = {budget:g} s) ran out "
                              "while this trial ran" if budget else "stopped by Ray Tune before it reported")
         finally:
-            table = self.finish(searcher.study, orphan_reason)
+            table = self.finish(searcher.study, orphan_reason, lost)
         if not os.environ.get("RAY_ADDRESS"):
             wait_for_placement_groups_released()
         return table
 
-    def finish(self, study: Any, orphan_reason: str = LOST) -> Any:
+    def finish(self, study: Any, orphan_reason: str = LOST, lost: frozenset[str] = frozenset()) -> Any:
         """Close orphans, publish the front and close the parent run. With the tracking server
         down (past its retries) the study still ends: Optuna holds every outcome, and
         ``emtune resume`` publishes to MLflow once the server is back."""
@@ -188,7 +189,7 @@ class StudySession:
         from emtune.tracking import mlflow_runs as runs
 
         try:
-            close_orphans(study, self.client, self.experiment_id, self.parent_run_id, orphan_reason)
+            close_orphans(study, self.client, self.experiment_id, self.parent_run_id, orphan_reason, lost)
             table = publish_front(self.client, self.parent_run_id, self.spec, study)
             status = "FINISHED" if table.front or not table.counts().get("FAIL") else "FAILED"
             self.client.set_terminated(self.parent_run_id, status=status)
@@ -267,21 +268,32 @@ def wait_for_placement_groups_released(timeout_s: float = 20.0) -> bool:
         time.sleep(0.25)
 
 
-def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str, reason: str = LOST) -> int:
-    """Mark Optuna trials and MLflow child runs still RUNNING (no trial behind them) as failed."""
+def running_trial_ids(study: Any) -> frozenset[str]:
+    """Ray trial ids of the Optuna trials still RUNNING (before a resume: what the stopped driver ran)."""
+    import optuna
+
+    return frozenset(t.user_attrs["ray_trial_id"] for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if "ray_trial_id" in t.user_attrs)
+
+
+def close_orphans(study: Any, client: Any, experiment_id: str, parent_run_id: str, reason: str = LOST,
+                  lost: frozenset[str] = frozenset()) -> int:
+    """Mark Optuna trials and MLflow child runs still RUNNING (no trial behind them) as failed:
+    with ``reason``, or as lost for the Ray trial ids in ``lost`` (a stopped driver's, not restarted)."""
     import optuna
 
     from emtune.tracking.mlflow_runs import PARENT_TAG, finish_run  # mlflow
 
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        set_stored_user_attr(study, trial, "fail_reason", reason)
+        why = LOST if trial.user_attrs.get("ray_trial_id") in lost else reason
+        set_stored_user_attr(study, trial, "fail_reason", why)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         closed += 1
     runs = client.search_runs([experiment_id], filter_string=(
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
     for run in runs:
-        finish_run(client, run.info.run_id, "FAILED", reason)
+        finish_run(client, run.info.run_id, "FAILED", LOST if run.data.tags.get("ray_trial_id") in lost else reason)
         closed += 1
     return closed
 
@@ -315,11 +327,12 @@ def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
 
     session = StudySession(spec, num_cpus)
     session.reevaluate_pending()
+    lost = running_trial_ids(session.searcher.study)
     candidates = sorted((p for p in session.paths.tune_dir.glob("tune*") if p.is_dir()),
                         key=lambda p: p.stat().st_mtime)
     if not candidates or not tune.Tuner.can_restore(str(candidates[-1])):
         count = spec.search.num_trials + len(session.searcher.pending_baselines())
-        return session.fit(session.new_tuner("tune", count))
+        return session.fit(session.new_tuner("tune", count), lost=lost)
     tuner = tune.Tuner.restore(str(candidates[-1]), trainable=session.trainable(),
                                resume_unfinished=True, param_space=session.param_space())
-    return session.fit(tuner, tuner_searcher(tuner) or session.searcher)
+    return session.fit(tuner, tuner_searcher(tuner) or session.searcher, lost)

@@ -90,17 +90,28 @@ class DefendedTrainer(DefenseLossMixin, Trainer):
     """The transformers Trainer with the defended loss (what emtune's workers use)."""
 
 
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The training lines of a Trainer ``log_history`` (those with a loss): step and every number."""
+    return [{"step": entry["step"], **{k: float(v) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}}
+            for entry in log_history if "loss" in entry]
+
+
 class LossHistory(TrainerCallback):
-    """Keeps every training log line (step, loss, defense terms, lr) for tracking."""
+    """Keeps every training log line (step, loss, defense terms, lr) for tracking, including
+    those before the checkpoint a run resumed from."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A run resumed from a checkpoint gets the earlier lines back with the Trainer's state
+        # (trainer_state.json): without them its history and final loss would cover only the
+        # steps after the checkpoint.
+        self.rows = history_rows(state.log_history)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            row = {"step": state.global_step}
-            row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-            self.rows.append(row)
+        if logs:
+            self.rows.extend(history_rows([{**logs, "step": state.global_step}]))
 
 
 class CheckpointHook(TrainerCallback):

@@ -12,6 +12,7 @@ module only reads it, so it does not import the config layer above it).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -112,7 +113,7 @@ def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], tra
            output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any]) -> list[dict]:
     """Attach the defenses, train with the defended trainer, finalize and detach; fills ``metrics``
     (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history."""
-    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory  # torch, transformers
+    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory, history_rows  # torch
 
     for defense in defenses:
         if defense.active:
@@ -129,22 +130,44 @@ def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], tra
         callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
     )
     train_started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finished = _finished_state(resume_from)
+    if finished is None:
+        global_step = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).global_step
+        # With bf16/fp16 accelerate leaves model.forward wrapped in autocast; evaluating under it
+        # would give other numbers than a fresh model with the saved adapter (`emtune confirm`).
+        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    else:  # nothing left to train: transformers would still take one more step from it
+        _load_adapter_weights(model, resume_from)
+        history.rows = history_rows(finished["log_history"])
+        global_step = finished["global_step"]
     metrics["time/train_s"] = time.perf_counter() - train_started
-    # With bf16/fp16 accelerate leaves model.forward wrapped in autocast; evaluating under it would
-    # give other numbers than a fresh model with the saved adapter (`emtune confirm`, resume).
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
     for defense in defenses:
         if defense.active:
             metrics.update({f"finalize/{k}": v for k, v in defense.finalize(model).items()})
     for defense in defenses:
         defense.detach(model)
-    metrics["train_steps"] = int(train_output.global_step)
+    metrics["train_steps"] = int(global_step)
     losses = [row["task_loss"] for row in history.rows if "task_loss" in row]
     tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
     metrics["train_loss"] = sum(tail) / len(tail)
     return history.rows
+
+
+def _finished_state(checkpoint: Path | None) -> dict[str, Any] | None:
+    """The Trainer state saved in ``checkpoint`` when it was saved at the run's last step, else None."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
+
+
+def _load_adapter_weights(model: Any, checkpoint: Path) -> None:
+    """Load a Trainer checkpoint's LoRA weights into ``model``'s adapter (what resuming restores)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
 
 
 def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from emtune.config import load_spec
 from emtune.models import resolve_source
@@ -82,13 +83,26 @@ def test_periodic_checkpoints_resume_where_they_stopped(write_spec, tmp_path) ->
     def keep(step, folder):
         saved[step] = shutil.copytree(folder, tmp_path / f"kept-{step}")
 
-    run_training(spec, tmp_path / "first", source, on_checkpoint=keep)
+    first = run_training(spec, tmp_path / "first", source, on_checkpoint=keep)
     assert sorted(saved) == [2, 4]
     assert (saved[2] / "optimizer.pt").is_file() and (saved[2] / "trainer_state.json").is_file()
+    full = TrialFiles(tmp_path / "first").read_history()
     metrics = run_training(spec, tmp_path / "second", source, resume_from=saved[2])
     history = TrialFiles(tmp_path / "second").read_history()
-    assert [row["step"] for row in history] == [3, 4]  # steps 1-2 came from the checkpoint
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    assert history[:2] == full[:2]  # steps 1-2 came back from the checkpoint, as logged
     assert metrics["train_steps"] == 4
+    # a process killed after its last checkpoint resumes with no step left to train: the trial's
+    # history and final loss are still the whole run's, not empty (a NaN loss would fail the trial)
+    last = run_training(spec, tmp_path / "third", source, resume_from=saved[4])
+    assert TrialFiles(tmp_path / "third").read_history() == full
+    assert last["train_steps"] == 4 and last["train_loss"] == pytest.approx(first["train_loss"], rel=1e-12)
+    assert "error" not in last
+    from safetensors.torch import load_file
+
+    trained, restored = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("first", "third"))
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
+    assert any(k.endswith("lora_B.weight") and trained[k].abs().sum() > 0 for k in trained)  # not a fresh adapter
 
 
 def test_bf16_trial_evaluation_matches_an_independent_full_precision_evaluation(
