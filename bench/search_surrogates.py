@@ -58,7 +58,7 @@ def dryrun_study_points() -> tuple[list[tuple[float, float, float]], str]:
         return [], f"`emtune pareto` failed: {done.stderr.strip()[-200:]}"
     table = json.loads(done.stdout)
     points = [
-        (float(t["params"]["kl_weight"]), float(t["values"][0]), float(t["values"][1]))
+        (float(t["params"]["kl_weight"]), float(t["values"]["ood_drift"]), float(t["values"]["indomain_nll"]))
         for t in table["trials"]
         if t["state"] == "COMPLETE" and t.get("values") and "kl_weight" in t["params"]
     ]

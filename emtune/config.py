@@ -5,36 +5,44 @@ the code that uses it (``models.ModelSpec``, ``data.loading.DataSpec``, ``train.
 ``evaluation.config``, ``tracking.settings``, ``search_spec``, every defense's own config class);
 this module assembles them into :class:`StudySpec` and checks what needs the whole spec.
 
-Loading validates everything up front: unknown keys are rejected with a close-name hint, values
-are range-checked, search-parameter targets must address a real field, every objective must be
-a metric some evaluation produces, and the local files the spec names must exist. Errors come out
-as :class:`SpecError`, one line per problem with file, line, dotted path and a hint; the CLI
-prints them and exits with status 2 before anything is started or written.
+Loading validates everything up front and lists every problem at once (:func:`check_spec`):
+unknown keys get a close-name hint, values are range-checked, distributions and sampler
+arguments are checked by Optuna's own classes, ``when`` conditions must name an earlier parameter
+and a value it can take, search targets must address a real field with every value of their
+range, every objective must be a metric some evaluation of this spec produces, and the local
+files the spec names must exist (relative paths are read from the spec's folder; see
+:mod:`emtune.spec_checks`). When some sections are invalid, the whole-spec checks still run on
+the rest (invalid items left out), so one run lists everything. Errors come out as
+:class:`SpecError`, one line per problem with file, line, dotted path and a fix; the CLI prints
+them and exits with status 2 before anything is started or written.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from emtune.data.loading import DatasetSpec, DataSpec
-from emtune.defenses.base import is_local_source
 from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.config import EvaluationSpec
-from emtune.evaluation.sets import EVAL_SETS, known_metrics
 from emtune.models import LoraSpec, ModelSpec, TinyModelSpec
-from emtune.search_spec import Baseline, ConstraintSpec, ObjectiveSpec, SearchSpec
+from emtune.search_spec import Baseline, ConstraintSpec, ObjectiveSpec, SearchSpec, search_problems
+from emtune.spec_checks import (
+    Found, cross_field_problems, local_file_problems, resolve_paths, set_path, source_problems, target_problems,
+)
 from emtune.spec_errors import (
-    SpecError, StrictModel, apply_overrides, format_validation_error, load_yaml_with_lines,
+    Problem, SpecError, StrictModel, data_loc, display_path, drop_point, format_validation_error, line_of,
+    load_yaml_with_lines,
 )
 from emtune.tracking.settings import TrackingSpec
 from emtune.train.settings import TrainingSpec
 
-__all__ = ["StudySpec", "load_spec", "spec_to_yaml", "DatasetSpec", "DataSpec", "LoraSpec", "ModelSpec",
+__all__ = ["StudySpec", "SpecCheck", "check_spec", "load_spec", "spec_to_yaml", "cross_field_problems", "DatasetSpec", "DataSpec", "LoraSpec", "ModelSpec",
            "TinyModelSpec", "EvaluationSpec", "SearchSpec", "TrainingSpec", "TrackingSpec"]
 
 
@@ -107,25 +115,34 @@ class StudySpec(StrictModel):
     baselines: BaselinesSpec = BaselinesSpec()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "StudySpec":
-        problems = cross_field_problems(self)
-        if problems:
-            raise ValueError("; ".join(message for _, message in problems))
+    def _cross_checks(self, info: ValidationInfo) -> "StudySpec":
+        # A spec built in code (or a trial's, by with_overrides) is checked whole here; the loader
+        # skips this and reports each problem on its own line instead (check_spec).
+        if not (info.context or {}).get("defer_cross_checks"):
+            problems = cross_field_problems(self)
+            if problems:
+                raise ValueError("; ".join(f"{display_path(where)}: {message}" for where, message in problems))
         return self
+
+    @property
+    def trial_count(self) -> int:
+        """Trials a full run of this study makes: the searched ones plus the baselines."""
+        return self.search.num_trials + (len(self.baselines.kinds) if self.baselines.enabled else 0)
 
     @property
     def study_dir(self) -> Path:
         """Where this study keeps its Optuna storage, MLflow store, Ray results and caches."""
         return Path(self.output_dir).expanduser().resolve() / self.name
 
-    def with_overrides(self, values: dict[str, Any]) -> "StudySpec":
-        """The spec of one trial: searched values written into their target fields, re-validated."""
+    def with_overrides(self, values: dict[str, Any], cross_checks: bool = True) -> "StudySpec":
+        """The spec of one trial: searched values written into their target fields, re-validated
+        (``cross_checks=False``: field by field only; the caller runs :func:`cross_field_problems`)."""
         data = self.model_dump(mode="python")
         for name, value in values.items():
             target = self.search.parameters[name].target
             if target is not None:
-                _set_path(data, target, value)
-        return StudySpec.model_validate(data)
+                set_path(data, target, value)
+        return StudySpec.model_validate(data, context={"defer_cross_checks": not cross_checks})
 
 
 _SYNCED: tuple[type, ...] = tuple(DEFENSES.values())
@@ -143,175 +160,144 @@ def sync_defense_registry() -> None:
     _SYNCED = current
 
 
-def cross_field_problems(spec: StudySpec) -> list[tuple[str, str]]:
-    """Problems that need several sections at once, as (dotted path, message)."""
-    problems: list[tuple[str, str]] = []
-    names = [d.name for d in spec.defenses]
-    for i, defense in enumerate(spec.defenses):
-        if names.index(defense.name) != i:
-            problems.append((f"defenses.{i}", f"defense listed twice: {defense.name!r}; keep one entry"))
-        for message in DEFENSES[defense.name].spec_problems(defense, spec):
-            problems.append((f"defenses.{i}", message))
-    kinds = set(spec.baselines.kinds) if spec.baselines.enabled else set()
-    metrics = known_metrics()
-    judged = spec.evaluation.judge.kind != "none"
-    used = [(f"objectives.{i}", o.name, o.relative) for i, o in enumerate(spec.objectives)]
-    used += [(f"constraints.{i}", c.metric, c.relative) for i, c in enumerate(spec.constraints)]
-    for where, name, relative in used:
-        if relative is not None and relative.to not in kinds:
-            problems.append((f"{where}.relative", f"{name} is relative to the {relative.to!r} baseline: "
-                             "enable it under baselines.kinds"))
-        info = metrics.get(name)
-        if info is not None and info.judged and not judged:
-            problems.append((where, f"metric {name!r} needs a judge: set evaluation.judge.kind (openai or hf_local)"))
-            continue
-        home = next((s for s in EVAL_SETS.values() if any(m.name == name for m in s.metrics)), None)
-        if home is not None and not home.enabled(spec):
-            problems.append((where, f"metric {name!r} comes from the {home.name!r} evaluation, which this spec "
-                             f"does not run: {home.doc}"))
-    return problems
+@dataclass
+class SpecCheck:
+    """The outcome of checking one spec file: the spec when it is valid, else every problem and,
+    where the rest of the spec still validates without its invalid items, that partial spec (so
+    input checks can run on it too)."""
+
+    path: Path
+    lines: dict[str, int]
+    spec: StudySpec | None = None
+    partial: StudySpec | None = None
+    problems: list[Problem] = field(default_factory=list)
+    #: key paths left out of ``partial`` (list indices as in the file)
+    dropped: set[str] = field(default_factory=set)
+    #: per list in ``partial``: the file's index of each item kept
+    kept: dict[str, list[int]] = field(default_factory=dict)
+
+    def locate(self, found: Found) -> list[Problem]:
+        """(key path, message) pairs of ``partial``/``spec`` as problems of the file, with lines;
+        those under a left-out item are dropped (already reported)."""
+        out = []
+        for key, message in found:
+            key = self._file_key(key)
+            if not any(key == d or key.startswith(d + ".") for d in self.dropped):
+                out.append((display_path(key), message, line_of(key, self.lines)))
+        return out
+
+    def _file_key(self, key: str) -> str:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            kept = self.kept.get(".".join(parts[:i]))
+            if kept is not None and parts[i].isdigit() and int(parts[i]) < len(kept):
+                parts[i] = str(kept[int(parts[i])])
+        return ".".join(parts)
+
+    def error(self) -> SpecError:
+        """The problems as one exception."""
+        return SpecError(self.path, self.problems)
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Write ``value`` at ``dotted`` in a dumped spec; ``defenses.<name>`` addresses a list entry."""
-    parts = dotted.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, (list, tuple)):
-            matches = [item for item in node if isinstance(item, dict) and item.get("name") == part]
-            if not matches:
-                raise KeyError(".".join(parts[: i + 1]))
-            node = matches[0]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise KeyError(".".join(parts[: i + 1]))
-    if not isinstance(node, dict) or parts[-1] not in node:
-        raise KeyError(dotted)
-    node[parts[-1]] = value
-
-
-def _check_targets(spec: StudySpec) -> list[tuple[str, str]]:
-    """Every target must exist and both ends of its range must produce a valid spec."""
-    problems: list[tuple[str, str]] = []
-    dumped = spec.model_dump(mode="python")
-    params = spec.search.parameters
-    for name, param in params.items():
-        where = f"search.parameters.{name}"
-        for cond in (param.when or {}):
-            if cond not in params:
-                problems.append((f"{where}.when", f"refers to unknown parameter {cond!r}"))
-        if param.target is None:
-            continue
-        try:
-            _set_path(copy.deepcopy(dumped), param.target, None)
-        except KeyError as missing:
-            hint = "list each searched defense under `defenses:` first" if param.target.startswith(
-                "defenses.") else "use a dotted path to an existing field"
-            problems.append((f"{where}.target", f"{param.target!r}: no field {missing.args[0]!r} ({hint})"))
-            continue
-        ends = list(param.choices) if param.type == "categorical" else [param.low, param.high]
-        for value in ends:
-            if param.type == "int" and value is not None:
-                value = int(value)
-            try:
-                spec.with_overrides({name: value})
-            except ValidationError as err:
-                first = err.errors()[0]
-                problems.append((f"{where}", f"value {value!r} for {param.target} is invalid: {first['msg']}"))
-                break
-    return problems
-
-
-def _check_local_files(spec: StudySpec) -> list[tuple[str, str]]:
-    """Every local file or folder the spec names must exist (relative paths: from the working folder)."""
-    problems = []
-    for where, dataset in (("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool)):
-        if dataset is not None and is_local_source(dataset.path) and not Path(dataset.path).expanduser().exists():
-            origin = f"; the paper's copy: {dataset.origin}" if dataset.origin else "; fix the path"
-            problems.append((f"{where}.path", f"dataset file {dataset.path!r} not found (from {Path.cwd()})"
-                             + origin))
-    problems += _question_file_problems(spec)
-    for i, defense in enumerate(spec.defenses):
-        for item in DEFENSES[defense.name].local_files(defense):
-            path = Path(item.path).expanduser()
-            missing = not path.is_dir() if item.folder else not path.exists()
-            if missing:
-                kind = "folder" if item.folder else "file"
-                hint = f"; {item.hint}" if item.hint else ""
-                problems.append((f"defenses.{i}.{item.field}", f"{defense.name}: {kind} {item.path!r} not found "
-                                 f"(from {Path.cwd()}){hint}"))
-    return problems
-
-
-def _question_file_problems(spec: StudySpec) -> list[tuple[str, str]]:
-    """Question and judge prompt files the spec names by path must exist."""
-    ev = spec.evaluation
-    in_domain = None if ev.in_domain.questions == "heldout" else ev.in_domain.questions
-    named = [("evaluation.question_set", ev.question_set),
-             ("evaluation.triggered_question_set", ev.triggered_question_set),
-             ("evaluation.in_domain.questions", in_domain), ("evaluation.judge.prompt_version", ev.judge.prompt_version)]
-    problems = []
-    for where, value in named:
-        looks_like_file = value and ("/" in value or value.endswith((".yaml", ".yml", ".jsonl")))
-        if looks_like_file and not Path(value).expanduser().is_file():
-            problems.append((where, f"file {value!r} not found (from {Path.cwd()}); fix the path, or use a shipped "
-                             "set / prompt version"))
-    return problems
-
-
-def absolute_paths(raw: dict[str, Any]) -> None:
-    """Make existing local paths absolute so Ray workers (other working folders) find them."""
-    def absolute(path: Any) -> Any:
-        if isinstance(path, str) and is_local_source(path) and Path(path).expanduser().exists():
-            return str(Path(path).expanduser().resolve())
-        return path
-
-    data = raw.get("data")
-    if isinstance(data, dict):
-        for key in ("train", "safety_pool"):
-            if isinstance(data.get(key), dict):
-                data[key]["path"] = absolute(data[key].get("path"))
-    evaluation = raw.get("evaluation")
-    if isinstance(evaluation, dict):  # question and judge prompt files (shipped names stay names)
-        for node, key in ((evaluation, "question_set"), (evaluation, "triggered_question_set"),
-                          (evaluation.get("in_domain"), "questions"), (evaluation.get("judge"), "prompt_version")):
-            if isinstance(node, dict) and isinstance(node.get(key), str) and ("/" in node[key] or "." in node[key]):
-                node[key] = absolute(node[key])
-    for entry in raw.get("defenses") or []:
-        if not isinstance(entry, dict) or entry.get("name") not in DEFENSES:
-            continue
-        cls = DEFENSES[entry["name"]]
-        try:
-            config = cls.config_class.model_validate(entry)
-        except ValidationError:
-            continue  # reported with its path when the whole spec is validated
-        for item in cls.local_files(config):
-            *parents, last = item.field.split(".")
-            node: Any = entry
-            for part in parents:
-                node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
-            key: Any = int(last) if isinstance(node, list) else last
-            if isinstance(node, list) or (isinstance(node, dict) and key in node):
-                node[key] = absolute(node[key])
-
-
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
-    """Load and validate a study spec, with optional ``KEY=VALUE`` overrides applied first
-    (:func:`apply_overrides`). Raises :class:`SpecError` listing every problem."""
+def check_spec(path: str | Path, check_files: bool = True) -> SpecCheck:
+    """Load a spec and list every problem it has (see the module docstring)."""
     sync_defense_registry()
     path = Path(path)
     raw, lines = load_yaml_with_lines(path)
-    apply_overrides(raw, overrides, path)
-    absolute_paths(raw)
+    resolve_paths(raw, path.parent)
+    check = SpecCheck(path, lines)
     try:
-        spec = StudySpec.model_validate(raw)
+        spec = StudySpec.model_validate(raw, context={"defer_cross_checks": True})
     except ValidationError as err:
-        raise SpecError(path, format_validation_error(err, raw, lines, StudySpec)) from None
-    problems = _check_targets(spec) + _check_local_files(spec)
-    if problems:
-        raise SpecError(path, [(p, msg, lines.get(p) or lines.get(p.rsplit(".", 1)[0])) for p, msg in problems])
-    return spec
+        check.problems = format_validation_error(err, raw, lines, StudySpec)
+        spec = _partial(raw, err, check)
+    if spec is not None:
+        found = cross_field_problems(spec) + source_problems(spec)
+        found += [p for p in search_problems(spec.search) + target_problems(spec)
+                  if not _refers_to_dropped(p, spec, check.dropped)]
+        if check_files:
+            found += local_file_problems(spec)
+        check.problems += check.locate(found)
+    if check.problems:
+        check.partial = spec
+    else:
+        check.spec = spec
+    return check
+
+
+def load_spec(path: str | Path, check_files: bool = True) -> StudySpec:
+    """Load and validate a study spec. Raises :class:`SpecError` listing every problem.
+
+    ``check_files=False`` skips the existence of local inputs (a finished study's stored spec is
+    still readable after its training file moved).
+    """
+    check = check_spec(path, check_files)
+    if check.spec is None:
+        raise check.error()
+    return check.spec
+
+
+def _partial(raw: dict[str, Any], err: ValidationError, check: SpecCheck) -> StudySpec | None:
+    """The spec without the items the errors are in (a few rounds: a removal may uncover more);
+    None when an error sits in a required part that cannot be left out."""
+    partial = copy.deepcopy(raw)
+    for _ in range(4):
+        points = [drop_point(StudySpec, e["loc"]) for e in err.errors()]
+        if None in points:
+            return None
+        for e, n in zip(err.errors(), points):
+            loc = data_loc(e["loc"][:n], partial)
+            check.dropped.add(check._file_key(".".join(str(p) for p in loc)))
+            if len(loc) == 2 and loc[0] == "defenses" and isinstance(partial["defenses"][loc[1]], dict):
+                check.dropped.add(f"defenses.{partial['defenses'][loc[1]].get('name')}")  # targets name it
+            _mark(partial, loc)
+        partial = _sweep(partial, "", check.kept)
+        try:
+            return StudySpec.model_validate(partial, context={"defer_cross_checks": True})
+        except ValidationError as again:
+            err = again
+    return None
+
+
+_GONE = object()
+
+
+def _mark(node: Any, loc: list[Any]) -> None:
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+    elif isinstance(node, list) and isinstance(loc[-1], int) and loc[-1] < len(node):
+        node[loc[-1]] = _GONE
+
+
+def _sweep(node: Any, key: str, kept: dict[str, list[int]]) -> Any:
+    """Remove marked list items, remembering each kept item's index in the file."""
+    if isinstance(node, dict):
+        return {k: _sweep(v, f"{key}.{k}" if key else str(k), kept) for k, v in node.items()}
+    if isinstance(node, list):
+        before = kept.get(key, list(range(len(node))))
+        indices = [before[i] for i, item in enumerate(node) if item is not _GONE]
+        if len(indices) != len(node):
+            kept[key] = indices
+        items = [item for item in node if item is not _GONE]
+        return [_sweep(item, f"{key}.{i}", kept) for i, item in enumerate(items)]
+    return node
+
+
+def _refers_to_dropped(problem: tuple[str, str], spec: StudySpec, dropped: set[str]) -> bool:
+    """A search problem caused by a left-out item (a condition on a left-out parameter, a target
+    in a left-out defense entry): the item's own problem is reported already."""
+    parts = problem[0].split(".")
+    if len(parts) < 3 or parts[:2] != ["search", "parameters"] or parts[2] not in spec.search.parameters:
+        return False
+    if len(parts) == 5 and parts[3] == "when":
+        return f"search.parameters.{parts[4]}" in dropped
+    target = spec.search.parameters[parts[2]].target or ""
+    return any(target.startswith(d + ".") for d in dropped if d.startswith("defenses."))
 
 
 def spec_to_yaml(spec: StudySpec) -> str:

@@ -9,6 +9,7 @@ line, suggesting close names for misspelled keys.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,37 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 Problem = tuple[str, str, "int | None"]
+
+
+def closest(name: Any, known: Any, cutoff: float = 0.6) -> str | None:
+    """The known name closest to ``name`` (spelling, or the one name it abbreviates), or None."""
+    names = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=cutoff)
+    if close:
+        return close[0]
+    starts = [n for n in names if str(name) and n.startswith(str(name))]
+    return starts[0] if len(starts) == 1 else None
+
+
+def did_you_mean(name: Any, known: Any, cutoff: float = 0.6) -> str:
+    """A hint for a name outside a closed set: ``did you mean 'x'?`` when one is close, else the
+    known names (the first 20)."""
+    names = [str(k) for k in known]
+    close = closest(name, names, cutoff)
+    if close is not None:
+        return f"did you mean {close!r}?"
+    shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+    return f"known: {shown}" if names else "none is known"
+
+
+def display_path(key: str) -> str:
+    """``defenses.0.weight`` (the line map's form) as users read it: ``defenses[0].weight``."""
+    return _display([int(p) if p.isdigit() else p for p in key.split(".")]) if key else ""
+
+
+def line_of(key: str, lines: dict[str, int]) -> int | None:
+    """The line of ``key`` (``a.b.0.c``) or of its nearest ancestor that has one."""
+    return _nearest_line(key, lines)
 
 
 class StrictModel(BaseModel):
@@ -136,17 +168,71 @@ def format_validation_error(
             tag = ctx.get("tag", "")
             expected = ctx.get("expected_tags", "")
             names = [t.strip(" '") for t in str(expected).split(",")]
-            close = difflib.get_close_matches(str(tag), names, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {expected}"
-            msg = f"unknown defense {tag!r}; {hint}"
+            msg = f"unknown defense {tag!r}; {did_you_mean(tag, names, cutoff=0.5)}"
             dotted = f"{dotted}.name"
+        elif kind == "literal_error":
+            names = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+            close = difflib.get_close_matches(str(e.get("input")), names, n=1, cutoff=0.5)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
         else:
-            msg = e["msg"]
-            if "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = e["msg"].replace("Value error, ", "")
+            if "input" in e and not isinstance(e["input"], (dict, list)) and repr(e["input"]) not in msg:
                 msg += f" (got {e['input']!r})"
-            msg = msg.replace("Value error, ", "")
         problems.append((dotted, msg, line))
     return problems
+
+
+def drop_point(root: type[BaseModel], loc: tuple[Any, ...]) -> int | None:
+    """How many parts of a pydantic error location lead to the deepest thing that can be removed
+    from the input while the rest still validates: an unknown key, a field with a default, a list
+    item or a mapping entry. None when the error sits in a required field of the root."""
+    best = None
+    tp: Any = root
+    for i, part in enumerate(loc):
+        tp = _strip(tp)
+        origin = typing.get_origin(tp)
+        if _is_model(tp):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return i + 1
+            if not field.is_required():
+                best = i + 1
+            tp = field.annotation
+        elif origin in (tuple, list) and isinstance(part, int):
+            best, tp = i + 1, typing.get_args(tp)[0]
+        elif origin is dict:
+            best, tp = i + 1, typing.get_args(tp)[1]
+        elif _models_in(tp):  # a tagged union: this part is the tag, not a level of the input
+            tp = next((c for c in _models_in(tp) if typing.get_args(c.model_fields["name"].annotation) == (part,)),
+                      None)
+            if tp is None:
+                break
+        else:
+            break
+    return best
+
+
+def data_loc(loc: tuple[Any, ...], raw: Any) -> list[Any]:
+    """A pydantic error location as a path into the input (union tags dropped)."""
+    return _data_loc(loc, raw)
+
+
+def _strip(tp: Any) -> Any:
+    """Drop Annotated and Optional wrappers."""
+    while True:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            tp = args[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1:
+                return typing.Union[tuple(rest)]
+            tp = rest[0]
+        else:
+            return tp
 
 
 def _data_loc(loc: tuple[Any, ...], raw: Any) -> list[Any]:

@@ -118,16 +118,28 @@ def test_recommend_best_task_score_under_a_ceiling(write_spec, capsys) -> None:
     assert ev["mlflow_run_id"] == "run1" and ev["adapter_uri"] == "runs:/run1/adapter"
 
 
-def test_recommend_exits_2_and_says_which_constraint_eliminated_what(write_spec, capsys) -> None:
+def test_recommend_exits_3_says_what_eliminated_what_and_the_best_reachable(write_spec, capsys) -> None:
     study_dir = _hand_study(write_spec)
     # ood <= 0.15 leaves only trial 3 (eliminates 4); nll <= 2.5 eliminates trials 3 and 4 (2)
     argv = ["recommend", str(study_dir), "--max", "ood_drift=0.15", "--max", "indomain_nll=2.5"]
     with pytest.raises(SystemExit) as exc:
         recommend_cli.main(_parse(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    assert exc.value.code == 3
+    out, err = capsys.readouterr()
     assert ("no trial of study 'x' qualifies: of 5 completed trials, --max ood_drift=0.15 eliminated 4; "
             "--max indomain_nll=2.5 eliminated 2") in err
+    # the best any trial reaches: ood 0.1 (trial 3), nll 1.0 (trial 0); the task score is nll too
+    assert "  ood_drift: 0.1 (trial 3)   [--max ood_drift=0.15]" in out
+    assert "  indomain_nll: 1 (trial 0)   [--max indomain_nll=2.5]" in out
+    with pytest.raises(SystemExit) as exc:
+        recommend_cli.main(_parse([*argv, "--format", "json"]))
+    assert exc.value.code == 3
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["recommended"] is None and answer["completed"] == 5
+    assert answer["best_reachable"] == [
+        {"metric": "ood_drift", "bound": "--max ood_drift=0.15", "best": 0.1, "trial": 3},
+        {"metric": "indomain_nll", "bound": "--max indomain_nll=2.5", "best": 1.0, "trial": 0},
+        {"metric": "indomain_nll", "bound": "task score", "best": 1.0, "trial": 0}]
     for argv, message in [
         (["--max", "general_misalignment=0.01"], "it needs a judge"),
         (["--max", "ood_drft=1"], "did you mean 'ood_drift'?"),

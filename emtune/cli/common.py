@@ -1,116 +1,121 @@
-"""Shared CLI plumbing: user errors become one clear message and exit status 2."""
+"""Shared CLI plumbing: exit codes, and user errors as one clear message (never a traceback).
+
+Exit codes (``emtune --help`` and docs/cli.md list them):
+
+====  =====================================================================================
+0     done
+1     the work ran but failed: a study ended with no front, a Ray job FAILED or was STOPPED
+2     bad input: a usage error, an invalid spec or input file, an unknown study, trial or metric
+3     nothing qualifies: a valid question with an empty answer (no trial meets the bounds, the
+      study has no completed trial yet); the answer printed says what is missing
+4     a service did not answer: the MLflow tracking server, the Ray dashboard, the Hugging Face
+      Hub (``validate --online``)
+130   interrupted (Ctrl-C)
+141   stdout was closed early (``emtune pareto ... | head -3``); ends quietly
+====  =====================================================================================
+"""
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from emtune.spec_errors import SpecError
-
-USAGE_ERROR = 2
+OK, FAILED, USAGE_ERROR, NOTHING_QUALIFIES, UNAVAILABLE = 0, 1, 2, 3, 4
+INTERRUPTED, CLOSED_PIPE = 130, 141
+EXIT_CODES = {
+    OK: "done",
+    FAILED: "the work ran but failed (a study with no front, a Ray job FAILED or STOPPED)",
+    USAGE_ERROR: "bad input (usage, an invalid spec or input file, an unknown study, trial or metric)",
+    NOTHING_QUALIFIES: "nothing qualifies (no trial meets the bounds, no completed trial yet)",
+    UNAVAILABLE: "a service did not answer (MLflow tracking server, Ray dashboard, Hugging Face Hub)",
+    INTERRUPTED: "interrupted (Ctrl-C)",
+    CLOSED_PIPE: "stdout closed early (e.g. `| head`): ends quietly",
+}
 
 
 class UserError(Exception):
     """A mistake in the user's input: printed without a traceback, exit status 2."""
 
 
-def fail(message: str) -> None:
-    """Print ``message`` to stderr and exit with status 2."""
+def fail(message: str, code: int = USAGE_ERROR) -> None:
+    """Print ``message`` to stderr and exit with ``code`` (bad input unless told otherwise)."""
     print(f"emtune: error: {message}", file=sys.stderr)
-    raise SystemExit(USAGE_ERROR)
+    raise SystemExit(code)
 
 
-def load_spec_or_exit(path: str, overrides: Any = ()) -> Any:
-    """Load a spec (with ``--set KEY=VALUE`` overrides), printing every problem and exiting 2
-    when it is invalid."""
-    from emtune.config import load_spec
+@dataclass
+class Checked:
+    """One checked spec: the spec (None when invalid), every problem as (path, message, line),
+    what was read, and hub ids that were not or could not be checked."""
+
+    file: Path
+    spec: Any = None
+    problems: list[tuple[str, str, int | None]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    unchecked: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        """The problems as ``file:line: path: message`` lines."""
+        from emtune.spec_errors import SpecError
+
+        return SpecError(self.file, self.problems).render()
+
+
+def check_spec_file(path: str | Path, inputs: bool = True, hub: str = "skip") -> Checked:
+    """Check a spec file: the spec itself and (``inputs``) every dataset, question set and prompt
+    set it names, all problems together. ``hub``: skip, exists or load (emtune.spec_inputs)."""
+    from emtune.config import check_spec
+    from emtune.spec_errors import SpecError
+    from emtune.spec_inputs import check_inputs
 
     try:
-        return load_spec(path, overrides or ())
-    except SpecError as err:
-        count = len(err.problems)
-        print(f"emtune: {count} problem{'s' if count != 1 else ''} in {err.path}:", file=sys.stderr)
-        print(err.render(), file=sys.stderr)
-        raise SystemExit(USAGE_ERROR) from None
+        check = check_spec(path)
+    except SpecError as err:  # the file itself is missing or not YAML
+        return Checked(Path(path), problems=list(err.problems))
+    out = Checked(check.path, check.spec, list(check.problems))
+    spec = check.spec or check.partial
+    if inputs and spec is not None:
+        report = check_inputs(spec, hub)  # type: ignore[arg-type]
+        out.problems += check.locate(report.problems)
+        out.counts, out.unchecked, out.unreachable = report.counts, report.unchecked, report.unreachable
+    if out.problems:
+        out.spec = None
+    return out
 
 
-def check_inputs_or_exit(spec: Any) -> dict[str, int]:
-    """Read every dataset, question set and judge prompt set the study needs; exit 2 on the
-    first bad one."""
-    from emtune.data.loading import DataError, load_rows
-    from emtune.evaluation.prompt_files import PromptFileError
-    from emtune.evaluation.questions import QuestionSetError
-
-    counts: dict[str, int] = {}
-    try:
-        if spec.data.train is not None:
-            counts["train rows"] = len(load_rows(spec.data.train))
-        if spec.data.safety_pool is not None:
-            counts["safety pool rows"] = len(load_rows(spec.data.safety_pool))
-        counts.update(_question_counts(spec))
-        if spec.evaluation.judge.kind != "none":
-            _check_judge_prompts(spec)
-    except (DataError, QuestionSetError, PromptFileError) as err:
-        fail(str(err))
-    return counts
+def print_problems(checked: Checked) -> None:
+    """Every problem of a checked spec on stderr, under a count line."""
+    count = len(checked.problems)
+    print(f"emtune: {count} problem{'s' if count != 1 else ''} in {checked.file}:", file=sys.stderr)
+    print(checked.render(), file=sys.stderr)
 
 
-def _question_counts(spec: Any) -> dict[str, int]:
-    """Questions per evaluation set that does not need the training rows (files checked, and with
-    ``question_judge_prompts`` their judge prompts too)."""
-    from emtune.evaluation.sets import EVAL_SETS, judged
-
-    ev = spec.evaluation
-    counts = {"general questions": len(EVAL_SETS["general"].questions(spec, []).prompts)}
-    if judged(spec) and ev.triggered_question_set:
-        counts["triggered questions"] = len(EVAL_SETS["triggered"].questions(spec, []).prompts)
-    if judged(spec) and ev.in_domain.questions != "heldout":
-        counts["in-domain questions"] = len(EVAL_SETS["in_domain"].questions(spec, []).prompts)
-    return counts
-
-
-def _own_prompts(spec: Any, eval_set: Any) -> bool:
-    """True when every question of a file-based set brings both judge prompts of its own."""
-    if not spec.evaluation.question_judge_prompts:
-        return False
-    if eval_set.name == "in_domain" and spec.evaluation.in_domain.questions == "heldout":
-        return False
-    prompts = eval_set.questions(spec, []).prompts
-    return bool(prompts) and all(p.judge_prompts and {"aligned", "coherent"} <= set(p.judge_prompts) for p in prompts)
-
-
-def _check_judge_prompts(spec: Any) -> None:
-    """The judge prompt set loads and holds every prompt the judged sets name."""
-    from emtune.evaluation.prompt_files import PromptFileError, load_prompt_set
-    from emtune.evaluation.sets import EVAL_SETS
-
-    prompts = load_prompt_set(spec.evaluation.judge.prompt_version)
-    for eval_set in EVAL_SETS.values():
-        if eval_set.judge_prompts is None or not eval_set.enabled(spec) or _own_prompts(spec, eval_set):
-            continue
-        missing = [name for name in eval_set.judge_prompts(spec) if name not in prompts.prompts]
-        if missing:
-            raise PromptFileError(
-                f"the {eval_set.name!r} evaluation needs judge prompt(s) {', '.join(map(repr, missing))}, which "
-                f"prompt set {prompts.version} (evaluation.judge.prompt_version) does not have; it has "
-                f"{', '.join(sorted(prompts.prompts))}")
-
-
-def add_set_option(parser: Any) -> None:
-    """``--set KEY=VALUE`` (repeatable): override one spec field, e.g. ``--set model.source=tiny``."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field before validation (dotted path, YAML value; repeatable), "
-                             "e.g. --set model.source=tiny --set defenses.kl_to_reference.weight=0.1")
+def load_spec_or_exit(path: str, inputs: bool = False, hub: str = "skip") -> Any:
+    """Load a spec (and read its inputs when asked), printing every problem and exiting 2 when
+    anything is wrong."""
+    checked = check_spec_file(path, inputs, hub)
+    if checked.problems:
+        print_problems(checked)
+        raise SystemExit(USAGE_ERROR)
+    return checked.spec
 
 
 def resolve_study_dir(study: str, output_dir: str = "studies") -> Path:
     """A study given as its folder, its spec file, or its name under ``output_dir``."""
     candidate = Path(study).expanduser()
     if candidate.is_file() and candidate.suffix in (".yaml", ".yml"):
-        spec = load_spec_or_exit(str(candidate))
-        candidate = spec.study_dir
+        from emtune.config import load_spec
+        from emtune.spec_errors import SpecError
+
+        try:  # only its name and output_dir matter here: its inputs need not exist any more
+            candidate = load_spec(candidate, check_files=False).study_dir
+        except SpecError as err:
+            print_problems(Checked(err.path, problems=list(err.problems)))
+            raise SystemExit(USAGE_ERROR) from None
     elif not candidate.is_dir():
         candidate = Path(output_dir) / study
     if not (candidate / "spec.yaml").is_file():
@@ -119,22 +124,36 @@ def resolve_study_dir(study: str, output_dir: str = "studies") -> Path:
     return candidate.resolve()
 
 
-def load_study_spec(study_dir: Path) -> Any:
-    """The resolved spec a study was started with."""
-    return load_spec_or_exit(str(study_dir / "spec.yaml"))
+def load_study_spec(study_dir: Path, check_files: bool = False) -> Any:
+    """The resolved spec a study was started with. Reading a finished study does not need its
+    inputs; ``check_files`` (resume, which trains again) does."""
+    from emtune.config import load_spec
+    from emtune.spec_errors import SpecError
+
+    try:
+        return load_spec(study_dir / "spec.yaml", check_files=check_files)
+    except SpecError as err:
+        print_problems(Checked(err.path, problems=list(err.problems)))
+        raise SystemExit(USAGE_ERROR) from None
 
 
 def load_optuna_study(study_dir: Path, spec: Any) -> Any:
-    """The study's persistent Optuna study (read-only use); exit 2 when it has not started."""
+    """The study's persistent Optuna study, opened without writing anything; exits 3 when the
+    study has not started a trial (no storage is created for it)."""
     import optuna
 
-    from emtune.study.runner import StudyPaths
+    from emtune.study.runner import OPTUNA_FILE
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = study_dir / OPTUNA_FILE
+    if not db.is_file():  # opening a missing SQLite file would create it
+        fail(f"{study_dir}: the study has not started a trial yet (no {OPTUNA_FILE}); "
+             f"run `emtune run` on its spec", NOTHING_QUALIFIES)
     try:
-        return optuna.load_study(study_name=spec.name, storage=StudyPaths(study_dir).optuna_url)
+        return optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
     except KeyError:
-        fail(f"{study_dir}: no Optuna study named {spec.name!r} yet (the study has not started a trial)")
+        fail(f"{study_dir}: no Optuna study named {spec.name!r} yet (the study has not started a trial)",
+             NOTHING_QUALIFIES)
 
 
 @contextmanager
@@ -149,4 +168,5 @@ def exit_on_tracking_outage(spec: Any) -> Iterator[None]:
         if not tracking_outage(exc):
             raise
         fail(f"MLflow tracking server {tracking_uri(spec)} unreachable after tracking.retries: "
-             f"{str(exc).splitlines()[0][:300]}. Start it, or check tracking.uri / MLFLOW_TRACKING_URI.")
+             f"{str(exc).splitlines()[0][:300]}. Start it, or check tracking.uri / MLFLOW_TRACKING_URI.",
+             UNAVAILABLE)

@@ -1,9 +1,11 @@
 """`emtune status JOB` and `emtune logs JOB`: follow a study submitted as a Ray Job.
 
 Both talk to the cluster's dashboard (the Ray Jobs API, ``ray[default]``) at ``--address``,
-by default ``$RAY_API_SERVER_ADDRESS``. On a cluster with token authentication, the client needs
-``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-``~/.ray/auth_token``) in its environment; the token is never taken on the command line.
+by default ``$RAY_ADDRESS``, the variable Ray's own job CLI documents
+(``export RAY_ADDRESS=http://127.0.0.1:8265``); an explicit ``--address`` wins over it. On a
+cluster with token authentication, the client needs ``RAY_AUTH_MODE=token`` and the token
+(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) in its environment; the
+token is never taken on the command line.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
-from emtune.cli.common import fail
+from emtune.cli.common import FAILED, OK, UNAVAILABLE, fail
+from emtune.cli.output import add_format_argument, print_csv, print_json
 
-ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+ADDRESS_ENV = "RAY_ADDRESS"
+#: Ray's job client prefers this variable over its address argument; emtune keeps it in step.
+_RAY_CLIENT_OVERRIDE = "RAY_API_SERVER_ADDRESS"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -37,14 +43,30 @@ def job_client(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        with _address_wins(address):
+            return JobSubmissionClient(address)
     except AuthenticationError:
         fail(f"{address} refused the request: the cluster uses token authentication; set "
              f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token")
     except (ConnectionError, RuntimeError, ValueError) as err:
         # Ray wraps authentication failures in RuntimeError/ConnectionError too; say both causes.
         fail(f"cannot reach the Ray dashboard at {address}: {_first_line(err)} (is the tunnel up? "
-             f"with token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)")
+             f"with token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)", UNAVAILABLE)
+
+
+@contextmanager
+def _address_wins(address: str) -> Iterator[None]:
+    """Ray's client takes ``RAY_API_SERVER_ADDRESS`` (then ``RAY_ADDRESS``) over its argument:
+    point it at ``address`` while the client is made, so ``--address`` means what it says."""
+    before = os.environ.get(_RAY_CLIENT_OVERRIDE)
+    os.environ[_RAY_CLIENT_OVERRIDE] = address
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_RAY_CLIENT_OVERRIDE, None)
+        else:
+            os.environ[_RAY_CLIENT_OVERRIDE] = before
 
 
 def job_status(client: Any, job_id: str) -> str:
@@ -93,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job", help="job (submission) id printed by `emtune submit`")
     add_address_argument(p)
     p.add_argument("--wait", action="store_true", help="poll until the job ends")
+    add_format_argument(p, "job")
     p.set_defaults(func=status_main)
 
     p = sub.add_parser("logs", help="logs of a study submitted with `emtune submit`")
@@ -105,15 +128,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def status_main(args: argparse.Namespace) -> int:
     """Print the job's status; exit 0 unless it FAILED or was STOPPED."""
     client = job_client(args.address)
-    if args.wait:
-        status = wait_for_job(client, args.job)
-    else:
-        status = job_status(client, args.job)
-        info = client.get_job_info(args.job)
+    fmt = getattr(args, "format", "table")
+    status = wait_for_job(client, args.job, echo=fmt == "table") if args.wait else job_status(client, args.job)
+    message = client.get_job_info(args.job).message or ""
+    if fmt == "json":
+        print_json({"job": args.job, "status": status, "message": message})
+    elif fmt == "csv":
+        print_csv([{"job": args.job, "status": status, "message": message}])
+    elif not args.wait:
         print(f"{args.job}: {status}")
-        if info.message:
-            print(f"  {info.message}")
-    return 1 if status in ("FAILED", "STOPPED") else 0
+        if message:
+            print(f"  {message}")
+    return FAILED if status in ("FAILED", "STOPPED") else OK
 
 
 def logs_main(args: argparse.Namespace) -> int:
@@ -124,4 +150,4 @@ def logs_main(args: argparse.Namespace) -> int:
         follow_logs(client, args.job)
     else:
         sys.stdout.write(client.get_job_logs(args.job))
-    return 0
+    return OK

@@ -1,24 +1,32 @@
-"""`emtune pareto STUDY`: print the study's Pareto front (table or JSON)."""
+"""`emtune pareto STUDY`: print the study's Pareto front (or every trial) and its baselines.
+
+Reads the Optuna study only (no Ray, no MLflow) and writes nothing. Rows: the front first, by the
+first objective, then (``--all``) dominated, infeasible and unfinished trials. The baselines
+(``base``: the model before fine-tuning; ``undefended``: fine-tuned with no defense) are shown
+below the table (JSON: ``baselines``; CSV: rows of kind ``baseline``). Exit 3 when the study has
+no front yet (no completed feasible trial).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 
-from emtune.cli.common import load_optuna_study, load_study_spec, resolve_study_dir
+from emtune.cli.common import NOTHING_QUALIFIES, OK, load_optuna_study, load_study_spec, resolve_study_dir
+from emtune.cli.output import add_format_argument, print_csv, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
-    p = sub.add_parser("pareto", help="print a study's Pareto front")
+    p = sub.add_parser("pareto", help="print a study's Pareto front and baselines (reads only)",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="study folder, spec file, or name under ./studies")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format_argument(p, "trial or baseline")
     p.add_argument("--all", action="store_true", help="list every trial, not only the front")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Read the Optuna study (no Ray, no MLflow) and print its front."""
+    """Read the Optuna study and print its front."""
     from emtune.tracking.front import format_table, front_table
 
     study_dir = resolve_study_dir(args.study)
@@ -28,7 +36,12 @@ def main(args: argparse.Namespace) -> int:
     table = front_table(study, [o.name for o in spec.objectives], [o.direction for o in spec.objectives],
                         None if None in refs else refs)
     if args.format == "json":
-        print(json.dumps(table.to_dict(), indent=2))
+        document = table.to_dict()
+        if not args.all:
+            document.pop("trials")
+        print_json(document)
+    elif args.format == "csv":
+        print_csv(table.records(all_trials=args.all))
     else:
         print(format_table(table, all_trials=args.all))
-    return 0
+    return OK if table.front else NOTHING_QUALIFIES

@@ -11,8 +11,13 @@ it, else the study's first objective in its direction. Ties go to the lower tria
 
 Metrics are those the trials logged to MLflow (judge rates come with ``_low``/``_high`` Wilson
 bounds, so ``--max general_misalignment_high=0.05`` is a ceiling on the upper bound), with the
-objective values from Optuna. A trial that lacks a constrained metric does not qualify. Exit 2
-with a message when a metric is unknown or nothing qualifies (which constraint eliminated how many).
+objective values from Optuna. A trial that lacks a constrained metric does not qualify.
+
+Each candidate (the qualifying trials, best first) is shown with its difference from the
+``undefended`` baseline (the same fine-tune with no defense) for the task score and every bounded
+metric. When nothing qualifies, the answer says which bound eliminated how many trials and the
+best value any completed trial reaches for each bound, and the exit status is 3. Exit 2 for an
+unknown metric or a malformed bound.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from emtune.cli.common import UserError, fail, load_study_spec, resolve_study_dir
+from emtune.cli.common import NOTHING_QUALIFIES, OK, UserError, fail, load_study_spec, resolve_study_dir
+from emtune.cli.output import add_format_argument, print_csv, print_json
 
 DEFAULT_SCORE = "indomain_nll"
+#: Qualifying trials listed after the recommended one.
+CANDIDATES = 5
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,17 @@ class Recommendation:
     completed: int
     qualifying: int
     eliminated: list[tuple[str, int, int]]  # (constraint, trials eliminated, of which lacked the metric)
+    candidates: list[Any] = field(default_factory=list)  # the qualifying records, best first
+
+
+class NothingQualifies(UserError):
+    """No completed trial meets every bound; ``reachable`` holds the best value of each bound's
+    metric (and of the score) among the feasible completed trials."""
+
+    def __init__(self, message: str, completed: int, eliminated: list[tuple[str, int, int]],
+                 reachable: list[dict[str, Any]]):
+        super().__init__(message)
+        self.completed, self.eliminated, self.reachable = completed, eliminated, reachable
 
 
 def default_score(study: Any, known: set[str]) -> tuple[str, str]:
@@ -123,10 +142,26 @@ def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = N
     if not qualifying:
         detail = "; ".join(f"{label} eliminated {n}" + (f" ({m} lack the metric)" if m else "")
                            for label, n, m in eliminated)
-        raise UserError(f"no trial of study {study.name!r} qualifies: of {len(done)} completed trials, {detail}")
+        raise NothingQualifies(f"no trial of study {study.name!r} qualifies: of {len(done)} completed trials, {detail}",
+                               len(done), eliminated, _reachable(feasible, bounds, name, direction))
     sign = 1.0 if direction == "minimize" else -1.0
-    best = min(qualifying, key=lambda r: (sign * r.metrics[name], r.row.number))
-    return Recommendation(best, name, direction, len(done), len(qualifying), eliminated)
+    ranked = sorted(qualifying, key=lambda r: (sign * r.metrics[name], r.row.number))
+    return Recommendation(ranked[0], name, direction, len(done), len(qualifying), eliminated, ranked)
+
+
+def _reachable(records: list[Any], bounds: list[Bound], score: str, direction: str) -> list[dict[str, Any]]:
+    """The best value each bound's metric (and the score) reaches among ``records``."""
+    out = []
+    wanted = [(b.metric, "minimize" if b.kind == "max" else "maximize", str(b)) for b in bounds]
+    for metric, way, label in wanted + [(score, direction, "task score")]:
+        have = [r for r in records if r.metrics.get(metric) is not None]
+        if not have:
+            out.append({"metric": metric, "bound": label, "best": None, "trial": None})
+            continue
+        sign = 1.0 if way == "minimize" else -1.0
+        best = min(have, key=lambda r: (sign * r.metrics[metric], r.row.number))
+        out.append({"metric": metric, "bound": label, "best": best.metrics[metric], "trial": best.row.number})
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -144,14 +179,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--minimize", metavar="METRIC",
                        help=f"task score to minimize (default: {DEFAULT_SCORE} when reported, "
                             "else the first objective)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    add_format_argument(p, "candidate trial")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the recommended trial and its evidence; exit 2 when nothing qualifies."""
+    """Print the recommended trial and its evidence; exit 3 when nothing qualifies."""
     from emtune.report import ReportError, load_study_data
 
+    fmt = getattr(args, "format", "table")
     try:
         bounds = [parse_bound(t, "max") for t in args.max or []] + [parse_bound(t, "min") for t in args.min or []]
         study_dir = resolve_study_dir(args.study)
@@ -163,20 +199,62 @@ def main(args: argparse.Namespace) -> int:
         elif getattr(args, "minimize", None):
             score = (args.minimize, "minimize")
         rec = recommend(study, bounds, score)
+    except NothingQualifies as none:
+        _print_none(study, none, bounds, fmt)
+        fail(str(none), NOTHING_QUALIFIES)
     except (UserError, ReportError) as err:
         fail(str(err))
     evidence = _evidence(study, rec, bounds)
-    if getattr(args, "format", "text") == "json":
-        print(json.dumps(evidence, indent=2))
+    if fmt == "json":
+        print_json(evidence)
+    elif fmt == "csv":
+        print_csv(evidence["candidates"])
     else:
         print(_text(evidence))
-    return 0
+    return OK
 
 
+def _baseline(study: Any) -> dict[str, float] | None:
+    """The undefended baseline's metrics, when the study ran it and it succeeded."""
+    values = study.table.baselines.get("undefended")
+    return None if not values or "error" in values else values
+
+
+def _deltas(metrics: dict[str, float], names: list[str], baseline: dict[str, float] | None) -> dict[str, Any]:
+    """metric - undefended baseline, for each name both report (None otherwise)."""
+    if baseline is None:
+        return {n: None for n in names}
+    return {n: (metrics[n] - baseline[n]) if metrics.get(n) is not None and baseline.get(n) is not None else None
+            for n in names}
+
+
+def _print_none(study: Any, none: NothingQualifies, bounds: list[Bound], fmt: str) -> None:
+    """The answer when nothing qualifies: what eliminated what, and the best reachable values."""
+    document = {"study": study.name, "recommended": None, "reason": str(none), "completed": none.completed,
+                "constraints": [str(b) for b in bounds],
+                "eliminated": [{"by": label, "trials": n} for label, n, _ in none.eliminated],
+                "best_reachable": none.reachable}
+    if fmt == "json":
+        print_json(document)
+    elif fmt == "csv":
+        print_csv(none.reachable, ["metric", "bound", "best", "trial"])
+    else:
+        from emtune.report import fmt_value
+
+        lines = ["nothing qualifies; best values reached by a completed trial (that meets the study's constraints):"]
+        lines += [f"  {r['metric']}: {fmt_value(r['best'])}" + (f" (trial {r['trial']})" if r["trial"] is not None else "")
+                  + f"   [{r['bound']}]" for r in none.reachable]
+        print("\n".join(lines))
 def _evidence(study: Any, rec: Recommendation, bounds: list[Bound]) -> dict[str, Any]:
     from emtune.report import shown_path
 
     row = rec.record.row
+    baseline = _baseline(study)
+    compared = list(dict.fromkeys([rec.score, *(b.metric for b in bounds), *study.table.objectives]))
+    candidates = [{"rank": i + 1, "trial": r.row.number, "score": r.metrics[rec.score],
+                   **{f"delta_{n}": d for n, d in _deltas(r.metrics, compared, baseline).items()},
+                   "params": r.row.params, "mlflow_run_id": r.row.mlflow_run_id}
+                  for i, r in enumerate(rec.candidates[:CANDIDATES])]
     return {
         "study": study.name,
         "study_dir": shown_path(study.study_dir),
@@ -195,6 +273,9 @@ def _evidence(study: Any, rec: Recommendation, bounds: list[Bound]) -> dict[str,
         "mlflow_ui": study.run_url(row.mlflow_run_id) if row.mlflow_run_id else None,
         "adapter_uri": rec.record.adapter_uri,
         "ray_trial_id": row.ray_trial_id,
+        "undefended_baseline": baseline,
+        "delta_vs_undefended": _deltas(rec.record.metrics, compared, baseline),
+        "candidates": candidates,
     }
 
 
@@ -210,6 +291,16 @@ def _text(ev: dict[str, Any]) -> str:
     lines += ["params:", *(f"  {k} = {fmt_value(v)}" for k, v in sorted(ev["params"].items()))]
     lines += [f"  {k} = {v}" for k, v in sorted(ev["defense_params"].items())]
     lines += ["metrics:", *(f"  {k} = {fmt_value(v)}" for k, v in ev["metrics"].items())]
+    if ev["undefended_baseline"] is None:
+        lines.append("vs the undefended baseline: not available (the study ran without baselines, or it failed)")
+    else:
+        lines.append("vs the undefended baseline (metric - baseline):")
+        lines += [f"  {k}: {_signed(v)}" for k, v in ev["delta_vs_undefended"].items()]
+    lines.append(f"candidates (best {len(ev['candidates'])} of {ev['qualifying']} qualifying):")
+    for c in ev["candidates"]:
+        deltas = ", ".join(f"{k[6:]} {_signed(v)}" for k, v in c.items() if k.startswith("delta_") and v is not None)
+        lines.append(f"  {c['rank']}. trial {c['trial']}: {ev['score']['metric']} = {fmt_value(c['score'])}"
+                     + (f"; vs undefended: {deltas}" if deltas else ""))
     run = f"runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "-"
     lines += ["evidence:", f"  MLflow run: {run}", f"  tracking URI: {ev['tracking_uri']}"]
     if ev["mlflow_ui"]:
@@ -217,3 +308,7 @@ def _text(ev: dict[str, Any]) -> str:
     lines.append(f"  adapter: {ev['adapter_uri'] or '-'}")
     lines.append(f"  Ray trial: {ev['ray_trial_id'] or '-'}")
     return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4g}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import exit_on_tracking_outage, load_study_spec, resolve_study_dir
+from emtune.cli.common import FAILED, OK, exit_on_tracking_outage, load_study_spec, resolve_study_dir
+from emtune.cli.run import check_cluster_address
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +21,10 @@ def main(args: argparse.Namespace) -> int:
     from emtune.study.runner import resume_study
     from emtune.tracking.front import format_table
 
-    spec = load_study_spec(resolve_study_dir(args.study))
+    check_cluster_address()
+    spec = load_study_spec(resolve_study_dir(args.study), check_files=True)
     with exit_on_tracking_outage(spec):
         table = resume_study(spec, num_cpus=args.num_cpus)
     print()
     print(format_table(table))
-    return 0 if table.front else 1
+    return OK if table.front else FAILED

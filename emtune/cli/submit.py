@@ -8,8 +8,8 @@ job, ``emtune run`` joins the cluster through the ``RAY_ADDRESS`` Ray sets for j
 
 Paths in the spec are resolved on the cluster: ``output_dir`` must be an absolute path on storage
 every node shares (NFS, a ReadWriteMany volume), and local files must exist there at the same
-absolute path (relative dataset, question and judge prompt file paths are made absolute here, as
-``load_spec`` does; other relative local paths are refused). See cluster/README.md. Secrets (judge API keys, the Ray token) are never
+absolute path (relative paths are made absolute from the spec's folder here, as ``load_spec``
+does). See cluster/README.md. Secrets (judge API keys, the Ray token) are never
 put in the job's runtime environment, which any dashboard user can read: they live on the nodes.
 """
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emtune.cli.common import check_inputs_or_exit, fail, load_spec_or_exit
+from emtune.cli.common import FAILED, OK, fail, load_spec_or_exit
 from emtune.cli.jobs import add_address_argument, job_client, wait_for_job
 
 #: Variables forwarded from this shell to the job driver when set here. They go on the entrypoint
@@ -34,7 +34,7 @@ from emtune.cli.jobs import add_address_argument, job_client, wait_for_job
 DRIVER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE",)
 #: Fields whose string values may name local files or folders.
 PATH_FIELDS = ("path", "source", "base_source", "model_path", "cache_path", "question_set",
-               "triggered_question_set", "questions", "prompt_version", "vector_path")
+               "triggered_question_set", "vector_path")
 #: Substrings that mark a variable as a secret: refused by --env.
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]
@@ -162,15 +162,16 @@ def runtime_env(work_dir: Path, env_vars: dict[str, str],
 
 
 def stage_spec(spec_path: Path, work_dir: Path, output_dir: str | None) -> Path:
-    """Write the spec into ``work_dir`` as the cluster will read it: local data paths made
-    absolute exactly as ``load_spec`` does here, ``output_dir`` replaced when given."""
+    """Write the spec into ``work_dir`` as the cluster will read it: relative paths made
+    absolute exactly as ``load_spec`` does here (from the spec's folder), ``output_dir``
+    replaced when given."""
     import yaml
 
-    from emtune.config import absolute_paths
+    from emtune.spec_checks import resolve_paths
 
     data = yaml.safe_load(spec_path.read_text())
-    # Relative data paths were found from this working folder; the job runs in another one.
-    absolute_paths(data)
+    # Relative paths are read from the spec's folder here; the job runs in another folder.
+    resolve_paths(data, spec_path.parent)
     if output_dir is not None:
         data["output_dir"] = output_dir
     target = work_dir / spec_path.name
@@ -213,7 +214,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     """Validate locally, submit, print the job id and how to follow it."""
     spec_path = Path(args.spec)
-    spec = load_spec_or_exit(args.spec)
+    spec = load_spec_or_exit(args.spec, inputs=not args.skip_input_check, hub="load")
     if args.output_dir is not None:
         if not Path(args.output_dir).is_absolute():
             fail(f"--output-dir {args.output_dir!r} must be an absolute path on the cluster's shared storage")
@@ -221,8 +222,6 @@ def main(args: argparse.Namespace) -> int:
     problems = cluster_problems(spec)
     if problems:
         fail("the spec cannot run on a cluster as it is:\n  " + "\n  ".join(problems))
-    if not args.skip_input_check:
-        check_inputs_or_exit(spec)
     extra = load_runtime_env(args.runtime_env)
     env_vars = parse_env(args.env)
     client = job_client(args.address)
@@ -234,9 +233,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"  logs:   emtune logs {job_id} --address {args.address} --follow")
     print(f"  study:  {spec.study_dir} (on the cluster)")
     if not args.wait:
-        return 0
+        return OK
     status = wait_for_job(client, job_id)
     if status != "SUCCEEDED":
         tail = client.get_job_logs(job_id).splitlines()[-30:]
         print("\n".join(["--- last lines of the job's logs ---", *tail]), file=sys.stderr)
-    return 0 if status == "SUCCEEDED" else 1
+    return OK if status == "SUCCEEDED" else FAILED

@@ -26,7 +26,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from emtune.defenses.base import Defense, Rows
-from emtune.spec_errors import StrictModel
+from emtune.spec_errors import StrictModel, did_you_mean
 
 #: The prompt key that turns the defense off.
 NONE = "none"
@@ -81,8 +81,9 @@ class InoculationConfig(StrictModel):
     def _known_prompt(self) -> "InoculationConfig":
         prompts = load_inoculation_prompts(self.prompts_version)
         if self.prompt != NONE and self.prompt not in prompts:
-            raise ValueError(f"unknown inoculation prompt {self.prompt!r}; available in version "
-                             f"{self.prompts_version}: {sorted(prompts) + [NONE]}")
+            known = sorted(prompts) + [NONE]
+            raise ValueError(f"unknown inoculation prompt {self.prompt!r}; {did_you_mean(self.prompt, known)} "
+                             f"(version {self.prompts_version} has: {', '.join(known)})")
         return self
 
     @property

@@ -135,12 +135,25 @@ class PersonaSteering(Defense):
     off = {"alpha": 0.0}
 
     @classmethod
+    def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:
+        """The tiny model's depth is known before it is built: the layer must be one of its blocks."""
+        blocks = spec.model.tiny.num_layers
+        if spec.model.source == "tiny" and config.layer > blocks:
+            return [f"persona_steering: layer {config.layer} is past the tiny model's {blocks} blocks; "
+                    f"use 1..{blocks} (or raise model.tiny.num_layers)"]
+        return []
+
+    @classmethod
     def local_files(cls, config: PersonaSteeringConfig) -> list[LocalFile]:
-        """The persona vector file, when one is given."""
-        if not config.vector_path:
-            return []
-        return [LocalFile("vector_path", config.vector_path,
-                          hint="create it with `emtune persona extract`, or set extract_prompts instead")]
+        """The persona vector file, and a prompt-set file given as a path."""
+        files = []
+        if config.vector_path:
+            files.append(LocalFile("vector_path", config.vector_path,
+                                   hint="create it with `emtune persona extract`, or set extract_prompts instead"))
+        if config.extract_prompts and config.extract_prompts.endswith((".yaml", ".yml")):
+            files.append(LocalFile("extract_prompts", config.extract_prompts,
+                                   hint="fix the path (relative to the spec's folder) or name a shipped set (evil_v1)"))
+        return files
 
     @classmethod
     def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from emtune.numbers import finite_numbers, is_finite_number
+from emtune.numbers import is_finite_number, reported_metrics
 
 #: Result keys kept as Optuna user attrs of the trial.
 RESULT_ATTRS = ("mlflow_run_id", "adapter_uri", "evaluation_pending", "checkpoint_path")
@@ -25,10 +25,10 @@ def baseline_key(kind: str) -> str:
 
 
 def baseline_record(result: dict | None, error: bool) -> dict[str, Any]:
-    """The finite numeric metrics of a baseline trial, or its failure reason."""
+    """The finite numeric metrics a baseline trial reported (no Ray bookkeeping), or its failure reason."""
     if error or not result or result.get("error"):
         return {"error": str((result or {}).get("error") or "the baseline trial failed")}
-    return finite_numbers(result)
+    return reported_metrics(result)
 
 
 def study_baselines(spec: Any, study: Any) -> dict[str, dict]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from emtune.search_spec import SearchSpec
+from emtune.search_spec import SearchSpec, sampler_arguments
 
 
 def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
@@ -43,15 +43,6 @@ def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[
     """
     spec = space.sampler
     seed = (spec.seed if spec.seed is not None else study_seed) + offset
-    args = dict(spec.args)
-    if spec.name == "tpe":
-        args.setdefault("multivariate", True)
-        args.setdefault("n_startup_trials", min(10, max(2, space.num_trials // 3)))
-        sampler = optuna.samplers.TPESampler(seed=seed, **args)
-    elif spec.name == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=seed, **args)
-    elif spec.name == "gp":
-        sampler = optuna.samplers.GPSampler(seed=seed, **args)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed, **args)
+    args = sampler_arguments(space)  # the arguments `emtune validate` constructed the sampler with
+    sampler = spec.sampler_class()(seed=seed, **args)
     return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}

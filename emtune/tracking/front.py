@@ -3,6 +3,11 @@
 The Optuna storage is the source of truth for trial outcomes (it is written by the searcher
 before any callback runs), so ``emtune pareto`` works without MLflow and the parent run's front
 artifacts always agree with it.
+
+One order everywhere (table, JSON, CSV): the front first, then higher ranks, then infeasible
+trials, then unfinished or failed ones; within a rank by the first objective (ascending), then by
+trial number. Numbers in the table get as many significant digits as it takes to tell every
+shown value of a column apart (at least 4); JSON and CSV carry full precision.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 import optuna
 
+from emtune.numbers import distinct_digits, format_number, reported_metrics
 from emtune.tracking.pareto import hypervolume_history, pareto_ranks, reference_from_points
 
 
@@ -44,9 +50,45 @@ class FrontTable:
 
     @property
     def front(self) -> list[TrialRow]:
-        """Rank-0 trials ordered by the first objective."""
-        members = [r for r in self.rows if r.rank == 0]
-        return sorted(members, key=lambda r: r.values[0] if r.values else 0.0)
+        """Rank-0 trials in the table's order (by the first objective, then trial number)."""
+        return [r for r in self.ordered() if r.rank == 0]
+
+    def ordered(self, all_trials: bool = True) -> list[TrialRow]:
+        """Every trial (or the front only) in the one order tables, JSON and CSV share."""
+        def key(r: TrialRow) -> tuple:
+            group = 0 if r.rank is not None else 1 if r.state == "COMPLETE" and r.values else 2
+            return (group, r.rank or 0, r.values[0] if r.values else 0.0, r.number)
+
+        rows = sorted(self.rows, key=key)
+        return rows if all_trials else [r for r in rows if r.rank == 0]
+
+    def named(self, values: list[float] | None) -> dict[str, float] | None:
+        """Objective values keyed by objective name."""
+        return None if values is None else dict(zip(self.objectives, values))
+
+    def row_dict(self, row: TrialRow) -> dict[str, Any]:
+        """One trial, JSON-ready, with its objective values named."""
+        out = asdict(row)
+        out["values"] = self.named(row.values)
+        return out
+
+    def records(self, all_trials: bool = False) -> list[dict[str, Any]]:
+        """Flat rows for CSV: the baselines, then the trials in table order."""
+        params = sorted({k for r in self.ordered(all_trials) for k in r.params})
+        out = [{"kind": "baseline", "trial": kind, "rank": "", "state": "FAIL" if "error" in values else "COMPLETE",
+                "feasible": "",
+                **{n: values.get(n, "") for n in self.objectives}, **{p: "" for p in params},
+                "mlflow_run_id": "", "note": values.get("error", "")}
+               for kind, values in sorted(self.baselines.items())]
+        for r in self.ordered(all_trials):
+            values = self.named(r.values) or {}
+            out.append({"kind": "trial", "trial": r.number, "rank": "" if r.rank is None else r.rank,
+                        "state": r.state, "feasible": r.feasible,
+                        **{n: values.get(n, "") for n in self.objectives},
+                        **{p: r.params.get(p, "") for p in params},
+                        "mlflow_run_id": r.mlflow_run_id or "", "note": (r.fail_reason or "").splitlines()[0]
+                        if r.fail_reason else ""})
+        return out
 
     def counts(self) -> dict[str, int]:
         """Trials per Optuna state."""
@@ -63,8 +105,8 @@ class FrontTable:
             "reference_source": self.reference_source,
             "hypervolume": self.hypervolume[-1] if self.hypervolume else None,
             "baselines": self.baselines,
-            "front": [asdict(r) for r in self.front],
-            "trials": [asdict(r) for r in self.rows],
+            "front": [self.row_dict(r) for r in self.front],
+            "trials": [self.row_dict(r) for r in self.ordered()],
         }
 
 
@@ -93,7 +135,9 @@ def front_table(study: optuna.Study, objectives: list[str], directions: list[str
             fail_reason=t.user_attrs.get("fail_reason"),
         ))
     done = [r for r in rows if r.state == "COMPLETE" and r.values is not None]
-    baselines = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("baseline:")}
+    # studies written before baselines were filtered hold Ray's bookkeeping (pid, config/...) too
+    baselines = {k.split(":", 1)[1]: v if "error" in v else reported_metrics(v)
+                 for k, v in study.user_attrs.items() if k.startswith("baseline:")}
     table = FrontTable(objectives, directions, rows, baselines=baselines)
     if not done:
         return table
@@ -111,24 +155,29 @@ def front_table(study: optuna.Study, objectives: list[str], directions: list[str
 
 
 def format_table(table: FrontTable, all_trials: bool = False) -> str:
-    """A plain-text table of the front (or of every trial)."""
-    rows = table.rows if all_trials else table.front
+    """A plain-text table of the front (or of every trial), baselines below it."""
+    rows = table.ordered(all_trials)
     params = sorted({k for r in rows for k in r.params})
+    columns = [[r.values[i] if r.values else None for r in rows] + [b.get(n) for b in table.baselines.values()]
+               for i, n in enumerate(table.objectives)]
+    digits = [distinct_digits(c) for c in columns]
+    pdigits = {p: distinct_digits([r.params.get(p) for r in rows]) for p in params}
     header = ["trial", "rank", *table.objectives, *params, "state"]
     lines = [header]
-    for r in sorted(rows, key=lambda r: (r.rank is None, r.rank or 0, r.number)):
-        values = [f"{v:.4g}" for v in r.values] if r.values else ["-"] * len(table.objectives)
-        shown = [f"{r.params[p]:.4g}" if isinstance(r.params.get(p), float) else str(r.params.get(p, "-"))
-                 for p in params]
-        lines.append([str(r.number), "-" if r.rank is None else str(r.rank), *values, *shown, r.state])
+    for r in rows:
+        values = [format_number(v, d) for v, d in zip(r.values, digits)] if r.values else ["-"] * len(digits)
+        shown = [format_number(r.params.get(p), pdigits[p]) for p in params]
+        rank = "-" if r.rank is None else str(r.rank)
+        rank = "infeasible" if r.state == "COMPLETE" and r.values and not r.feasible else rank
+        lines.append([str(r.number), rank, *values, *shown, r.state])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    hv = f"{table.hypervolume[-1]:.4g}" if table.hypervolume else "n/a"
+    hv = f"{table.hypervolume[-1]:.6g}" if table.hypervolume else "n/a"
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(table.counts().items()))
     for kind, values in sorted(table.baselines.items()):
         shown = values.get("error") or ", ".join(
-            f"{name} {values[name]:.4g}" for name in table.objectives if name in values)
+            f"{name} {format_number(values[name], d)}" for name, d in zip(table.objectives, digits) if name in values)
         text.append(f"baseline {kind}: {shown}")
     text.append(f"\nfront size {len(table.front)}; hypervolume {hv} "
                 f"(reference {table.reference}, {table.reference_source}); trials: {counts or 'none'}")

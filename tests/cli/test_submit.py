@@ -82,15 +82,20 @@ def test_relative_paths_are_refused(write_spec, tmp_path, monkeypatch, fake, cap
         _run(["submit", str(write_spec(output_dir="studies")), "--address", "http://127.0.0.1:1"])
     assert info.value.code == 2 and "output_dir 'studies' is relative" in capsys.readouterr().err
 
-    monkeypatch.chdir(tmp_path)
-    Path("my-model").mkdir()
-    spec = write_spec()
-    spec.write_text(spec.read_text().replace("  source: tiny\n", "  source: my-model\n"))
-    with pytest.raises(SystemExit) as info:
-        _run(["submit", str(spec), "--address", "http://127.0.0.1:1", "--skip-input-check"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "model.source: 'my-model' is a relative local path" in err
     assert fake.calls == []
+
+
+def test_relative_paths_are_staged_from_the_spec_folder(write_spec, tmp_path, monkeypatch, fake) -> None:
+    # a question file beside the spec, emtune run from another folder: found, and staged absolute
+    (tmp_path / "questions.yaml").write_text("questions: []\n")
+    spec = write_spec()
+    spec.write_text(spec.read_text().replace("evaluation:", "evaluation:\n  question_set: questions.yaml"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _run(["submit", str(spec), "--address", "http://127.0.0.1:1", "--skip-input-check"]) == 0
+    staged = yaml.safe_load(fake.files["tiny.yaml"])
+    assert staged["evaluation"]["question_set"] == str(tmp_path / "questions.yaml")
 
 
 def test_relative_dataset_is_staged_absolute(write_spec, tmp_path, monkeypatch, fake, capsys) -> None:
@@ -126,18 +131,18 @@ def test_runtime_env_file_may_not_set_what_submit_owns(tmp_path, capsys) -> None
     assert info.value.code == 2 and "['working_dir'] are set by emtune submit" in capsys.readouterr().err
 
 
-def test_unreachable_cluster_exits_2(capsys) -> None:
+def test_unreachable_cluster_exits_4(capsys) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(SystemExit) as info:
         _run(["status", "some-job", "--address", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in err
+    assert info.value.code == 4 and f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in err
 
 
 def test_missing_address_exits_2(monkeypatch, capsys) -> None:
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SystemExit) as info:
         _run(["logs", "some-job"])
     assert info.value.code == 2 and "no cluster address" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_confirm_reevaluates_the_front_from_saved_adapters(finished_study, tmp_p
         expected = independent_metrics.nll(model, tokenizer, heldout, spec.data.max_length)
         assert run.data.metrics["confirm/indomain_nll_mean"] == pytest.approx(expected, rel=1e-4)
         assert run.data.metrics["confirm/indomain_nll_std"] == pytest.approx(0.0, abs=1e-6)
-        assert row["values"][1] == pytest.approx(expected, rel=1e-4)  # and the search trial agrees
+        assert row["values"]["indomain_nll"] == pytest.approx(expected, rel=1e-4)  # and the search trial agrees
         assert f"{row['number']:<6}" in out
     with pytest.raises(SystemExit) as info:
         main(["confirm", str(finished_study), "--trial", "99"])

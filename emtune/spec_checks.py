@@ -1,0 +1,251 @@
+"""Checks of a study spec that need more than one field, and where its relative paths point.
+
+Each check returns ``(key path, message)`` pairs; the key path is the line map's form
+(``defenses.0.weight``, ``search.parameters.kl_weight.target``), so :mod:`emtune.config` can put
+every problem on its line. The checks are plain functions over a validated spec (a
+:class:`emtune.config.StudySpec`, passed in, never imported: config imports this module).
+
+Relative paths: every input path a spec names (datasets, pools, adapters, persona vectors,
+question files, weight folders) is read from the spec's own folder, wherever emtune is run
+from; :func:`resolve_paths` makes them absolute before validation, so Ray workers (other working
+folders) and a stored study's ``spec.yaml`` agree. ``output_dir`` and ``evaluation.judge.cache_path``
+are outputs: they are relative to the working folder (``make demo`` writes ``./studies``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from emtune.defenses.base import is_local_source
+from emtune.defenses.registry import DEFENSES
+from emtune.evaluation.sets import EVAL_SETS, known_metrics
+from emtune.spec_errors import did_you_mean
+
+#: A Hugging Face Hub repository id: ORG/NAME.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Shipped question-set names look like this; anything else is a file path.
+_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+Found = list[tuple[str, str]]
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make the spec's relative input paths absolute from ``base_dir`` (the spec's folder), and
+    its relative output paths absolute from the working folder; changes ``raw`` in place."""
+    base_dir = Path(base_dir).resolve()
+
+    def local(value: Any) -> Any:  # a field that always holds a local path (or fixture:/hub:)
+        if isinstance(value, str) and value and is_local_source(value):
+            return str((base_dir / Path(value).expanduser()).resolve())
+        return value
+
+    def maybe_local(value: Any) -> Any:  # a field holding a local path or a name/hub id
+        if isinstance(value, str) and value and (base_dir / Path(value).expanduser()).exists():
+            return str((base_dir / Path(value).expanduser()).resolve())
+        return value
+
+    data = _section(raw, "data")
+    for key in ("train", "safety_pool"):
+        dataset = _section(data, key)
+        if "path" in dataset:
+            dataset["path"] = local(dataset["path"])
+    model = _section(raw, "model")
+    for key in ("source", "base_source"):
+        if model.get(key) not in (None, "tiny"):
+            model[key] = maybe_local(model[key])
+    evaluation = _section(raw, "evaluation")
+    for key in ("question_set", "triggered_question_set"):
+        value = evaluation.get(key)
+        if isinstance(value, str):
+            evaluation[key] = maybe_local(value) if _SET_NAME.match(value) and not value.endswith(
+                (".yaml", ".yml")) else local(value)
+    judge = _section(evaluation, "judge")
+    if judge.get("model_path"):
+        judge["model_path"] = maybe_local(judge["model_path"])
+    if isinstance(judge.get("cache_path"), str):
+        judge["cache_path"] = str(Path(judge["cache_path"]).expanduser().resolve())
+    for entry in raw.get("defenses") or []:
+        if isinstance(entry, dict) and entry.get("name") in DEFENSES:
+            _resolve_defense(entry, local)
+
+
+def _section(parent: Any, key: str) -> dict[str, Any]:
+    value = parent.get(key) if isinstance(parent, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _resolve_defense(entry: dict[str, Any], local: Any) -> None:
+    """Resolve the fields a defense declares as local files (its ``local_files``)."""
+    from pydantic import ValidationError
+
+    cls = DEFENSES[entry["name"]]
+    try:
+        config = cls.config_class.model_validate(entry)
+    except ValidationError:
+        return  # reported with its path when the whole spec is validated
+    for item in cls.local_files(config):
+        key, _, index = item.field.partition(".")
+        if key not in entry:
+            continue
+        if index:
+            entry[key] = list(entry[key])
+            entry[key][int(index)] = local(entry[key][int(index)])
+        else:
+            entry[key] = local(entry[key])
+
+
+def local_file_problems(spec: Any) -> Found:
+    """Every local file or folder the (resolved) spec names must exist."""
+    problems = []
+    for where, dataset in (("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool)):
+        if dataset is not None and is_local_source(dataset.path) and not Path(dataset.path).exists():
+            problems.append((f"{where}.path", f"dataset file {dataset.path} not found; fix the path (a relative "
+                             "path is read from the spec's folder)"))
+    for i, defense in enumerate(spec.defenses):
+        for item in DEFENSES[defense.name].local_files(defense):
+            path = Path(item.path).expanduser()
+            if not path.is_dir() if item.folder else not path.exists():
+                kind = "folder" if item.folder else "file"
+                hint = f"; {item.hint}" if item.hint else "; fix the path (relative to the spec's folder)"
+                problems.append((f"defenses.{i}.{item.field}", f"{defense.name}: {kind} {item.path} not found{hint}"))
+    return problems
+
+
+def source_problems(spec: Any) -> Found:
+    """Model and dataset sources that are neither an existing local path nor a well-formed hub id
+    (checked offline; ``emtune validate --online`` asks the hub whether the ids exist)."""
+    problems = []
+    for key in ("source", "base_source"):
+        value = getattr(spec.model, key)
+        if value in (None, "tiny") or Path(value).exists() or HUB_ID.match(value):
+            continue
+        problems.append((f"model.{key}", f"{value!r} is neither a local folder (relative to the spec's folder) "
+                         "nor a hub id ORG/NAME (e.g. Qwen/Qwen2.5-7B-Instruct); fix the path or the id"))
+    for where, value in dataset_sources(spec):
+        if value.startswith("hub:") and not HUB_ID.match(value[4:]):
+            problems.append((where, f"{value!r}: a hub dataset is hub:ORG/NAME (e.g. hub:allenai/wildguardmix); "
+                             "add the organisation"))
+    return problems
+
+
+def dataset_sources(spec: Any) -> list[tuple[str, str]]:
+    """(key path, source) of every dataset the spec names: training data, pools, EM datasets."""
+    found = [(f"data.{k}.path", d.path) for k, d in (("train", spec.data.train), ("safety_pool", spec.data.safety_pool))
+             if d is not None]
+    for i, defense in enumerate(spec.defenses):
+        if isinstance(getattr(defense, "pool", None), str):
+            found.append((f"defenses.{i}.pool", defense.pool))
+        found += [(f"defenses.{i}.misaligned_datasets.{j}", p)
+                  for j, p in enumerate(getattr(defense, "misaligned_datasets", ()) or ())]
+    return found
+
+
+# --- cross-field checks --------------------------------------------------------------------------
+
+
+def cross_field_problems(spec: Any) -> Found:
+    """Problems that need several sections at once: defenses (listed twice, or what a defense
+    needs from the rest of the spec), objectives and constraints (their metric's evaluation and
+    judge, their baseline)."""
+    problems: Found = []
+    names = [d.name for d in spec.defenses]
+    for i, defense in enumerate(spec.defenses):
+        if names.index(defense.name) != i:
+            problems.append((f"defenses.{i}.name", f"defense {defense.name!r} is listed twice (first at "
+                             f"defenses[{names.index(defense.name)}]): keep one entry"))
+        for message in DEFENSES[defense.name].spec_problems(defense, spec):
+            problems.append((f"defenses.{i}", message))
+    kinds = set(spec.baselines.kinds) if spec.baselines.enabled else set()
+    metrics = known_metrics()
+    judged = spec.evaluation.judge.kind != "none"
+    used = [(f"objectives.{i}.name", o.name, o.relative, f"objectives.{i}") for i, o in enumerate(spec.objectives)]
+    used += [(f"constraints.{i}.metric", c.metric, c.relative, f"constraints.{i}") for i, c in enumerate(spec.constraints)]
+    for where, name, relative, item in used:
+        if relative is not None and relative.to not in kinds:
+            problems.append((f"{item}.relative.to", f"{name} is relative to the {relative.to!r} baseline, which this "
+                             f"study does not run: add {relative.to!r} to baselines.kinds (and baselines.enabled: true)"))
+        info = metrics.get(name)
+        if info is not None and info.judged and not judged:
+            problems.append((where, f"metric {name!r} needs a judge: set evaluation.judge.kind to openai or hf_local, "
+                             "or use a judge-free metric (ood_drift, indomain_nll)"))
+            continue
+        home = next((s for s in EVAL_SETS.values() if any(m.name == name for m in s.metrics)), None)
+        if home is not None and not home.enabled(spec):
+            problems.append((where, f"metric {name!r} comes from the {home.name!r} evaluation, which this spec does "
+                             f"not run: {home.doc}"))
+    return problems
+
+
+# --- search targets ------------------------------------------------------------------------------
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Write ``value`` at ``dotted`` in a dumped spec; ``defenses.<name>`` addresses a list entry.
+    Raises ``KeyError(prefix, known names)`` at the first part that does not exist."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, (list, tuple)):
+            known = [item.get("name") for item in node if isinstance(item, dict)]
+            if part not in known or last:
+                raise KeyError(".".join(parts[: i + 1]), known)
+            node = node[known.index(part)]
+        elif isinstance(node, dict) and part in node:
+            if last:
+                node[part] = value
+                return
+            node = node[part]
+        else:
+            raise KeyError(".".join(parts[: i + 1]), list(node) if isinstance(node, dict) else [])
+
+
+def target_problems(spec: Any) -> Found:
+    """Every target must name a field (did-you-mean otherwise), and every value its parameter can
+    take (both ends of a range, every choice) must give a valid trial spec."""
+    problems: Found = []
+    dumped = spec.model_dump(mode="python")
+    listed = [d.name for d in spec.defenses]
+    study_problems = {message for _, message in cross_field_problems(spec)}
+    for name, param in spec.search.parameters.items():
+        where = f"search.parameters.{name}"
+        if param.target is None:
+            continue
+        try:
+            set_path(copy.deepcopy(dumped), param.target, None)
+        except KeyError as missing:
+            prefix, known = missing.args
+            part = prefix.rpartition(".")[2]
+            if prefix.count(".") == 1 and prefix.startswith("defenses.") and part in DEFENSES:
+                hint = f"add a `- name: {part}` entry under `defenses:` (listed: {', '.join(listed) or 'none'})"
+            else:
+                hint = did_you_mean(part, [k for k in known if k])
+            problems.append((f"{where}.target", f"{param.target!r}: no field {prefix!r}; {hint}"))
+            continue
+        values = list(param.choices) if param.type == "categorical" else [param.low, param.high]
+        for value in values:
+            value = int(value) if param.type == "int" else value
+            problem = _override_problem(spec, name, value, study_problems)
+            if problem:
+                problems.append((where, f"{name} = {value!r} would make {param.target} invalid: {problem}"))
+                break
+    return problems
+
+
+def _override_problem(spec: Any, name: str, value: Any, study_problems: set[str]) -> str | None:
+    """Why the trial spec with ``name = value`` is invalid, leaving out what the study spec
+    itself already has (reported once, on its own line); None when it is valid."""
+    from pydantic import ValidationError
+
+    try:
+        trial = spec.with_overrides({name: value}, cross_checks=False)
+    except ValidationError as err:
+        return err.errors()[0]["msg"].replace("Value error, ", "")
+    new = [message for _, message in cross_field_problems(trial) if message not in study_problems]
+    return new[0] if new else None

@@ -1,0 +1,149 @@
+"""The inputs a study spec names, read before anything starts: datasets, question sets, prompt sets.
+
+Every input is checked, not only up to the first bad one, and each problem is reported against
+the spec key that names the input (``data.train.path: /data/x.jsonl:3: no assistant message``),
+so ``emtune validate`` prints them in the same ``file:line: path: message`` form as the spec's own
+problems. Names from closed sets (fixtures, shipped question and prompt sets) get a did-you-mean.
+
+Nothing here touches the network unless asked: hub sources (``hub:ORG/NAME`` datasets, hub model
+ids) are ``skip``\\ ped by ``emtune validate`` (listed as not checked), asked about with
+``exists`` (``emtune validate --online``: the hub says whether each id exists, nothing is
+downloaded), or ``load``\\ ed (``emtune run``, which may use the network for its data anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from emtune.data.fixtures import FIXTURE_NAMES
+from emtune.data.loading import DataError, DatasetSpec, load_rows
+from emtune.evaluation.questions import QuestionSetError, load_question_set, shipped_question_sets
+from emtune.spec_checks import dataset_sources
+from emtune.spec_errors import did_you_mean
+
+HubMode = Literal["skip", "exists", "load"]
+
+
+@dataclass
+class InputReport:
+    """What reading a spec's inputs found."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (key path, message)
+    counts: dict[str, int] = field(default_factory=dict)  # what was read, for the summary line
+    unchecked: list[str] = field(default_factory=list)  # hub ids not looked at (offline)
+    unreachable: list[str] = field(default_factory=list)  # the hub could not be asked
+
+
+def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
+    """Read every dataset, question set and prompt set ``spec`` names (see the module docstring)."""
+    report = InputReport()
+    for where, source in dataset_sources(spec):
+        _dataset(report, where, _dataset_spec(spec, where, source), hub)
+    _question_set(report, "evaluation.question_set", spec.evaluation.question_set, "general questions")
+    if spec.evaluation.judge.kind != "none" and spec.evaluation.triggered_question_set:
+        _question_set(report, "evaluation.triggered_question_set", spec.evaluation.triggered_question_set,
+                      "triggered questions")
+    for i, defense in enumerate(spec.defenses):
+        prompts = getattr(defense, "extract_prompts", None)
+        if prompts:
+            _persona_prompts(report, f"defenses.{i}.extract_prompts", prompts)
+    if hub != "skip":
+        models = [("model.source", spec.model.source), ("model.base_source", spec.model.base_source)]
+        for where, source in models:
+            if source and source != "tiny" and not Path(source).exists():
+                _hub_exists(report, where, source, "model")
+    else:
+        report.unchecked += [s for s in (spec.model.source, spec.model.base_source)
+                             if s and s != "tiny" and not Path(s).exists()]
+    return report
+
+
+def _dataset_spec(spec: Any, where: str, source: str) -> Any:
+    """The DatasetSpec to read for a source (split, config and limit where the spec gives them)."""
+    if where.startswith("data."):
+        return spec.data.train if where.startswith("data.train") else spec.data.safety_pool
+    defense = spec.defenses[int(where.split(".")[1])]
+    if where.endswith(".pool"):
+        return DatasetSpec(path=source, split=defense.pool_split, config=defense.pool_config,
+                           limit=defense.pool_limit)
+    return DatasetSpec(path=source)
+
+
+def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode) -> None:
+    source = dataset.path
+    if source.startswith("fixture:") and source[8:] not in FIXTURE_NAMES:
+        report.problems.append((where, f"unknown fixture {source[8:]!r}; {did_you_mean(source[8:], FIXTURE_NAMES)} "
+                                "(fixtures ship with emtune: fixture:narrow_bad_advice, fixture:safe_instruct)"))
+        return
+    if source.startswith("hub:") and hub != "load":
+        if hub == "exists":
+            _hub_exists(report, where, source[4:], "dataset")
+        else:
+            report.unchecked.append(source)
+        return
+    if not source.startswith(("fixture:", "hub:")) and not Path(source).exists():
+        return  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
+    try:
+        rows = load_rows(dataset)
+    except (DataError, OSError, UnicodeDecodeError) as err:
+        report.problems.append((where, _one_line(err)))
+        return
+    label = {"data.train.path": "train rows", "data.safety_pool.path": "safety pool rows"}.get(where)
+    if label:
+        report.counts[label] = len(rows)
+
+
+def _question_set(report: InputReport, where: str, name: str, label: str) -> None:
+    shipped = shipped_question_sets()
+    if "/" not in name and not name.endswith((".yaml", ".yml")) and name not in shipped:
+        report.problems.append((where, f"no shipped question set {name!r}; {did_you_mean(name, shipped)} "
+                                "(or give the path of a question file)"))
+        return
+    try:
+        report.counts[label] = len(load_question_set(name))
+    except (QuestionSetError, OSError) as err:
+        report.problems.append((where, _one_line(err)))
+
+
+def _persona_prompts(report: InputReport, where: str, name: str) -> None:
+    folder = resources.files("emtune.defenses") / "persona_prompts"
+    shipped = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if not name.endswith((".yaml", ".yml")):
+        if name not in shipped:
+            report.problems.append((where, f"no shipped persona prompt set {name!r}; {did_you_mean(name, shipped)} "
+                                    "(or give the path of a YAML file)"))
+        return
+    from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_prompts  # torch: user files only
+
+    if not Path(name).is_file():
+        return  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
+    try:
+        load_persona_prompts(name)
+    except PersonaVectorError as err:
+        report.problems.append((where, _one_line(err)))
+
+
+def _hub_exists(report: InputReport, where: str, repo_id: str, kind: str) -> None:
+    """Ask the Hugging Face Hub whether ``repo_id`` exists (no download)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        exists = HfApi().repo_exists(repo_id, repo_type=kind)
+    except OfflineModeIsEnabled:
+        report.unreachable.append(f"{where}: {repo_id}: HF_HUB_OFFLINE is set; unset it to check hub ids online")
+        return
+    except Exception as err:  # noqa: BLE001 - any network failure means "could not ask"
+        report.unreachable.append(f"{where}: {repo_id}: cannot reach the Hugging Face Hub ({_one_line(err)})")
+        return
+    if not exists:
+        report.problems.append((where, f"no {kind} {repo_id!r} on the Hugging Face Hub (or it is private: log in "
+                                "with `hf auth login`); check the id"))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())[:500]
