@@ -45,7 +45,8 @@ def blank_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _hand_study(write_spec, blank_db: Path | None = None, infeasible: int | None = None) -> Path:
+def _hand_study(write_spec, blank_db: Path | None = None, infeasible: int | None = None,
+                baselines: dict | None = None) -> Path:
     """studies/x with spec.yaml, an Optuna study told by hand, and optionally MLflow runs."""
     spec_path = write_spec(name="x")
     spec_text = spec_path.read_text()
@@ -74,6 +75,8 @@ def _hand_study(write_spec, blank_db: Path | None = None, infeasible: int | None
     failed = study.ask()
     failed.set_user_attr("fail_reason", "ValueError: boom")
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    for kind, values in (baselines or {}).items():  # as the searcher stores a baseline trial's metrics
+        study.set_user_attr(f"baseline:{kind}", values)
     return study_dir
 
 
@@ -173,8 +176,8 @@ def test_recommend_reads_judge_rates_from_mlflow(write_spec, blank_mlflow_db, ca
 def _assert_report_files(out: Path, slugs: list[str]) -> str:
     """Every file is there, PNGs are PNGs, the HTML reaches nothing but 127.0.0.1; returns README."""
     names = {p.name for p in out.iterdir()}
-    assert names == {"README.md", "front.html", "fronts_overlay.png", "hypervolume.png",
-                     *(f"front_{s}.png" for s in slugs)}
+    assert names == {"README.md", "front.html", "fronts_overlay.png", "hypervolume.png", "paper_table.csv",
+                     "paper_table.tex", *(f"front_{s}.png" for s in slugs)}
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
     page = (out / "front.html").read_text()
@@ -210,6 +213,42 @@ def test_report_of_hand_study_shows_front_rates_and_links(write_spec, blank_mlfl
     spec_block = text.split("```yaml\n")[1].split("```")[0]
     assert "name: x\n" in spec_block and "- {metric: train_loss, max: 5.0}" in spec_block
     assert "optuna-dashboard sqlite:///" in text
+
+
+BASELINES = {
+    "base": {"ood_drift": 0.0, "indomain_nll": 4.0, "general_misalignment": 0.0},
+    # Ray's bookkeeping as older studies stored it: never shown
+    "undefended": {"ood_drift": 1.2, "indomain_nll": 0.8, "general_misalignment": 0.04, "general_misalignment_low": 0.02,
+                   "general_misalignment_high": 0.07, "pid": 4242, "config/spec/seed": 0},
+}
+
+
+def test_paper_table_has_baseline_rows_and_deltas_in_markdown_csv_and_latex(write_spec, blank_mlflow_db,
+                                                                              tmp_path) -> None:
+    import csv
+
+    study_dir = _hand_study(write_spec, blank_mlflow_db, infeasible=3, baselines=BASELINES)
+    out = write_report([study_dir], tmp_path / "reports" / "x").parent
+    text = (out / "README.md").read_text()
+    paper = text.split("## Per-defense results")[1].split("## Study")[0]
+    assert "| x | *base model (no fine-tuning)* | 0.00% | 0 | 4 |" in paper
+    assert "| x | *undefended fine-tune* | 4.00% [2.00, 7.00] | 1.2 | 0.8 |" in paper
+    # trial 2: 0.5% - 4% = -3.50 pp; ood 0.2 - 1.2 = -1; nll 2.0 - 0.8 = +1.2
+    assert "| x | kl_to_reference (kl_weight=0.1) | 0.50% [0.10, 2.00] (Δ -3.50 pp) | 0.2 (Δ -1) | 2 (Δ +1.2) |" in paper
+    assert "pid" not in paper and "config/" not in paper
+    rows = list(csv.DictReader((out / "paper_table.csv").open()))
+    assert [(r["row"], r["trial"]) for r in rows] == [("baseline", ""), ("baseline", ""), ("front", "2"),
+                                                      ("front", "1"), ("front", "0")]
+    trial2 = rows[2]
+    assert float(trial2["general_misalignment"]) == 0.005 and float(trial2["general_misalignment_high"]) == 0.02
+    assert float(trial2["general_misalignment_delta_vs_undefended"]) == pytest.approx(-0.035)
+    assert float(trial2["indomain_nll_delta_vs_undefended"]) == pytest.approx(1.2)
+    assert rows[1]["ood_drift_delta_vs_undefended"] == ""  # a baseline has no delta
+    tex = (out / "paper_table.tex").read_text()
+    assert "\\begin{tabular}{llrrr}" in tex and "\\toprule" in tex and "\\bottomrule" in tex
+    assert "x & kl\\_to\\_reference (kl\\_weight=0.1) & 0.50 {\\scriptsize ($-3.50$)} & 0.2 {\\scriptsize ($-1$)} & " \
+           "2 {\\scriptsize ($+1.2$)} \\\\" in tex
+    assert "x & \\emph{undefended fine-tune} & 4.00 & 1.2 & 0.8 \\\\" in tex
 
 
 def test_report_is_all_or_nothing(write_spec, tmp_path, monkeypatch) -> None:

@@ -12,20 +12,19 @@ from typing import Any
 from emtune.data.opswap import questions_version
 from emtune.evaluation.prompt_files import load_prompt_set
 from emtune.evaluation.questions import load_question_set
+from emtune.numbers import distinct_digits, format_number
 from emtune.evaluation.sets import paper_columns
 from emtune.report.data import (
     ARROWS,
-    JUDGE_FREE_COLUMNS,
     MARKER,
     StudyData,
     TrialRecord,
-    fmt_rate,
     fmt_value,
     generated_at,
-    setting_of,
     shown_path,
     shown_uri,
 )
+from emtune.report.paper_table import markdown_cells, paper_rows
 
 
 def cell(value: Any) -> str:
@@ -81,26 +80,27 @@ def _counts(study: StudyData) -> str:
 
 
 def paper_table(studies: list[StudyData]) -> list[str]:
-    """The per-defense table in the paper's format, one row per front member of each study.
+    """The per-defense table in the paper's format (:mod:`emtune.report.paper_table`): per study
+    its baselines, then one row per front member with its Δ vs the undefended baseline.
 
-    Judge rates show as ``x.xx% [lo, hi]`` with their Wilson 95% bounds; a column no trial
+    Judge rates show as ``x.xx% [lo, hi]`` with their Wilson 95% bounds; a judged column no row
     reports is left out, and the judge-free metrics are always shown beside them.
     """
-    members = [(s, r) for s in studies for r in _front_records(s)]
-    columns = paper_columns()
-    present = [m for m in columns if any(m.name in r.metrics for _, r in members)]
-    header = ["study", "defense (setting)", *(m.title for m in present), *(m.title for m in JUDGE_FREE_COLUMNS)]
-    rows = [[s.name, setting_of(s, r), *(fmt_rate(r.metrics, m.name) for m in present),
-             *(fmt_value(r.metrics.get(m.name)) for m in JUDGE_FREE_COLUMNS)] for s, r in members]
+    columns, rows = paper_rows(studies)
+    header = ["study", "defense (setting)", *(m.title for m in columns)]
+    cells = [[r.study, r.label if r.kind == "front" else f"*{r.label}*", *markdown_cells(r, columns)] for r in rows]
     out = ["## Per-defense results (the paper's format)", "",
-           "One row per Pareto-front setting. Rates are % of responses with Wilson 95% intervals; "
-           "in-domain misalignment is the narrow behaviour learned (higher = learned).", ""]
-    if not rows:
+           "Per study: its baselines (*base model*: before fine-tuning; *undefended fine-tune*: the same "
+           "fine-tune with no defense), then one row per Pareto-front setting with its difference from the "
+           "undefended baseline (Δ; rates in percentage points). Rates are % of responses with Wilson 95% "
+           "intervals; in-domain misalignment is the narrow behaviour learned (higher = learned). The same "
+           "table as [CSV](paper_table.csv) and [LaTeX](paper_table.tex).", ""]
+    if not any(r.kind == "front" for r in rows):
         return out + ["No completed trial yet.", ""]
-    out += table(header, rows)
-    missing = [m.title for m in columns if m not in present]
+    out += table(header, cells)
+    missing = [m.title for m in paper_columns() if m not in columns]
     if missing:
-        out += ["", f"Not reported by any front trial: {', '.join(missing)} (judge rates need "
+        out += ["", f"Not reported by any row: {', '.join(missing)} (judge rates need "
                     "`evaluation.judge`; the benign score needs `data.opswap`). Judge-free metrics are always shown."]
     return out + [""]
 
@@ -142,13 +142,16 @@ def _trials_table(study: StudyData, records: list[TrialRecord], reasons: bool = 
     header = ["trial", "rank", *(f"{n} {ARROWS[d]}" for n, d in zip(t.objectives, t.directions)), *params,
               "state", "Ray trial", "MLflow run"] + (["note"] if reasons else [])
     rows = []
+    # as many digits as it takes to tell the column's values apart (at least 4)
+    digits = [distinct_digits([r.row.values[i] for r in records if r.row.values]) for i in range(len(t.objectives))]
+    pdigits = {p: distinct_digits([r.row.params.get(p) for r in records]) for p in params}
     for r in records:
         row = r.row
         rank = "-" if row.rank is None else row.rank
         if row.state == "COMPLETE" and not row.feasible:
             rank = "infeasible"
-        values = [fmt_value(v) for v in row.values] if row.values else ["-"] * len(t.objectives)
-        cells = [row.number, rank, *values, *(fmt_value(row.params.get(p)) for p in params), row.state,
+        values = [format_number(v, d) for v, d in zip(row.values, digits)] if row.values else ["-"] * len(t.objectives)
+        cells = [row.number, rank, *values, *(format_number(row.params.get(p), pdigits[p]) for p in params), row.state,
                  row.ray_trial_id or "-", run_link(row.mlflow_run_id)]
         if reasons:  # the first line of a failure reason; the full text is in the trial's MLflow run
             cells.append(row.fail_reason.splitlines()[0][:120] if row.fail_reason else "")

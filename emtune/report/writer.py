@@ -2,7 +2,8 @@
 
 ``write_report(study_dirs, out_dir)`` writes ``out_dir/README.md`` (Markdown), PNG figures (a
 front per study, every study's front overlaid, hypervolume by completed trial) and
-``front.html`` (a self-contained interactive page).
+``front.html`` (a self-contained interactive page), and the paper-format table as
+``paper_table.csv`` and ``paper_table.tex`` (:mod:`emtune.report.paper_table`).
 
 Everything is written into a temporary folder beside ``out_dir`` and moved into place at the end:
 a failing report leaves the previous one (or nothing), never half a page. An existing ``out_dir``
@@ -19,6 +20,7 @@ from pathlib import Path
 from emtune.report.data import MARKER, ReportError, StudyData, load_study_data
 from emtune.report.figures import front_html, plot_hypervolume, plot_overlay
 from emtune.report.markdown import render
+from emtune.report.paper_table import paper_rows, to_csv, to_latex
 from emtune.tracking.plots import plot_front
 
 
@@ -40,6 +42,9 @@ def write_report(study_dirs: list[Path], out_dir: Path) -> Path:
         skipped = plot_overlay(studies, tmp / figures["overlay"])
         plot_hypervolume(studies, tmp / figures["hypervolume"])
         (tmp / "front.html").write_text(front_html(studies), encoding="utf-8")
+        columns, rows = paper_rows(studies)
+        (tmp / "paper_table.csv").write_text(to_csv(columns, rows), encoding="utf-8")
+        (tmp / "paper_table.tex").write_text(to_latex(columns, rows), encoding="utf-8")
         text = render(studies, slugs, figures, skipped)
         (tmp / "README.md").write_text(text, encoding="utf-8")
         _move_into_place(tmp, out_dir)

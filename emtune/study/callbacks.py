@@ -62,8 +62,10 @@ def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) 
 class StudyProgress(Callback):
     """Keeps the parent run's front current and prints one progress line per trial event."""
 
-    def __init__(self, spec: StudySpec, client: Any, parent_run_id: str, searcher: Any):
+    def __init__(self, spec: StudySpec, client: Any, parent_run_id: str, searcher: Any, total: int | None = None):
         self._spec = spec
+        # what this Tuner runs, baselines included (a topped-up or extended study runs fewer)
+        self._total = spec.trial_count if total is None else total
         self._client = client
         self._parent = parent_run_id
         self._searcher = searcher
@@ -81,8 +83,8 @@ class StudyProgress(Callback):
         elapsed = int(time.monotonic() - self._started)
         print(
             f"[emtune {elapsed // 60}:{elapsed % 60:02d}] {event}: {done} done, {states.get('RUNNING', 0)} running, "
-            f"{failed} failed, {states.get('PENDING', 0)} pending of "
-            f"{self._spec.search.num_trials}; front size {self._front_size}",
+            f"{failed} failed, {states.get('PENDING', 0)} pending of {self._total} "
+            f"(baselines included); front size {self._front_size}",
             file=sys.stdout, flush=True,  # looked up per call: Tune pickles callbacks
         )
 

@@ -157,7 +157,7 @@ class StudySession:
                 # a trial whose process died (killed, out of host memory) starts again under its id
                 # and resumes from its latest checkpoint; a failure that raises is an outcome
                 failure_config=tune.FailureConfig(max_failures=self.spec.resources.max_failures),
-                callbacks=[StudyProgress(self.spec, self.client, self.parent_run_id, self.searcher)],
+                callbacks=[StudyProgress(self.spec, self.client, self.parent_run_id, self.searcher, num_trials)],
                 verbose=0,
             ),
         )
