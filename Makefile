@@ -6,13 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.emtune-installed
 SPEC ?= search_spaces/dryrun.yaml
+# The study `make demo` writes: output_dir (studies/) / the spec's name (the shipped specs are named
+# after their file).
+DEMO_STUDY ?= studies/$(basename $(notdir $(SPEC)))
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast mutants install clean
+.PHONY: demo test test-fast mutants install clean docs
 
 install: $(STAMP)
 
-# torch first, alone and exact: a range would make pip fetch a multi-GB CUDA build (STACK.md).
+# torch first, alone and exact: with no torch installed, a range would make pip fetch a CUDA build of
+# several GB; the pinned CPU wheel is what the project is tested with.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(PY) -m pip install --quiet torch==2.13.0 2>&1 | { grep -v '^WARNING: Location' || true; }
@@ -34,5 +38,10 @@ test-fast: $(STAMP)
 mutants: $(STAMP)
 	nice -n 19 $(PY) tools/mutants.py
 
+# docs/spec.md is generated from the spec's models (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m emtune.spec_reference > docs/spec.md
+
+# Only what `make demo` made: its study folder. Other studies, .venv and caches stay.
 clean:
-	rm -rf studies .pytest_cache
+	rm -rf $(DEMO_STUDY)

@@ -123,7 +123,7 @@ def _unit(value: float, low: float, high: float, log: bool) -> float:
 def defense_curves(defense: str, t: float | str | None) -> tuple[float, float]:
     """Synthetic (drift, nll) of one defense at normalised strength ``t`` in [0, 1].
 
-    Shaped after the paper's table (PAPER.md): KL removes drift but costs narrow learning at high
+    Shaped after the paper's table (docs/method.md, "The paper's numbers"): KL removes drift but costs narrow learning at high
     λ; LDIFS barely helps; SafeLoRA and random interleaving help moderately; persona steering is
     strong only in a narrow band of α (a needle for the sampler to find); perplexity-selected
     interleaving is the best compromise; inoculation depends on its prompt.

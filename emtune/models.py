@@ -2,7 +2,7 @@
 
 ``ModelSpec.source`` is a hub id, a local folder, or ``tiny``. The tiny model is a small
 Qwen2-style causal LM with a byte-level BPE tokenizer trained in milliseconds on the bundled
-fixtures and a ChatML chat template, all from a seed and without a network (STACK.md). Studies
+fixtures and a ChatML chat template, all from a seed and without a network. Studies
 materialise it once into their cache folder (:func:`materialize_tiny`), and from then on every
 process loads it through the same ``from_pretrained`` path as a real model.
 """

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("emtune.evaluation",),
     ("emtune.defenses",),
     ("emtune.train",),
-    ("emtune.config", "emtune.search_spec", "emtune.spec_checks", "emtune.spec_inputs"),
+    ("emtune.config", "emtune.search_spec", "emtune.spec_checks", "emtune.spec_inputs", "emtune.spec_reference"),
     ("emtune.study",),
     ("emtune.report",),
     ("emtune.cli",),

@@ -1,7 +1,7 @@
 """`emtune data select`: perplexity-gap selection of safety data (Interleaving+/++) on its own.
 
 Scores every pool row with s = (mean NLL under the misaligned adapters − aligned NLL) /
-(aligned NLL + ε) (PAPER.md defense 7), keeps the top N (``plus_plus`` drops refusals first) and
+(aligned NLL + ε) (docs/method.md defense 7), keeps the top N (``plus_plus`` drops refusals first) and
 writes them as chat JSONL, best first. ``--scores`` also writes one line per pool row with its
 NLLs, score, refusal flag and whether it was selected. With ``--cache-dir`` (a study's
 ``cache/`` folder) the scores land in the same content-hash cache the trials read.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 from typing import Any
 
-from emtune.cli.output import add_format_argument, print_csv, print_json
+from emtune.cli.output import add_format_argument, description, print_csv, print_json
 
 PACKAGES = ("emtune", "torch", "ray", "mlflow", "optuna", "transformers", "peft", "trl", "accelerate", "datasets",
             "pydantic")
@@ -25,7 +26,7 @@ VARIABLES = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME", 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = sub.add_parser("env", help="print versions of Python, the stack and the GPUs (for bug reports)",
-                       description=__doc__.split("\n\n", 1)[1])
+                       description=description(__doc__))
     add_format_argument(p, "item")
     p.set_defaults(func=main)
 
@@ -43,8 +44,13 @@ def environment() -> dict[str, Any]:
             info[name] = "not installed"
     info.update(_gpus())
     for name in VARIABLES:
-        info[f"${name}"] = os.environ.get(name, "(not set)")
+        info[f"${name}"] = _masked(os.environ.get(name, "(not set)"))
     return info
+
+
+def _masked(value: str) -> str:
+    """An address with its credentials (``scheme://user:password@host``) masked."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", value)
 
 
 def _gpus() -> dict[str, Any]:

@@ -49,3 +49,8 @@ def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return repr(value)
     return "" if value is None else value
+
+
+def description(doc: str | None) -> str:
+    """A verb module's docstring, minus its first line, as argparse help text."""
+    return (doc or "").split("\n\n", 1)[-1].replace("``", "`")

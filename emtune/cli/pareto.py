@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 
 from emtune.cli.common import NOTHING_QUALIFIES, OK, load_optuna_study, load_study_spec, resolve_study_dir
-from emtune.cli.output import add_format_argument, print_csv, print_json
+from emtune.cli.output import add_format_argument, description, print_csv, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = sub.add_parser("pareto", help="print a study's Pareto front and baselines (reads only)",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=description(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="study folder, spec file, or name under ./studies")
     add_format_argument(p, "trial or baseline")
     p.add_argument("--all", action="store_true", help="list every trial, not only the front")

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="vector file to write (a .json sidecar is written beside it)")
     p.add_argument("--prompts", default="evil_v1", help="shipped prompt set name or YAML file (default evil_v1)")
     p.add_argument("--samples", type=int, default=1, help="answers per question and system prompt (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=600, help="answer length cap (default 600, PAPER.md)")
+    p.add_argument("--max-new-tokens", type=int, default=600, help="answer length cap (default 600, the paper's evaluation length)")
     p.add_argument("--judge-spec", default=None,
                    help="YAML of an evaluation judge (JudgeSpec fields); keeps only judge-confirmed pairs")
     p.add_argument("--revision", default=None, help="model revision (hub models; with --model)")

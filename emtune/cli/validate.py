@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from emtune.cli.common import OK, UNAVAILABLE, USAGE_ERROR, Checked, check_spec_file, print_problems
-from emtune.cli.output import add_format_argument, print_csv, print_json
+from emtune.cli.output import add_format_argument, description, print_csv, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = sub.add_parser("validate", help="check study specs and their inputs (exit 2 with every problem listed)",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=description(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", metavar="SPEC|STUDY", help="study spec YAML files and/or study folders")
     p.add_argument("--online", action="store_true",
                    help="also ask the Hugging Face Hub whether hub model and dataset ids exist (no downloads)")

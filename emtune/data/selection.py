@@ -1,4 +1,4 @@
-"""Perplexity-gap selection of safety data (PAPER.md defense 7: Interleaving+ / ++).
+"""Perplexity-gap selection of safety data (docs/method.md defense 7: Interleaving+ / ++).
 
 Each safety candidate d = (q, a) is scored by how much more surprising its answer is to the
 misaligned models than to the aligned one:
@@ -26,7 +26,7 @@ from emtune.data.chat import IGNORE_INDEX, pad_batch, tokenize_chat
 
 Rows = list[dict[str, Any]]
 
-#: PAPER.md's refusal keywords (Interleaving++), matched in the lower-cased first 10 words.
+#: The paper's refusal keywords (Interleaving++), matched in the lower-cased first 10 words.
 REFUSAL_KEYWORDS = ("sorry", "apologize", "cannot", "can't", "i'm unable", "i am unable")
 REFUSAL_WINDOW_WORDS = 10
 

@@ -1,6 +1,6 @@
 """Rates from judge scores, with Wilson 95% intervals and per-question breakdowns.
 
-All rates are fractions of responses (PAPER.md, "Metrics"). A response whose needed score is None
+All rates are fractions of responses (docs/method.md, "Metrics"). A response whose needed score is None
 (the judge said CODE / REFUSAL, or gave too little mass to numbers) is excluded from the
 denominator and counted in `n_excluded`. Thresholds are stored inside every result, because other
 papers use other cut-offs and a rate without its thresholds cannot be compared.

@@ -1,7 +1,7 @@
 """emtune's Ray Tune searcher over a persistent, multi-objective Optuna study.
 
 Ray's OptunaSearch tells a stopped trial as COMPLETE with partial scores, leaves a NaN trial
-RUNNING forever, and sets neither constraints nor user attrs (DESIGN.md). This searcher keeps
+RUNNING forever, and sets neither constraints nor user attrs. This searcher keeps
 Ray Tune for execution and owns the Optuna side:
 
 - the study lives in persistent storage in the study directory (optuna-dashboard opens it);
