@@ -252,6 +252,7 @@ def _partial(raw: dict[str, Any], err: ValidationError, check: SpecCheck) -> Stu
                 check.dropped.add(f"defenses.{partial['defenses'][loc[1]].get('name')}")  # targets name it
             _mark(partial, loc)
         partial = _sweep(partial, "", check.kept)
+        _stand_ins(partial, check)
         try:
             return StudySpec.model_validate(partial, context={"defer_cross_checks": True})
         except ValidationError as again:
@@ -260,6 +261,19 @@ def _partial(raw: dict[str, Any], err: ValidationError, check: SpecCheck) -> Stu
 
 
 _GONE = object()
+#: Harmless stand-ins for required collections left empty by removals, so the checks of the rest
+#: of the spec still run (nothing is reported about them).
+_STAND_IN_PARAMETER = "emtune_stand_in"
+
+
+def _stand_ins(partial: dict[str, Any], check: SpecCheck) -> None:
+    search = partial.get("search")
+    if isinstance(search, dict) and search.get("parameters") == {}:
+        search["parameters"] = {_STAND_IN_PARAMETER: {"type": "categorical", "choices": [None]}}
+        check.dropped.add(f"search.parameters.{_STAND_IN_PARAMETER}")
+    if partial.get("objectives") == []:
+        partial["objectives"] = [{"name": "ood_drift", "direction": "minimize"}]
+        check.dropped.add("objectives.0")
 
 
 def _mark(node: Any, loc: list[Any]) -> None:

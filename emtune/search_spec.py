@@ -222,12 +222,16 @@ def _argument_type_problem(cls: type, key: str, value: Any) -> str | None:
     if not _plain(hint):
         if value is None:
             return None
-        return f"{cls.__name__}'s {key!r} takes a Python object ({hint}); it cannot be set in a spec"
+        return f"{cls.__name__}'s {key!r} takes a Python object ({_name(hint)}); it cannot be set in a spec"
     try:
         TypeAdapter(hint).validate_python(value, strict=True)
     except ValidationError as err:
-        return f"{key!r} must be {hint} for {cls.__name__}, got {value!r}: {err.errors()[0]['msg']}"
+        return f"{key!r} must be {_name(hint)} for {cls.__name__}, got {value!r}: {err.errors()[0]['msg']}"
     return None
+
+
+def _name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def _hint(cls: type, key: str) -> Any:
@@ -299,9 +303,13 @@ class ConstraintSpec(StrictModel):
     min: float | None = None
     relative: Relative | None = None
 
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return _known_metric(value)
+
     @model_validator(mode="after")
     def _one_bound(self) -> "ConstraintSpec":
-        _known_metric(self.metric)
         if self.max is None and self.min is None:
             raise ValueError("a constraint needs `max` or `min`")
         return self

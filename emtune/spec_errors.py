@@ -163,6 +163,7 @@ def format_validation_error(
             msg = f"unknown key {loc[-1]!r}; {hint}"
         elif kind == "missing":
             msg = "required field is missing: add it"
+            line = line or 1  # a missing top-level section: the file's start
         elif kind == "union_tag_invalid":
             ctx = e.get("ctx", {})
             tag = ctx.get("tag", "")
@@ -241,7 +242,7 @@ def _data_loc(loc: tuple[Any, ...], raw: Any) -> list[Any]:
     node = raw
     for i, part in enumerate(loc):
         is_tag = isinstance(node, dict) and part not in node and node.get("name") == part
-        if is_tag and i < len(loc) - 1:
+        if is_tag:
             continue
         out.append(part)
         if isinstance(node, dict) and part in node:
@@ -270,52 +271,36 @@ def _nearest_line(key: str, lines: dict[str, int]) -> int | None:
 
 def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model found by following ``loc`` from ``root`` (tags included)."""
-    current: Any = root
-    for part in loc:
-        current = _step(current, part)
-        if current is None:
-            return []
+    current = _model_at(root, loc)
     return list(current.model_fields) if _is_model(current) else []
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The type a pydantic location leads to: through model fields, list items, mapping values and
+    union tags; None when the location leaves the models."""
+    tp: Any = root
+    for part in loc:
+        tp = _strip(tp)
+        origin = typing.get_origin(tp)
+        if _is_model(tp):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+        elif origin in (tuple, list) and isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        elif _models_in(tp):  # a tagged union: this part is the tag
+            tp = next((c for c in _models_in(tp) if typing.get_args(c.model_fields["name"].annotation) == (part,)),
+                      None)
+        else:
+            return None
+    return _strip(tp)
 
 
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _step(tp: Any, part: Any) -> Any:
-    if _is_model(tp):
-        if isinstance(part, str) and part in tp.model_fields:
-            return _unwrap(tp.model_fields[part].annotation)
-        return None
-    candidates = _models_in(tp)
-    if isinstance(part, int):
-        return tp
-    for cand in candidates:
-        name_field = cand.model_fields.get("name")
-        if name_field is not None and typing.get_args(name_field.annotation) == (part,):
-            return cand
-    return None
-
-
-def _unwrap(tp: Any) -> Any:
-    """Reduce Optional/tuple/dict/Annotated wrappers to a model class or a union of models."""
-    while True:
-        origin = typing.get_origin(tp)
-        args = typing.get_args(tp)
-        if origin is typing.Annotated:
-            tp = args[0]
-        elif origin in (tuple, list) and args:
-            tp = args[0]
-        elif origin is dict and len(args) == 2:
-            tp = args[1]
-        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            models = [a for a in args if a is not type(None)]
-            if len(models) == 1:
-                tp = models[0]
-            else:
-                return tp
-        else:
-            return tp
 
 
 def _models_in(tp: Any) -> list[type[BaseModel]]:
