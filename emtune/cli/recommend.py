@@ -79,6 +79,10 @@ class Recommendation:
     candidates: list[Any] = field(default_factory=list)  # the qualifying records, best first
 
 
+class NotYet(UserError):
+    """The study has no completed trial to recommend (exit 3)."""
+
+
 class NothingQualifies(UserError):
     """No completed trial meets every bound; ``reachable`` holds the best value of each bound's
     metric (and of the score) among the feasible completed trials."""
@@ -120,7 +124,7 @@ def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = N
     done = [r for r in study.trials if r.row.state == "COMPLETE" and r.row.values]
     if not done:
         counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(study.table.counts().items())) or "no trials"
-        raise UserError(f"study {study.name!r} has no completed trial yet ({counts})")
+        raise NotYet(f"study {study.name!r} has no completed trial yet ({counts})")
     known = {k for r in done for k in r.metrics}
     name, direction = score or default_score(study, known)
     for metric in [b.metric for b in bounds] + [name]:
@@ -185,7 +189,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print the recommended trial and its evidence; exit 3 when nothing qualifies."""
-    from emtune.report import ReportError, load_study_data
+    from emtune.report import NotStarted, ReportError, load_study_data
 
     fmt = getattr(args, "format", "table")
     try:
@@ -202,6 +206,8 @@ def main(args: argparse.Namespace) -> int:
     except NothingQualifies as none:
         _print_none(study, none, bounds, fmt)
         fail(str(none), NOTHING_QUALIFIES)
+    except (NotStarted, NotYet) as err:
+        fail(str(err), NOTHING_QUALIFIES)
     except (UserError, ReportError) as err:
         fail(str(err))
     evidence = _evidence(study, rec, bounds)

@@ -30,6 +30,10 @@ class ReportError(ValueError):
     """A study cannot be reported (no spec, no Optuna study) or ``out_dir`` is not ours."""
 
 
+class NotStarted(ReportError):
+    """The study has not started a trial: there is nothing to show yet."""
+
+
 @dataclass
 class TrialRecord:
     """One trial: its row in the front table plus what its MLflow run holds."""
@@ -90,14 +94,14 @@ def load_study_data(study_dir: Path) -> StudyData:
     spec_file, db = study_dir / "spec.yaml", study_dir / "optuna.db"
     if not spec_file.is_file():
         raise ReportError(f"{study_dir}: no spec.yaml here (not a study folder)")
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, check_files=False)  # a finished study stays readable when its inputs move
     if not db.is_file():  # checked first: opening a missing SQLite file would create it
-        raise ReportError(f"{db}: no Optuna storage (the study has not started a trial)")
+        raise NotStarted(f"{study_dir}: the study has not started a trial yet (no Optuna storage at {db})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{db}")
     except KeyError:
-        raise ReportError(f"{db}: no Optuna study named {spec.name!r}") from None
+        raise NotStarted(f"{db}: no Optuna study named {spec.name!r} yet (the study has not started a trial)") from None
     objectives = [o.name for o in spec.objectives]
     refs = [o.reference for o in spec.objectives]
     table = front_table(study, objectives, [o.direction for o in spec.objectives],
