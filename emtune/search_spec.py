@@ -98,7 +98,8 @@ class SearchParameter(StrictModel):
     def can_take(self, value: Any) -> bool:
         """True when a sample of this parameter can equal ``value`` (``when`` conditions)."""
         if self.type == "categorical":
-            return any(value == c and type(value) is type(c) for c in self.choices or ())
+            # as the searcher compares (==), but a YAML `yes` never stands for the number 1
+            return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices or ())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
             return False
         step = self.step or (1 if self.type == "int" else None)

@@ -128,19 +128,21 @@ def _section(title: str, model: type[BaseModel], prefix: str, skip: set[str] = f
     doc = inspect.getdoc(model) or ""
     if doc:
         out += [doc.split("\n\n")[0].replace("\n", " "), ""]
-    out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-    nested = []
+    out += _key_table(model, prefix)
     for name, field in model.model_fields.items():
-        key = prefix + name
         inner = _model_of(field.annotation)
         if inner is not None and name not in skip:
-            nested.append((key, inner, _container(field.annotation)))
-        out.append(f"| `{key}` | {_type(field.annotation)}{_bounds(field)} | {_default(field)} | "
-                   f"{_escape(description(model, name))} |")
-    out.append("")
-    for key, inner, container in nested:
-        out += _section("", inner, f"{key}{container}.")
+            out += _section("", inner, f"{prefix}{name}{_container(field.annotation)}.")
     return out
+
+
+def _key_table(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One row per key of ``model``: type (with bounds), default, meaning."""
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        out.append(f"| `{prefix}{name}` | {_type(field.annotation)}{_bounds(field)} | {_default(field)} | "
+                   f"{_escape(description(model, name))} |")
+    return out + [""]
 
 
 def description(model: type[BaseModel], name: str) -> str:
@@ -157,13 +159,8 @@ def _defenses() -> list[str]:
     for name, cls in DEFENSES.items():
         doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
         out += [f"### `{name}`", "", doc, "", f"Strength dial: {', '.join(cls.strength) or '-'}; off: "
-                f"{', '.join(f'{k}={v}' for k, v in cls.off.items()) or '-'}.", "",
-                "| key | type | default | meaning |", "|---|---|---|---|"]
-        model = cls.config_class
-        for field_name, field in model.model_fields.items():
-            out.append(f"| `{field_name}` | {_type(field.annotation)}{_bounds(field)} | {_default(field)} | "
-                       f"{_escape(description(model, field_name))} |")
-        out.append("")
+                f"{', '.join(f'{k}={v}' for k, v in cls.off.items()) or '-'}.", ""]
+        out += _key_table(cls.config_class)
     return out
 
 

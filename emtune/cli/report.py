@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from emtune.cli.common import fail, load_study_spec, resolve_study_dir
+from emtune.cli.common import NOTHING_QUALIFIES, fail, load_study_spec, resolve_study_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Validate every study first (exit 2 on the first bad one), then write the report."""
-    from emtune.report import ReportError, write_report
+    from emtune.report import NotStarted, ReportError, write_report
 
     dirs = [resolve_study_dir(s) for s in args.studies]
     specs = [load_study_spec(d) for d in dirs]  # prints every spec problem, exit 2
     out = Path(args.out) if args.out else Path("reports") / specs[0].name
     try:
         readme = write_report(dirs, out)
+    except NotStarted as err:
+        fail(str(err), NOTHING_QUALIFIES)
     except ReportError as err:
         fail(str(err))
     files = sorted(p.name for p in readme.parent.iterdir())

@@ -59,7 +59,7 @@ def test_ui_binds_loopback_by_default(write_spec, tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys, monkeypatch, ray_session) -> None:
+def test_unreachable_tracking_server_exits_4_with_the_reason(write_spec, capsys, monkeypatch, ray_session) -> None:
     import socket
 
     with socket.socket() as sock:  # nothing listens there
@@ -73,7 +73,7 @@ def test_unreachable_tracking_server_exits_2_with_the_reason(write_spec, capsys,
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(path), "--num-cpus", "1"])
     out, err = capsys.readouterr()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 4  # a service did not answer (not bad input)
     assert f"[emtune] MLflow tracking server {uri} is not answering (URLError); retrying for up to ~0 min 0 s" in out
     last = err.strip().splitlines()[-1]  # earlier lines: the tiny model's progress bars
     assert last.startswith(f"emtune: error: MLflow tracking server {uri} unreachable after tracking.retries: ")
