@@ -212,7 +212,7 @@ def check_spec(path: str | Path, check_files: bool = True) -> SpecCheck:
         check.problems = format_validation_error(err, raw, lines, StudySpec)
         spec = _partial(raw, err, check)
     if spec is not None:
-        found = cross_field_problems(spec) + source_problems(spec)
+        found = cross_field_problems(spec) + source_problems(spec, check_files)
         found += [p for p in search_problems(spec.search) + target_problems(spec)
                   if not _refers_to_dropped(p, spec, check.dropped)]
         if check_files:

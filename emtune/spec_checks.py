@@ -117,11 +117,12 @@ def local_file_problems(spec: Any) -> Found:
     return problems
 
 
-def source_problems(spec: Any) -> Found:
+def source_problems(spec: Any, check_files: bool = True) -> Found:
     """Model and dataset sources that are neither an existing local path nor a well-formed hub id
-    (checked offline; ``emtune validate --online`` asks the hub whether the ids exist)."""
+    (checked offline; ``emtune validate --online`` asks the hub whether the ids exist). Without
+    ``check_files`` only the hub ids' form is checked (a moved model folder is no problem then)."""
     problems = []
-    for key in ("source", "base_source"):
+    for key in ("source", "base_source") if check_files else ():
         value = getattr(spec.model, key)
         if value in (None, "tiny") or Path(value).exists() or HUB_ID.match(value):
             continue

@@ -1,6 +1,9 @@
 """If `emtune validate` says a shipped spec is ok, `emtune run` runs it: every spec in
 search_spaces/, shrunk to one short trial (and the paper's spec with the tiny model and a loopback
-judge swapped in), is validated and then run through the CLI on one shared local Ray."""
+judge swapped in), is validated and then run through the CLI on one shared local Ray.
+
+The studies share one stage cache (persona vectors, misaligned adapters, selections: all keyed by
+content), so the stages all_defenses runs first are not repeated by the single-defense specs."""
 
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ def ray_session():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stage_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One study-stage cache for every study of this module."""
+    return tmp_path_factory.mktemp("stage-cache")
 
 
 def _shrink(data: dict, root: Path) -> dict:
@@ -64,7 +73,7 @@ def _tiny_model(data: dict, judge_url: str) -> dict:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_a_spec_that_validates_runs(path, tmp_path, ray_session, chat_server, capsys) -> None:
+def test_a_spec_that_validates_runs(path, tmp_path, ray_session, stage_cache, chat_server, capsys) -> None:
     judge = chat_server(lambda index, body: chat_server.Reply(body=chat_server.completion({"90": 0.7, "40": 0.3})))
     data = _shrink(yaml.safe_load(path.read_text()), tmp_path)
     if data["model"].get("source", "tiny") != "tiny":
@@ -77,6 +86,8 @@ def test_a_spec_that_validates_runs(path, tmp_path, ray_session, chat_server, ca
 
     assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
     assert "1 trials" in capsys.readouterr().out
+    (tmp_path / "studies" / data["name"]).mkdir(parents=True)
+    (tmp_path / "studies" / data["name"] / "cache").symlink_to(stage_cache, target_is_directory=True)
     assert main(["run", str(spec), "--num-cpus", "2"]) == 0, capsys.readouterr()
     study = optuna.load_study(study_name=data["name"], storage=f"sqlite:///{tmp_path / 'studies' / data['name'] / 'optuna.db'}")
     [trial] = study.get_trials()
