@@ -57,6 +57,8 @@ def line(checked: Checked) -> str:
             f"defenses [{', '.join(s['defenses']) or 'none'}]; {inputs}")
     if s["not_checked_offline"]:
         text += f"; not checked offline: {', '.join(s['not_checked_offline'])} (--online asks the hub)"
+    if checked.unreachable:
+        text += f"; {len(checked.unreachable)} hub id(s) not checked: the hub did not answer (see above)"
     return text
 
 
