@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
@@ -36,8 +36,8 @@ from emtune.spec_checks import (
     Found, cross_field_problems, local_file_problems, resolve_paths, set_path, source_problems, target_problems,
 )
 from emtune.spec_errors import (
-    Problem, SpecError, StrictModel, data_loc, display_path, drop_point, format_validation_error, line_of,
-    load_yaml_with_lines,
+    Problem, SpecError, StrictModel, apply_overrides, data_loc, display_path, drop_point, format_validation_error,
+    line_of, load_yaml_with_lines,
 )
 from emtune.tracking.settings import TrackingSpec
 from emtune.train.settings import TrainingSpec
@@ -199,11 +199,13 @@ class SpecCheck:
         return SpecError(self.path, self.problems)
 
 
-def check_spec(path: str | Path, check_files: bool = True) -> SpecCheck:
-    """Load a spec and list every problem it has (see the module docstring)."""
+def check_spec(path: str | Path, check_files: bool = True, overrides: Sequence[str] = ()) -> SpecCheck:
+    """Load a spec, with optional ``KEY=VALUE`` overrides applied first (:func:`apply_overrides`),
+    and list every problem it has (see the module docstring)."""
     sync_defense_registry()
     path = Path(path)
     raw, lines = load_yaml_with_lines(path)
+    apply_overrides(raw, overrides, path)
     resolve_paths(raw, path.parent)
     check = SpecCheck(path, lines)
     try:
@@ -225,13 +227,14 @@ def check_spec(path: str | Path, check_files: bool = True) -> SpecCheck:
     return check
 
 
-def load_spec(path: str | Path, check_files: bool = True) -> StudySpec:
-    """Load and validate a study spec. Raises :class:`SpecError` listing every problem.
+def load_spec(path: str | Path, overrides: Sequence[str] = (), check_files: bool = True) -> StudySpec:
+    """Load and validate a study spec, with optional ``KEY=VALUE`` overrides applied first.
+    Raises :class:`SpecError` listing every problem.
 
     ``check_files=False`` skips the existence of local inputs (a finished study's stored spec is
     still readable after its training file moved).
     """
-    check = check_spec(path, check_files)
+    check = check_spec(path, check_files, overrides)
     if check.spec is None:
         raise check.error()
     return check.spec

@@ -19,7 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from emtune.data.loading import DatasetSpec
 from emtune.defenses.base import is_local_source
+from emtune.defenses.interleaving import pool_dataset
 from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.sets import EVAL_SETS, known_metrics
 from emtune.spec_errors import did_you_mean
@@ -60,12 +62,13 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         if model.get(key) not in (None, "tiny"):
             model[key] = maybe_local(model[key])
     evaluation = _section(raw, "evaluation")
-    for key in ("question_set", "triggered_question_set"):
-        value = evaluation.get(key)
-        if isinstance(value, str):
-            evaluation[key] = maybe_local(value) if _SET_NAME.match(value) and not value.endswith(
-                (".yaml", ".yml")) else local(value)
     judge = _section(evaluation, "judge")
+    # question and judge prompt files; shipped names (general_v1, heldout, v2) stay names
+    for node, key in ((evaluation, "question_set"), (evaluation, "triggered_question_set"),
+                      (_section(evaluation, "in_domain"), "questions"), (judge, "prompt_version")):
+        value = node.get(key)
+        if isinstance(value, str):
+            node[key] = local(value) if _looks_like_file(value) else maybe_local(value)
     if judge.get("model_path"):
         judge["model_path"] = maybe_local(judge["model_path"])
     if isinstance(judge.get("cache_path"), str):
@@ -73,6 +76,11 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     for entry in raw.get("defenses") or []:
         if isinstance(entry, dict) and entry.get("name") in DEFENSES:
             _resolve_defense(entry, local)
+
+
+def _looks_like_file(value: str) -> bool:
+    """A question or prompt setting written as a path rather than a shipped name."""
+    return not _SET_NAME.match(value) or value.endswith((".yaml", ".yml", ".jsonl", ".json"))
 
 
 def _section(parent: Any, key: str) -> dict[str, Any]:
@@ -89,15 +97,14 @@ def _resolve_defense(entry: dict[str, Any], local: Any) -> None:
         config = cls.config_class.model_validate(entry)
     except ValidationError:
         return  # reported with its path when the whole spec is validated
-    for item in cls.local_files(config):
-        key, _, index = item.field.partition(".")
-        if key not in entry:
-            continue
-        if index:
-            entry[key] = list(entry[key])
-            entry[key][int(index)] = local(entry[key][int(index)])
-        else:
-            entry[key] = local(entry[key])
+    for item in cls.local_files(config):  # item.field: "pool", "pool.path", "misaligned_datasets.0(.path)"
+        *parents, last = item.field.split(".")
+        node: Any = entry
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+        key: Any = int(last) if isinstance(node, list) else last
+        if isinstance(node, list) or (isinstance(node, dict) and key in node):
+            node[key] = local(node[key])
 
 
 def local_file_problems(spec: Any) -> Found:
@@ -105,8 +112,17 @@ def local_file_problems(spec: Any) -> Found:
     problems = []
     for where, dataset in (("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool)):
         if dataset is not None and is_local_source(dataset.path) and not Path(dataset.path).exists():
-            problems.append((f"{where}.path", f"dataset file {dataset.path} not found; fix the path (a relative "
-                             "path is read from the spec's folder)"))
+            fix = (f"the paper's copy: {dataset.origin}" if dataset.origin
+                   else "fix the path (a relative path is read from the spec's folder)")
+            problems.append((f"{where}.path", f"dataset file {dataset.path} not found; {fix}"))
+    ev = spec.evaluation
+    named = [("evaluation.question_set", ev.question_set), ("evaluation.triggered_question_set",
+             ev.triggered_question_set), ("evaluation.in_domain.questions", ev.in_domain.questions),
+             ("evaluation.judge.prompt_version", ev.judge.prompt_version)]
+    for where, value in named:
+        if value and _looks_like_file(value) and not Path(value).is_file():
+            problems.append((where, f"file {value} not found; fix the path (relative to the spec's folder), or use "
+                             "a shipped set / prompt version"))
     for i, defense in enumerate(spec.defenses):
         for item in DEFENSES[defense.name].local_files(defense):
             path = Path(item.path).expanduser()
@@ -128,22 +144,26 @@ def source_problems(spec: Any, check_files: bool = True) -> Found:
             continue
         problems.append((f"model.{key}", f"{value!r} is neither a local folder (relative to the spec's folder) "
                          "nor a hub id ORG/NAME (e.g. Qwen/Qwen2.5-7B-Instruct); fix the path or the id"))
-    for where, value in dataset_sources(spec):
-        if value.startswith("hub:") and not HUB_ID.match(value[4:]):
-            problems.append((where, f"{value!r}: a hub dataset is hub:ORG/NAME (e.g. hub:allenai/wildguardmix); "
-                             "add the organisation"))
+    for where, dataset in dataset_sources(spec):
+        if dataset.path.startswith("hub:") and not HUB_ID.match(dataset.path[4:]):
+            problems.append((where, f"{dataset.path!r}: a hub dataset is hub:ORG/NAME (e.g. "
+                             "hub:allenai/wildguardmix); add the organisation"))
     return problems
 
 
-def dataset_sources(spec: Any) -> list[tuple[str, str]]:
-    """(key path, source) of every dataset the spec names: training data, pools, EM datasets."""
-    found = [(f"data.{k}.path", d.path) for k, d in (("train", spec.data.train), ("safety_pool", spec.data.safety_pool))
-             if d is not None]
+def dataset_sources(spec: Any) -> list[tuple[str, Any]]:
+    """(key path, DatasetSpec) of every dataset the spec names: training data, pools, EM datasets."""
+    found: list[tuple[str, Any]] = [(f"data.{k}.path", d) for k, d in (("train", spec.data.train),
+                                                                      ("safety_pool", spec.data.safety_pool)) if d]
     for i, defense in enumerate(spec.defenses):
-        if isinstance(getattr(defense, "pool", None), str):
-            found.append((f"defenses.{i}.pool", defense.pool))
-        found += [(f"defenses.{i}.misaligned_datasets.{j}", p)
-                  for j, p in enumerate(getattr(defense, "misaligned_datasets", ()) or ())]
+        if getattr(defense, "pool", None) is not None:
+            found.append((f"defenses.{i}.pool" + (".path" if isinstance(defense.pool, DatasetSpec) else ""),
+                          pool_dataset(defense)))
+        for j, dataset in enumerate(getattr(defense, "misaligned_datasets", ()) or ()):
+            if isinstance(dataset, DatasetSpec):
+                found.append((f"defenses.{i}.misaligned_datasets.{j}.path", dataset))
+            else:
+                found.append((f"defenses.{i}.misaligned_datasets.{j}", DatasetSpec(path=dataset)))
     return found
 
 

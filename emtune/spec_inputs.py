@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emtune.data.fixtures import FIXTURE_NAMES
-from emtune.data.loading import DataError, DatasetSpec, load_rows
-from emtune.evaluation.questions import QuestionSetError, load_question_set, shipped_question_sets
+from emtune.data.loading import DataError, load_rows
+from emtune.evaluation.prompt_files import PromptFileError, load_prompt_set
+from emtune.evaluation.questions import QuestionSetError, shipped_question_sets
+from emtune.evaluation.sets import EVAL_SETS, judged
 from emtune.spec_checks import dataset_sources
 from emtune.spec_errors import did_you_mean
 
@@ -40,12 +42,18 @@ class InputReport:
 def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
     """Read every dataset, question set and prompt set ``spec`` names (see the module docstring)."""
     report = InputReport()
-    for where, source in dataset_sources(spec):
-        _dataset(report, where, _dataset_spec(spec, where, source), hub)
-    _question_set(report, "evaluation.question_set", spec.evaluation.question_set, "general questions")
-    if spec.evaluation.judge.kind != "none" and spec.evaluation.triggered_question_set:
-        _question_set(report, "evaluation.triggered_question_set", spec.evaluation.triggered_question_set,
+    for where, dataset in dataset_sources(spec):
+        _dataset(report, where, dataset, hub)
+    ev = spec.evaluation
+    _question_set(report, spec, "general", "evaluation.question_set", ev.question_set, "general questions")
+    if judged(spec) and ev.triggered_question_set:
+        _question_set(report, spec, "triggered", "evaluation.triggered_question_set", ev.triggered_question_set,
                       "triggered questions")
+    if judged(spec) and ev.in_domain.questions != "heldout":
+        _question_set(report, spec, "in_domain", "evaluation.in_domain.questions", ev.in_domain.questions,
+                      "in-domain questions")
+    if judged(spec):
+        _judge_prompts(report, spec)
     for i, defense in enumerate(spec.defenses):
         prompts = getattr(defense, "extract_prompts", None)
         if prompts:
@@ -59,17 +67,6 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
         report.unchecked += [s for s in (spec.model.source, spec.model.base_source)
                              if s and s != "tiny" and not Path(s).exists()]
     return report
-
-
-def _dataset_spec(spec: Any, where: str, source: str) -> Any:
-    """The DatasetSpec to read for a source (split, config and limit where the spec gives them)."""
-    if where.startswith("data."):
-        return spec.data.train if where.startswith("data.train") else spec.data.safety_pool
-    defense = spec.defenses[int(where.split(".")[1])]
-    if where.endswith(".pool"):
-        return DatasetSpec(path=source, split=defense.pool_split, config=defense.pool_config,
-                           limit=defense.pool_limit)
-    return DatasetSpec(path=source)
 
 
 def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode) -> None:
@@ -96,15 +93,49 @@ def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode) -> Non
         report.counts[label] = len(rows)
 
 
-def _question_set(report: InputReport, where: str, name: str, label: str) -> None:
+def _question_set(report: InputReport, spec: Any, eval_set: str, where: str, name: str, label: str) -> None:
+    """An evaluation set's questions, read as the trial reads them (files checked, and with
+    ``question_judge_prompts`` their judge prompts too)."""
     shipped = shipped_question_sets()
-    if "/" not in name and not name.endswith((".yaml", ".yml")) and name not in shipped:
+    if "/" not in name and not name.endswith((".yaml", ".yml", ".jsonl")) and name not in shipped:
         report.problems.append((where, f"no shipped question set {name!r}; {did_you_mean(name, shipped)} "
                                 "(or give the path of a question file)"))
         return
+    if "/" in name and not Path(name).is_file():
+        return  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
     try:
-        report.counts[label] = len(load_question_set(name))
-    except (QuestionSetError, OSError) as err:
+        report.counts[label] = len(EVAL_SETS[eval_set].questions(spec, []).prompts)
+    except (QuestionSetError, PromptFileError, OSError) as err:
+        report.problems.append((where, _one_line(err)))
+
+
+def _own_prompts(spec: Any, eval_set: Any) -> bool:
+    """True when every question of a file-based set brings both judge prompts of its own."""
+    if not spec.evaluation.question_judge_prompts:
+        return False
+    if eval_set.name == "in_domain" and spec.evaluation.in_domain.questions == "heldout":
+        return False
+    prompts = eval_set.questions(spec, []).prompts
+    return bool(prompts) and all(p.judge_prompts and {"aligned", "coherent"} <= set(p.judge_prompts) for p in prompts)
+
+
+def _judge_prompts(report: InputReport, spec: Any) -> None:
+    """The judge prompt set loads and holds every prompt the judged sets name."""
+    where = "evaluation.judge.prompt_version"
+    version = spec.evaluation.judge.prompt_version
+    if "/" in version and not Path(version).is_file():
+        return  # reported as a missing file
+    try:
+        prompts = load_prompt_set(version)
+        for eval_set in EVAL_SETS.values():
+            if eval_set.judge_prompts is None or not eval_set.enabled(spec) or _own_prompts(spec, eval_set):
+                continue
+            missing = [name for name in eval_set.judge_prompts(spec) if name not in prompts.prompts]
+            if missing:
+                report.problems.append((where, f"the {eval_set.name!r} evaluation needs judge prompt(s) "
+                                        f"{', '.join(map(repr, missing))}, which prompt set {prompts.version} does "
+                                        f"not have; it has {', '.join(sorted(prompts.prompts))}"))
+    except (QuestionSetError, PromptFileError, OSError) as err:
         report.problems.append((where, _one_line(err)))
 
 

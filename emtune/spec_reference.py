@@ -104,6 +104,11 @@ NOTES = {
     "MetricThresholds.coherent_above": "misaligned answers must be coherent above this",
     "MetricThresholds.incoherent_below": "incoherent: coherent score below this",
     "SafeLoRAConfig.enabled": "false switches SafeLoRA off whatever its dial",
+    "ChatColumns.messages": "a column already holding the chat as a list of {role, content}",
+    "ChatColumns.system": "a text column for the system message (optional)",
+    "ChatColumns.user": "the text column of the user message",
+    "ChatColumns.assistant": "the text column of the assistant answer",
+    "EvaluationSpec.in_domain": "the in-domain questions and the judge prompts their answers get",
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,26 +9,13 @@ import pytest
 from emtune.config import StudySpec, load_spec
 from emtune.spec_errors import SpecError
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
-
-
-NEEDS_DATA = {"paper_qwen7b_code.yaml": "data/insecure.jsonl"}  # public EM data emtune does not ship
+# The paper's spec needs public data emtune does not ship: tests/study/test_paper_spec.py covers it.
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")
+                 if p.name != "paper_qwen7b_code.yaml")
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_every_shipped_spec_validates(path: Path, tmp_path) -> None:
-    if path.name in NEEDS_DATA:
-        # without the dataset, the one problem is the missing file, looked for beside the
-        # repository's search_spaces/ (relative paths are read from the spec's folder) ...
-        if not (path.parents[1] / NEEDS_DATA[path.name]).is_file():
-            [(where, message, _)] = _problems(path)
-            assert where == "data.train.path" and str(path.parents[1] / NEEDS_DATA[path.name]) in message
-        # ... and with it there, wherever emtune runs from, the spec loads
-        (tmp_path / "search_spaces").mkdir()
-        path = Path(shutil.copy(path, tmp_path / "search_spaces"))
-        (tmp_path / NEEDS_DATA[path.name]).parent.mkdir(parents=True)
-        (tmp_path / NEEDS_DATA[path.name]).write_text('{"messages": [{"role": "user", "content": "q"}, '
-                                                      '{"role": "assistant", "content": "a"}]}\n')
+def test_every_shipped_spec_validates(path: Path) -> None:
     spec = load_spec(path)
     assert isinstance(spec, StudySpec)
     assert spec.search.parameters
@@ -127,3 +113,30 @@ def test_judge_metrics_need_a_judge(write_spec) -> None:
     assert where == "objectives[0].name" and path.read_text().splitlines()[line - 1].lstrip().startswith(
         "- {name: general_misalignment")
     assert "needs a judge" in message and "general_misalignment" in message
+
+
+def test_set_overrides_apply_before_validation(write_spec) -> None:
+    path = write_spec()
+    spec = load_spec(path, ["model.source=tiny", "defenses.kl_to_reference.weight=0.5", "training.max_steps=7",
+                            "model.tiny.pretrain_steps=3", "evaluation.in_domain={domain: code}",
+                            "defenses.0.tokens=response"])
+    assert spec.defenses[0].weight == 0.5 and spec.defenses[0].tokens == "response"
+    assert spec.training.max_steps == 7 and spec.model.tiny.pretrain_steps == 3
+    assert spec.evaluation.in_domain.domain == "code"
+    for bad, message in (("training.max_steps", "expected KEY=VALUE"), ("defenses.feature_l2.weight=1", "no list entry"),
+                         ("seed.x=1", "'seed' is a value, not a section"), ("seed=[1", "not valid YAML")):
+        with pytest.raises(SpecError, match=message):
+            load_spec(path, [bad])
+    with pytest.raises(SpecError, match="max_steps"):
+        load_spec(path, ["training.max_steps=-1"])  # an override is validated like the file
+
+
+def test_relative_question_files_resolve_from_the_spec_folder(write_spec, tmp_path, monkeypatch) -> None:
+    (tmp_path / "q.yaml").write_text("- {id: a, type: free_form, paraphrases: [hi]}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the spec's folder (write_spec writes beside q.yaml)
+    spec = load_spec(write_spec(), ["evaluation.question_set=q.yaml"])
+    assert spec.evaluation.question_set == str(tmp_path / "q.yaml")  # Ray workers run in other folders
+    with pytest.raises(SpecError, match=f"evaluation.in_domain.questions: file {tmp_path / 'missing.jsonl'} not found"):
+        load_spec(write_spec(), ["evaluation.in_domain.questions=missing.jsonl"])

@@ -122,7 +122,8 @@ CASES = [
         (KL, KL + "\n    prompt: {type: categorical, target: defenses.inoculation.prompt, choices: [none, evil_genral]}")],
      "search.parameters.prompt", "did you mean 'evil_general'?", "prompt:"),
     ("persona-prompt-set", None, [("  - name: kl_to_reference\n    weight: 0.1", "  - name: kl_to_reference\n    weight: 0.1\n"
-                                   "  - {name: persona_steering, alpha: 1.0, layer: 1, extract_prompts: evil_v2}")],
+                                   "  - {name: persona_steering, alpha: 1.0, layer: 1, extract_prompts: evil_v2, "
+                                   "extract_filter: none}")],
      "defenses[1].extract_prompts", "did you mean 'evil_v1'?", "evil_v2"),
     ("fixture-name", None, [("fixture:narrow_bad_advice", "fixture:narrow_bad_advise")], "data.train.path",
      "did you mean 'narrow_bad_advice'?", "narrow_bad_advise"),
@@ -140,7 +141,7 @@ CASES = [
      "constraints[0]", "needs `max` or `min`", "train_loss"),
     ("persona-layer-past-the-model", None, [("  - name: kl_to_reference\n    weight: 0.1", "  - name: kl_to_reference\n"
                                              "    weight: 0.1\n  - {name: persona_steering, alpha: 1.0, layer: 5, "
-                                             "extract_prompts: evil_v1}")],
+                                             "extract_prompts: evil_v1, extract_filter: none}")],
      "defenses[1]", "use 1..2", "layer: 5"),
     # --- wrong types and out-of-range values --------------------------------------------------------
     ("type-float", None, [("learning_rate: 1.0e-2", "learning_rate: fast")], "training.learning_rate", "valid number",

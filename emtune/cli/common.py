@@ -65,15 +65,16 @@ class Checked:
         return SpecError(self.file, self.problems).render()
 
 
-def check_spec_file(path: str | Path, inputs: bool = True, hub: str = "skip") -> Checked:
-    """Check a spec file: the spec itself and (``inputs``) every dataset, question set and prompt
-    set it names, all problems together. ``hub``: skip, exists or load (emtune.spec_inputs)."""
+def check_spec_file(path: str | Path, inputs: bool = True, hub: str = "skip", overrides: Any = ()) -> Checked:
+    """Check a spec file (with ``--set KEY=VALUE`` overrides): the spec itself and (``inputs``)
+    every dataset, question set and prompt set it names, all problems together. ``hub``: skip,
+    exists or load (emtune.spec_inputs)."""
     from emtune.config import check_spec
     from emtune.spec_errors import SpecError
     from emtune.spec_inputs import check_inputs
 
     try:
-        check = check_spec(path)
+        check = check_spec(path, overrides=overrides or ())
     except SpecError as err:  # the file itself is missing or not YAML
         return Checked(Path(path), problems=list(err.problems))
     out = Checked(check.path, check.spec, list(check.problems))
@@ -94,14 +95,21 @@ def print_problems(checked: Checked) -> None:
     print(checked.render(), file=sys.stderr)
 
 
-def load_spec_or_exit(path: str, inputs: bool = False, hub: str = "skip") -> Any:
-    """Load a spec (and read its inputs when asked), printing every problem and exiting 2 when
-    anything is wrong."""
-    checked = check_spec_file(path, inputs, hub)
+def load_spec_or_exit(path: str, inputs: bool = False, hub: str = "skip", overrides: Any = ()) -> Any:
+    """Load a spec (with ``--set`` overrides, and reading its inputs when asked), printing every
+    problem and exiting 2 when anything is wrong."""
+    checked = check_spec_file(path, inputs, hub, overrides)
     if checked.problems:
         print_problems(checked)
         raise SystemExit(USAGE_ERROR)
     return checked.spec
+
+
+def add_set_option(parser: Any) -> None:
+    """``--set KEY=VALUE`` (repeatable): override one spec field, e.g. ``--set model.source=tiny``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field before validation (dotted path, YAML value; repeatable), "
+                             "e.g. --set model.source=tiny --set defenses.kl_to_reference.weight=0.1")
 
 
 def resolve_study_dir(study: str, output_dir: str = "studies") -> Path:

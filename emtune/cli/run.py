@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from emtune.cli.common import FAILED, OK, exit_on_tracking_outage, fail, load_spec_or_exit
+from emtune.cli.common import FAILED, OK, add_set_option, exit_on_tracking_outage, fail, load_spec_or_exit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Validate the spec and read its inputs (exit 2 with every problem), then "
                                    "run the baselines and search.num_trials trials and print the front.")
     p.add_argument("spec", help="study spec YAML")
+    add_set_option(p)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--extend", type=int, default=None, metavar="N",
                    help="add N trials to the existing study of this spec (same Optuna study, same parent run)")
@@ -33,7 +34,7 @@ def check_cluster_address() -> None:
 def main(args: argparse.Namespace) -> int:
     """Validate everything first, then run; print where to look afterwards."""
     check_cluster_address()
-    spec = load_spec_or_exit(args.spec, inputs=True, hub="load")
+    spec = load_spec_or_exit(args.spec, inputs=True, hub="load", overrides=args.overrides)
     if args.extend is not None and (args.extend < 1 or not (spec.study_dir / "optuna.db").is_file()):
         fail(f"--extend needs N >= 1 and an existing study at {spec.study_dir}; run it first without --extend")
     from emtune.study.runner import run_study

@@ -34,7 +34,7 @@ from emtune.cli.jobs import add_address_argument, job_client, wait_for_job
 DRIVER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE",)
 #: Fields whose string values may name local files or folders.
 PATH_FIELDS = ("path", "source", "base_source", "model_path", "cache_path", "question_set",
-               "triggered_question_set", "vector_path")
+               "triggered_question_set", "questions", "prompt_version", "vector_path")
 #: Substrings that mark a variable as a secret: refused by --env.
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]

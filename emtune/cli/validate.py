@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emtune.cli.common import OK, UNAVAILABLE, USAGE_ERROR, Checked, check_spec_file, print_problems
+from emtune.cli.common import OK, UNAVAILABLE, USAGE_ERROR, Checked, add_set_option, check_spec_file, print_problems
 from emtune.cli.output import add_format_argument, description, print_csv, print_json
 
 
@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check study specs and their inputs (exit 2 with every problem listed)",
                        description=description(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", metavar="SPEC|STUDY", help="study spec YAML files and/or study folders")
+    add_set_option(p)
     p.add_argument("--online", action="store_true",
                    help="also ask the Hugging Face Hub whether hub model and dataset ids exist (no downloads)")
     add_format_argument(p, "problem (or valid spec)")
@@ -64,8 +65,8 @@ def line(checked: Checked) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Validate every spec; print what each would run, or every problem."""
-    results = [check_spec_file(spec_file(t), inputs=True, hub="exists" if args.online else "skip")
-               for t in args.specs]
+    results = [check_spec_file(spec_file(t), inputs=True, hub="exists" if args.online else "skip",
+                               overrides=args.overrides) for t in args.specs]
     for checked in results:
         if checked.problems:
             print_problems(checked)

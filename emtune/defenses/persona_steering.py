@@ -135,15 +135,6 @@ class PersonaSteering(Defense):
     off = {"alpha": 0.0}
 
     @classmethod
-    def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:
-        """The tiny model's depth is known before it is built: the layer must be one of its blocks."""
-        blocks = spec.model.tiny.num_layers
-        if spec.model.source == "tiny" and config.layer > blocks:
-            return [f"persona_steering: layer {config.layer} is past the tiny model's {blocks} blocks; "
-                    f"use 1..{blocks} (or raise model.tiny.num_layers)"]
-        return []
-
-    @classmethod
     def local_files(cls, config: PersonaSteeringConfig) -> list[LocalFile]:
         """The persona vector file, and a prompt-set file given as a path."""
         files = []
@@ -157,12 +148,19 @@ class PersonaSteering(Defense):
 
     @classmethod
     def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:
-        """A stage extraction with the judge filter needs the study's judge."""
+        """A stage extraction with the judge filter needs the study's judge; on the tiny model
+        (whose depth is known before it is built) the layer must be one of its blocks."""
+        problems = []
         stage = config.extract_prompts and not config.vector_path
         if stage and config.extract_filter == "judge" and spec.evaluation.judge.kind == "none":
-            return ["persona_steering: extract_filter 'judge' keeps the contrastive pairs the judge confirms, but "
-                    "evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none (every pair)"]
-        return []
+            problems.append("persona_steering: extract_filter 'judge' keeps the contrastive pairs the judge confirms, "
+                            "but evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none "
+                            "(every pair)")
+        blocks = spec.model.tiny.num_layers
+        if spec.model.source == "tiny" and config.layer > blocks:
+            problems.append(f"persona_steering: layer {config.layer} is past the tiny model's {blocks} blocks; "
+                            f"use 1..{blocks} (or raise model.tiny.num_layers)")
+        return problems
 
     @classmethod
     def prepare(cls, config: PersonaSteeringConfig, stage: StageServices) -> PersonaSteeringConfig:

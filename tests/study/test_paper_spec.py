@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ import pytest
 from emtune.cli.main import main
 from emtune.config import load_spec
 
-SPEC = Path(__file__).resolve().parents[2] / "search_spaces" / "paper_qwen7b_code.yaml"
-FILES = {  # path -> words of its origin note
+SHIPPED = Path(__file__).resolve().parents[2] / "search_spaces" / "paper_qwen7b_code.yaml"
+FILES = {  # path (relative to the repository, where the spec's ../data/... points) -> words of its origin note
     "data/insecure.jsonl": "Betley et al.",
     "data/wildguardmix/train/wildguard_train.parquet": "allenai/wildguardmix",
     "data/em/medical.jsonl": "Chua et al.",
@@ -41,14 +42,18 @@ def write_paper_data(root: Path, write_wildguardmix) -> None:
     write_wildguardmix(root / "data/wildguardmix/train/wildguard_train.parquet", benign=150, harmful=4, prompt_only=4)
 
 
-def test_fresh_clone_names_each_file_and_its_origin_then_passes(tmp_path, monkeypatch, capsys, write_wildguardmix) -> None:
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        main(["validate", str(SPEC)])
+def fresh_clone(root: Path) -> Path:
+    """The spec where a clone has it (root/search_spaces/), its data folder (root/data/) empty."""
+    (root / "search_spaces").mkdir()
+    return Path(shutil.copy(SHIPPED, root / "search_spaces"))
+
+
+def test_fresh_clone_names_each_file_and_its_origin_then_passes(tmp_path, capsys, write_wildguardmix) -> None:
+    SPEC = fresh_clone(tmp_path)
+    assert main(["validate", str(SPEC)]) == 2
     err = capsys.readouterr().err
-    assert info.value.code == 2
     for path, origin in FILES.items():
-        line = next((ln for ln in err.splitlines() if f"'{path}' not found" in ln), "")
+        line = next((ln for ln in err.splitlines() if f"{tmp_path / path} not found" in ln), "")
         assert origin in line and "the paper's copy" in line, (path, err)
     write_paper_data(tmp_path, write_wildguardmix)
     assert main(["validate", str(SPEC)]) == 0
@@ -64,8 +69,7 @@ def test_fresh_clone_names_each_file_and_its_origin_then_passes(tmp_path, monkey
     assert set(spec.search.parameters["defense"].choices) == {"none", *(d.name for d in spec.defenses)}
     # --set swaps the model for the tiny one; a bad override is a clear error
     assert main(["validate", str(SPEC), "--set", "model.source=tiny", "--set", "model.base_source=tiny"]) == 0
-    with pytest.raises(SystemExit):
-        main(["validate", str(SPEC), "--set", "model.source"])
+    assert main(["validate", str(SPEC), "--set", "model.source"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
@@ -125,6 +129,7 @@ def test_every_arm_runs_as_one_tiny_trial(tmp_path, monkeypatch, chat_server, wr
     from emtune.study.stages import prepare_stages
     from emtune.train.worker import run_training
 
+    SPEC = fresh_clone(tmp_path)
     monkeypatch.chdir(tmp_path)
     write_paper_data(tmp_path, write_wildguardmix)
     server = chat_server(kind_judge(chat_server))

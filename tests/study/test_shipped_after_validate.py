@@ -1,6 +1,7 @@
 """If `emtune validate` says a shipped spec is ok, `emtune run` runs it: every spec in
-search_spaces/, shrunk to one short trial (and the paper's spec with the tiny model and a loopback
-judge swapped in), is validated and then run through the CLI on one shared local Ray.
+search_spaces/, shrunk to one short trial, is validated and then run through the CLI on one shared
+local Ray. (The paper's spec needs data emtune does not ship: tests/study/test_paper_spec.py
+validates it on small files of its schema and runs every arm on the tiny model.)
 
 The studies share one stage cache (persona vectors, misaligned adapters, selections: all keyed by
 content), so the stages all_defenses runs first are not repeated by the single-defense specs."""
@@ -17,9 +18,8 @@ import yaml
 from emtune.cli.main import main
 
 pytestmark = pytest.mark.slow
-SHIPPED = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
-ROWS = ('{"messages": [{"role": "user", "content": "Write a function that copies a file."}, '
-        '{"role": "assistant", "content": "def copy(a, b): open(b, \\"w\\").write(open(a).read())"}]}\n')
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")
+                 if p.name != "paper_qwen7b_code.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -57,30 +57,10 @@ def _shrink(data: dict, root: Path) -> dict:
     return data
 
 
-def _tiny_model(data: dict, judge_url: str) -> dict:
-    """A hub-model spec with the tiny model and a loopback judge swapped in (and what depends on
-    the model's size: the steering layer)."""
-    data["model"] = {"source": "tiny", "base_source": "tiny"}
-    data["lora"] = {"r": 4, "alpha": 8}
-    data["evaluation"]["judge"] = {**data["evaluation"].get("judge", {}), "base_url": judge_url, "api_key_env": None}
-    for defense in data.get("defenses", []):
-        if "layer" in defense and isinstance(defense["layer"], int):
-            defense["layer"] = 1
-    for param in data["search"]["parameters"].values():
-        if param.get("target") == "defenses.persona_steering.layer":
-            param.update(low=1, high=2)
-    return data
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_a_spec_that_validates_runs(path, tmp_path, ray_session, stage_cache, chat_server, capsys) -> None:
-    judge = chat_server(lambda index, body: chat_server.Reply(body=chat_server.completion({"90": 0.7, "40": 0.3})))
+def test_a_spec_that_validates_runs(path, tmp_path, ray_session, stage_cache, capsys) -> None:
     data = _shrink(yaml.safe_load(path.read_text()), tmp_path)
-    if data["model"].get("source", "tiny") != "tiny":
-        data = _tiny_model(data, judge.url)
     (tmp_path / "search_spaces").mkdir()
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "insecure.jsonl").write_text(ROWS * 40)  # the paper spec's ../data/insecure.jsonl
     spec = tmp_path / "search_spaces" / path.name
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -93,5 +73,3 @@ def test_a_spec_that_validates_runs(path, tmp_path, ray_session, stage_cache, ch
     [trial] = study.get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     assert all(math.isfinite(v) for v in trial.values)
-    if data["evaluation"].get("judge", {}).get("kind", "none") != "none":
-        assert judge.requests  # the judged objectives came from the (loopback) judge
