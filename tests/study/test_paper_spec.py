@@ -67,8 +67,13 @@ def test_fresh_clone_names_each_file_and_its_origin_then_passes(tmp_path, capsys
     assert [d.name for d in spec.defenses] == ["kl_to_reference", "feature_l2", "persona_steering", "inoculation",
                                                "interleaving", "interleaving_selected", "safelora"]
     assert set(spec.search.parameters["defense"].choices) == {"none", *(d.name for d in spec.defenses)}
-    # --set swaps the model for the tiny one; a bad override is a clear error
-    assert main(["validate", str(SPEC), "--set", "model.source=tiny", "--set", "model.base_source=tiny"]) == 0
+    # --set swaps the model for the tiny one; what depends on the model's depth must follow (a steering
+    # layer past the tiny model's 2 blocks is a problem validate names, since the run would fail on it)
+    tiny = ["--set", "model.source=tiny", "--set", "model.base_source=tiny"]
+    assert main(["validate", str(SPEC), *tiny]) == 2
+    assert "layer 20 is past the tiny model's 2 blocks; use 1..2" in capsys.readouterr().err
+    assert main(["validate", str(SPEC), *tiny, "--set", "defenses.persona_steering.layer=1",
+                 "--set", "search.parameters.steering_layer.low=1", "--set", "search.parameters.steering_layer.high=2"]) == 0
     assert main(["validate", str(SPEC), "--set", "model.source"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
