@@ -1,6 +1,6 @@
 """If `emtune validate` says a shipped spec is ok, `emtune run` runs it: every spec in
 search_spaces/, shrunk to one short trial, is validated and then run through the CLI on one shared
-local Ray. (The paper's spec needs data emtune does not ship: tests/study/test_paper_spec.py
+local Ray (the session's shared `ray_session`). (The paper's spec needs data emtune does not ship: tests/study/test_paper_spec.py
 validates it on small files of its schema and runs every arm on the tiny model.)
 
 The studies share one stage cache (persona vectors, misaligned adapters, selections: all keyed by
@@ -20,18 +20,6 @@ from emtune.cli.main import main
 pytestmark = pytest.mark.slow
 SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")
                  if p.name != "paper_qwen7b_code.yaml")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for every study of this module (`emtune run` joins it)."""
-    import ray
-
-    from emtune.study.runner import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
