@@ -86,7 +86,9 @@ def test_front_table_by_hand_states_feasibility_order_and_history() -> None:
                                "base": {"error": "the baseline trial failed"}}
     front = table.to_dict()
     assert front["hypervolume"] == pytest.approx(16.25) and [t["number"] for t in front["front"]] == [5, 3, 0]
-    assert [t["number"] for t in front["trials"]] == [0, 1, 2, 3, 4, 5]
+    # one order everywhere: the front by the first objective, then higher ranks, then the rest
+    assert [t["number"] for t in front["trials"]] == [5, 3, 0, 1, 2, 4]
+    assert front["front"][0]["values"] == {"a": 0.25, "b": 5.0}  # objective values by name
 
 
 def test_format_table_by_hand() -> None:
@@ -94,9 +96,9 @@ def test_format_table_by_hand() -> None:
     assert format_table(table) == "\n".join([
         "trial  rank  a     b  k  w      state",
         "-----  ----  ----  -  -  -----  --------",
-        "0      0     1     1  1  0.125  COMPLETE",
-        "3      0     0.5   4  4  0.1    COMPLETE",
         "5      0     0.25  5  -  0.9    COMPLETE",
+        "3      0     0.5   4  4  0.1    COMPLETE",
+        "0      0     1     1  1  0.125  COMPLETE",
         "baseline base: the baseline trial failed",
         "baseline undefended: a 1.5, b 2.25",
         "",
@@ -104,9 +106,9 @@ def test_format_table_by_hand() -> None:
     ])
     every = format_table(table, all_trials=True).splitlines()
     assert every[2:8] == [
-        "0      0     1     1  1  0.125  COMPLETE",
-        "3      0     0.5   4  4  0.1    COMPLETE",
         "5      0     0.25  5  -  0.9    COMPLETE",
+        "3      0     0.5   4  4  0.1    COMPLETE",
+        "0      0     1     1  1  0.125  COMPLETE",
         "1      1     2     2  2  0.5    COMPLETE",
         "2      2     3     3  3  0.75   COMPLETE",
         "4      -     -     -  5  0.9    REEVALUATED",
