@@ -56,7 +56,8 @@ NOTES = {
     "DataSpec.safety_pool": "a safety dataset for the spec's own use (defenses name their pools themselves)",
     "DataSpec.opswap": "the benign OpSwap task",
     "DataSpec.opswap_role": "alongside = mixed into training; task = OpSwap is the training task",
-    "DatasetSpec.path": "a chat JSONL file (relative to the spec's folder), fixture:NAME or hub:ORG/NAME",
+    "DatasetSpec.path": "a local chat JSONL, Parquet, CSV or JSON file or a saved dataset folder (relative to the "
+                        "spec's folder), fixture:NAME or hub:ORG/NAME",
     "DatasetSpec.split": "split of a hub dataset", "DatasetSpec.config": "config of a hub dataset",
     "TrainingSpec.learning_rate": "peak learning rate", "TrainingSpec.num_epochs": "epochs (when max_steps is unset)",
     "TrainingSpec.per_device_batch_size": "examples per step per worker",
