@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 # Mutation testing of the modules behind defenses, metrics, fronts and constraints (not CI; about an
 # hour on a quiet 2-core machine): writes reports/mutants.md. Rerun when those modules change.
 mutants: $(STAMP)
-	nice -n 19 $(PY) tools/mutants.py
+	nice -n 19 $(PY) tests/mutation/mutants.py
 
 # docs/spec.md is generated from the spec's models (a test fails when it is stale).
 docs: $(STAMP)

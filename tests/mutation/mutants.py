@@ -1,14 +1,14 @@
 """Mutation testing for the modules that compute defenses, metrics, fronts and constraints.
 
 ``make mutants`` runs this script (nice'd, one mutant at a time). For every module listed in
-``tools/mutants.yaml`` it makes small changes to the code one at a time (a comparison, an
+``tests/mutation/mutants.yaml`` it makes small changes to the code one at a time (a comparison, an
 arithmetic or boolean operator, a number, a sign, a ``min``/``max``, the branches of a conditional
 expression), runs that module's fast tests against each changed version, and writes
 ``reports/mutants.md``: how many mutants the tests killed, and every survivor with the reason it
 is equivalent to the original or was left. It also re-plants the hand-written bugs of
-``tools/mutants.yaml`` (``planted:``) and records which tests catch each.
+``tests/mutation/mutants.yaml`` (``planted:``) and records which tests catch each.
 
-How a mutant runs (``tools/mutants_run.py``): one pytest session per module collects its tests
+How a mutant runs (``tests/mutation/mutants_run.py``): one pytest session per module collects its tests
 once; a first, unmutated run with a probe before every statement records which lines each test
 executes; then each mutant runs in a forked child that swaps the mutated code into the live
 functions and runs only the tests that execute the mutated lines, fastest first, stopping at the
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WARM = ("torch", "numpy", "yaml", "pydantic", "optuna", "transformers", "peft", "openai", "sqlalchemy",
         "transformers.models.qwen2.modeling_qwen2", "pytest")
 
@@ -253,7 +253,7 @@ def module_name(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "tools" / "mutants.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "tests" / "mutation" / "mutants.yaml"))
     parser.add_argument("--report", default=str(ROOT / "reports" / "mutants.md"))
     parser.add_argument("--module", action="append", help="only this module (path as in the config); repeatable")
     parser.add_argument("--planted-only", action="store_true", help="only re-plant the hand-written bugs")
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name in WARM:
         __import__(name)
-    from mutants_report import commit, load_results, write_report  # tools/ is on the path as a script
+    from mutants_report import commit, load_results, write_report  # this folder is on the path as a script
     from mutants_run import run_session
 
     # results of earlier runs stay for the modules not rerun now (reports/mutants.json)

@@ -38,7 +38,7 @@ def _verdict(row: dict[str, Any], notes: dict[str, dict[str, str]]) -> tuple[str
         return "equivalent", note["equivalent"]
     if "left" in note:
         return "left", note["left"]
-    return "unexplained", f"{row['status']}; no note in tools/mutants.yaml"
+    return "unexplained", f"{row['status']}; no note in tests/mutation/mutants.yaml"
 
 
 def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, str]],
@@ -47,11 +47,11 @@ def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, 
     lines = [
         "# Mutation testing",
         "",
-        f"Written by `make mutants` (`tools/mutants.py`) on {time.strftime('%Y-%m-%d')}. Each mutant is one "
+        f"Written by `make mutants` (`tests/mutation/mutants.py`) on {time.strftime('%Y-%m-%d')}. Each mutant is one "
         "small change to a module (a comparison, an arithmetic or boolean operator, a number, a sign, "
         "`min`/`max`, the branches of a conditional expression), run against those of the module's fast tests "
-        "(listed in `tools/mutants.yaml`) that execute the changed line; the first failing test kills it. "
-        "Score = killed / (mutants - equivalent). Every survivor is explained in `tools/mutants.yaml` "
+        "(listed in `tests/mutation/mutants.yaml`) that execute the changed line; the first failing test kills it. "
+        "Score = killed / (mutants - equivalent). Every survivor is explained in `tests/mutation/mutants.yaml` "
         "(`notes:`): *equivalent* (no input can tell it from the original) or *left* (a real gap, with the "
         "reason it stays). The commit column is the code each module was mutated at.",
         "",
@@ -88,15 +88,15 @@ def write_report(path: Path, record: dict[str, Any], notes: dict[str, dict[str, 
                  f"{totals['left']} | {totals['unexplained']} | **{score}** |")
     missing = [m for m in configured or [] if m not in record["modules"]]
     if missing:
-        lines += ["", "Configured in `tools/mutants.yaml` but not in this record yet (no run finished them; "
-                  "`make mutants` or `tools/mutants.py --module PATH` adds them): "
+        lines += ["", "Configured in `tests/mutation/mutants.yaml` but not in this record yet (no run finished them; "
+                  "`make mutants` or `tests/mutation/mutants.py --module PATH` adds them): "
                   + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", "## Survivors", *(survivors or ["", "None."])]
     if stale:
         lines += ["", "## Notes that no longer apply", "", *stale]
     if record.get("planted"):
         lines += ["", "## Planted bugs (issue 19)", "",
-                  "Each bug is planted by hand (`planted:` in `tools/mutants.yaml` gives the exact text replaced) "
+                  "Each bug is planted by hand (`planted:` in `tests/mutation/mutants.yaml` gives the exact text replaced) "
                   "and run against every fast test listed with it (no `-x`); the failing ones are named.", "",
                   "| planted bug | commit | caught | failing tests |", "|---|---|---|---|"]
         for bug in record["planted"]:
