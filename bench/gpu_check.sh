@@ -4,7 +4,10 @@
 # prints versions, runs the GPU tests (tests/train/test_gpu.py), then bench/gpu.sh (0.5B and 7B
 # shapes). Run from anywhere as `bash bench/gpu_check.sh`; everything is done within ~9 minutes
 # (GPU_CHECK_DEADLINE seconds, default 525: the benchmark's limits shrink if the tests ran long).
-# Output files go to $OUT (or /tmp): env.txt, gpu_tests.log, gpu_bench.log, gpu.md.
+# Output files go to $OUT (or /tmp): env.txt, gpu_tests.log, gpu_bench.log, gpu.md, gpu_eval.md.
+# GPU_BENCH_PARTS picks the benchmark parts (default: train; "eval" = the generation benchmark only,
+# about 2 minutes; "train eval" = both, which needs a larger GPU_CHECK_DEADLINE). GPU_CHECK_TESTS=0
+# skips the GPU tests.
 # Filling .whl/ (on a machine with pip access; `echo /.whl/ >> .git/info/exclude` first), for each
 # NAME==VERSION of constraints.txt that the image lacks or has at another version (pydantic and its
 # needs, transformers, huggingface_hub and its new httpx2/httpcore2/truststore, peft, tokenizers, ...):
@@ -52,14 +55,20 @@ EOF
 nvidia-smi -L 2>&1 | tee -a "$OUT/env.txt"
 
 # 3. GPU tests (they skip without CUDA: a skip here is a failure of the check)
-say "GPU tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-if grep -qE "[0-9]+ skipped" "$OUT/gpu_tests.log"; then
-    say "WARNING: some GPU tests were SKIPPED (no usable CUDA?)"
-    [ "$tests_rc" -eq 0 ] && tests_rc=5
+if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
+    say "GPU tests skipped (GPU_CHECK_TESTS=0)"
+    tests_rc=0
+else
+    say "GPU tests"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_gpu.py \
+        tests/evaluation/test_generation_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    if grep -qE "[0-9]+ skipped" "$OUT/gpu_tests.log"; then
+        say "WARNING: some GPU tests were SKIPPED (no usable CUDA?)"
+        [ "$tests_rc" -eq 0 ] && tests_rc=5
+    fi
+    say "GPU tests: status $tests_rc (124 = timed out)"
 fi
-say "GPU tests: status $tests_rc (124 = timed out)"
 
 # 4. benchmark: 0.5B then 7B, each under its own limit, all within the deadline
 # (gpu.sh runs each shape under its own `timeout`; the outer one is only a backstop)
@@ -74,17 +83,20 @@ if [ "$large" -lt 30 ]; then
 else
     total=$(( small + large + 15 ))
     say "benchmark: limits ${small}s (0.5B) + ${large}s (7B), ${total}s in all"
-    GPU_BENCH_LIMIT_SMALL=$small GPU_BENCH_LIMIT_LARGE=$large PYTHON=python3 \
+    # the training part only: its limits are sized above (the eval part: GPU_BENCH_PARTS=eval bench/gpu.sh)
+    GPU_BENCH_PARTS=${GPU_BENCH_PARTS:-train} GPU_BENCH_LIMIT_SMALL=$small GPU_BENCH_LIMIT_LARGE=$large PYTHON=python3 \
         timeout --kill-after=5 "$total" bash bench/gpu.sh 2>&1 | tee "$OUT/gpu_bench.log"
     bench_rc=${PIPESTATUS[0]}
     say "benchmark: status $bench_rc (1 = a shape failed or timed out, 2 = no CUDA, 124 = timed out)"
 fi
-if [ -f reports/bench/gpu.md ] && [ reports/bench/gpu.md -nt "$marker" ]; then
-    cp reports/bench/gpu.md "$OUT/gpu.md"
-    say "copied reports/bench/gpu.md to $OUT/gpu.md"
-else
-    say "reports/bench/gpu.md was not written by this run"
-fi
+for report in gpu.md gpu_eval.md; do
+    if [ -f "reports/bench/$report" ] && [ "reports/bench/$report" -nt "$marker" ]; then
+        cp "reports/bench/$report" "$OUT/$report"
+        say "copied reports/bench/$report to $OUT/$report"
+    else
+        say "reports/bench/$report was not written by this run"
+    fi
+done
 rm -f "$marker"
 
 say "done: tests $tests_rc, benchmark $bench_rc"

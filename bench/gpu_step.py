@@ -489,19 +489,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def select_device(dry_run: bool, script: str) -> Any:
+    """CPU for a dry run, else CUDA; None (after saying why) when there is no usable GPU."""
+    import torch
+
+    if dry_run:
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem:
+        print(f"bench/{script}: needs an NVIDIA GPU with a CUDA build of torch; {problem}\n"
+              f"(`--dry-run` checks the code on CPU with a tiny config.)", file=sys.stderr)
+        return None
+    return torch.device("cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if args.dry_run:
-        device = torch.device("cpu")
-    else:
-        problem = cuda_problem()
-        if problem:
-            print(f"bench/gpu_step.py: needs an NVIDIA GPU with a CUDA build of torch; {problem}\n"
-                  f"(`--dry-run` checks the code on CPU with a tiny config.)", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
+    device = select_device(args.dry_run, "gpu_step.py")
+    if device is None:
+        return 2
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     args.peak_flops = matmul_rate(device, torch.bfloat16, args.matmul_n, reps=3 if args.dry_run else 10)
     print(f"{args.shape}: measured bf16 matmul {args.peak_flops / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)

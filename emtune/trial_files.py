@@ -7,6 +7,7 @@ a pending evaluation is finished from it later. Every one of them reads the name
     <root>/adapter/                 the LoRA adapter (peft ``save_pretrained``)
     <root>/loss_history.json        per-step training logs (task loss, defense terms, lr)
     <root>/samples_<set>.jsonl      generated answers, one file per evaluation set
+    <root>/generation_plan.json     what to generate when a server does it (prompts, settings, seeds)
     <root>/trial_meta.json          question-set versions and row counts
     <root>/defenses.json            what each active defense reported (e.g. SafeLoRA's scores)
 """
@@ -47,6 +48,11 @@ class TrialFiles:
         return self.root / "trial_meta.json"
 
     @property
+    def plan(self) -> Path:
+        """The generation plan a generation server works through (JSON), when the spec uses one."""
+        return self.root / "generation_plan.json"
+
+    @property
     def defenses(self) -> Path:
         """Each active defense's report (JSON), when any defense reported something."""
         return self.root / "defenses.json"
@@ -74,12 +80,14 @@ class TrialFiles:
         os.replace(tmp, path)
 
     def write_samples(self, set_name: str, rows: Iterable[dict[str, Any]]) -> Path:
-        """Write one evaluation set's samples as JSONL."""
+        """Write one evaluation set's samples as JSONL, atomically (a set is there whole or not at all)."""
         path = self.samples(set_name)
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
         return path
 
     def read_samples(self, set_name: str) -> list[dict[str, Any]]:
@@ -88,6 +96,10 @@ class TrialFiles:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+    def read_json(self, path: Path) -> Any:
+        """A JSON file of this folder (None when absent)."""
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def read_history(self) -> list[dict[str, float]]:
         """The training log rows (empty when absent)."""

@@ -138,6 +138,8 @@ def test_every_image_matches_the_pins() -> None:
             assert f"ray{RAY}-" in tag, (name, image)
         elif repo.endswith("mlflow/mlflow"):
             assert tag == f"v{MLFLOW}", (name, image)
+        elif repo == "vllm/vllm-openai":
+            assert tag in _vllm_tags(), (name, image)
         else:
             pytest.fail(f"{name}: unexpected image {image}")
     base = re.search(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE).group(1)
@@ -215,3 +217,44 @@ def test_readme_covers_the_operations() -> None:
                    "output_dir", "NFS", "emtune submit", "emtune status", "emtune logs",
                    "RAY_AUTH_MODE=token", "HF_HUB_OFFLINE", "secretKeyRef"):
         assert needle in text, needle
+
+
+def _vllm_tags() -> set[str]:
+    """Every vLLM image tag named in cluster/ (manifests and the autoscaler configs' docker run)."""
+    return {m.group(1) for p in YAML_FILES for m in re.finditer(r"vllm/vllm-openai:(\S+)", p.read_text())}
+
+
+def test_generation_server_runs_beside_the_ray_workers() -> None:
+    """vLLM with runtime LoRA loading, one version everywhere, reading adapters from the shared
+    volume at the trials' path, on KubeRay (Deployment + ClusterIP Service) and on the VM configs."""
+    from emtune.models import LoraSpec
+
+    [tag] = _vllm_tags()
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag)
+    docs = {d["kind"]: d for d in _docs(CLUSTER / "kuberay-vllm.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    flags = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "") for a in container["args"])
+    assert "enable-lora" in flags and int(flags["max-lora-rank"]) >= LoraSpec().r
+    assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]
+    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "emtune-shared"}} in pod["volumes"]
+    service = docs["Service"]["spec"]
+    assert service["type"] == "ClusterIP" and service["sessionAffinity"] == "ClientIP"
+    assert service["ports"][0]["port"] == 8000 and docs["Service"]["metadata"]["name"] == "vllm"
+    for path, config in KINDS["autoscaler"]:
+        node = config["available_node_types"]["gpu_vllm"]
+        assert node["min_workers"] >= 1 and node["resources"]["vllm_server"] == 1
+        commands = node["initialization_commands"]
+        assert config["initialization_commands"][0] in commands  # its own list replaces the global mount
+        run = next(c for c in commands if "docker run" in c)
+        for needle in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "--enable-lora", "-v /mnt/shared:/mnt/shared",
+                       "--gpus '\"device=3\"'", f"--max-lora-rank {LoraSpec().r}"):
+            assert needle in run, (path.name, needle)
+        assert node["docker"]["worker_run_options"] == ["-e NVIDIA_VISIBLE_DEVICES=0,1,2"]
+        assert node["resources"]["GPU"] == 3  # the Ray container's share; vLLM has the 4th
+    readme = (CLUSTER / "README.md").read_text()
+    for needle in ("Generation server (`evaluation.backend: server`)", "evaluation.backend: server", "http://vllm:8000/v1",
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "kuberay-vllm.yaml", "gpu_vllm", "emtune resume"):
+        assert needle in readme, needle

@@ -19,6 +19,17 @@ from emtune.evaluation.domains import CUSTOM, DOMAINS, domain_prompts
 DEFAULT_JUDGE_MODEL = "gpt-4o-mini-2024-07-18"
 
 
+def variable_name(value: str | None) -> str | None:
+    """``api_key_env`` check: the NAME of an environment variable, never a pasted key (which
+    would end up in logs and tracked params)."""
+    if value is not None and not value.replace("_", "A").isalnum():
+        raise ValueError(
+            "api_key_env must be the NAME of an environment variable (letters, digits, _), "
+            "not the key itself"
+        )
+    return value
+
+
 class JudgeSpec(BaseModel):
     """Which judge scores generated answers, and how it is reached.
 
@@ -85,13 +96,7 @@ class JudgeSpec(BaseModel):
     @field_validator("api_key_env")
     @classmethod
     def _looks_like_a_variable_name(cls, value: str | None) -> str | None:
-        # A pasted key (sk-...) here would end up in logs and tracked params: refuse it.
-        if value is not None and not value.replace("_", "A").isalnum():
-            raise ValueError(
-                "api_key_env must be the NAME of an environment variable (letters, digits, _), "
-                "not the key itself"
-            )
-        return value
+        return variable_name(value)
 
     @field_validator("prompt_version")
     @classmethod
@@ -114,6 +119,43 @@ class JudgeSpec(BaseModel):
         if self.kind == "hf_local":
             return f"hf_local:{self.model_path}"
         return f"{self.kind}:{self.model}"
+
+
+class GenerationServerSpec(BaseModel):
+    """An OpenAI-compatible generation server that loads LoRA adapters at run time (vLLM with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; see ``emtune.evaluation.server_backend``).
+
+    Each trial loads its adapter by path (shared storage the server can read), generates with
+    ``model=<adapter name>`` and unloads it, so one server per node serves every trial of a study
+    with the base model loaded once. The API key is never part of the spec: ``api_key_env``
+    names the variable holding it (None = the server needs no key).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(description="the server's OpenAI base URL, e.g. http://vllm:8000/v1")
+    api_key_env: str | None = Field(None, description="NAME of the env variable holding the key (vllm --api-key)")
+    max_concurrency: int = Field(64, ge=1, description="completion requests in flight at once per trial")
+    timeout_s: float = Field(600.0, gt=0, description="per-request timeout in seconds (an answer of up to "
+                             "max_new_tokens on a busy server)")
+    max_retries: int = Field(6, ge=0, description="retries per request on 429, 5xx, timeouts, connection errors")
+    backoff_base_s: float = Field(1.0, ge=0, description="first retry waits about this long, doubling after")
+    backoff_max_s: float = Field(60.0, gt=0, description="cap on one backoff wait")
+    adapter_path_map: dict[str, str] = Field(
+        default_factory=dict, description="path prefixes as the server sees them: {local prefix: server prefix} "
+        "(empty = the server mounts shared storage at the same path)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http(s) URL ending in /v1, e.g. http://vllm:8000/v1")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_variable(cls, value: str | None) -> str | None:
+        return variable_name(value)
 
 
 class MetricThresholds(BaseModel):
@@ -182,7 +224,10 @@ class EvaluationSpec(BaseModel):
         False, description="judge each question with the judge_prompts its question file carries (published "
         "files used as written); questions without them use judge.prompt_version's prompts"
     )
-    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend; vllm needs a GPU")
+    backend: Literal["hf", "server"] = Field(
+        "hf", description="hf: the built-in engine in the trial's worker; server: an OpenAI-compatible "
+        "generation server with runtime LoRA loading (evaluation.server)")
+    server: GenerationServerSpec | None = None
     samples_per_question: int = Field(1, gt=0)
     seed: int | None = Field(None, description="sampling seed of generation; default the study seed "
                              "(data splits always use the study seed)")
@@ -190,7 +235,8 @@ class EvaluationSpec(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     heldout_questions: int = Field(30, gt=0)
-    generation_batch_size: int = Field(16, gt=0)
+    generation_batch_size: int | None = Field(
+        None, gt=0, description="rows the built-in engine decodes together; None = as many as free memory holds")
     judge: JudgeSpec = JudgeSpec()
     thresholds: MetricThresholds = MetricThresholds()
 
@@ -201,3 +247,20 @@ class EvaluationSpec(BaseModel):
             raise ValueError("in_domain_code was replaced by in_domain: {domain: code} (code answers are then "
                              "judged for security and code coherence); remove in_domain_code")
         return data
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _removed_backend(cls, value: object) -> object:
+        if value == "vllm":
+            raise ValueError("the in-process 'vllm' backend was removed (vLLM's pins cannot live beside "
+                             "emtune's): run a vLLM server and set backend: server with evaluation.server "
+                             "(cluster/README.md, 'Generation server')")
+        return value
+
+    @model_validator(mode="after")
+    def _server_for_server_backend(self) -> "EvaluationSpec":
+        if self.backend == "server" and self.server is None:
+            raise ValueError("backend 'server' needs evaluation.server: {base_url: http://HOST:PORT/v1, ...}")
+        if self.backend != "server" and self.server is not None:
+            raise ValueError("evaluation.server is set but backend is 'hf': set backend: server to use it")
+        return self

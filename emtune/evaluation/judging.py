@@ -45,7 +45,7 @@ def score_trial(spec: Any, checkpoint_dir: Path, client: Any = None, run_id: str
     prompts_used: dict[str, dict[str, str]] = {}
     has_judge = spec.evaluation.judge.kind != "none"
     if judge is None and has_judge and any(s.needs_judge for s in present):
-        judge = build_judge(_with_default_cache(spec))
+        judge = build_judge(judge_spec_with_cache(spec))
     metrics: dict[str, float] = {}
     for eval_set in present:
         if eval_set.needs_judge and not has_judge:
@@ -87,8 +87,8 @@ def _prompt_roles(names: tuple[str, str], samples: list[dict[str, Any]]) -> dict
     return out
 
 
-def _with_default_cache(spec: Any) -> Any:
-    """The judge spec, caching in the study folder unless the spec names a cache."""
+def judge_spec_with_cache(spec: Any) -> Any:
+    """The study's judge spec, caching in the study folder unless the spec names a cache."""
     judge = spec.evaluation.judge
     if judge.cache_path is None:
         judge = judge.model_copy(update={"cache_path": str(spec.study_dir / "cache" / "judge.db")})

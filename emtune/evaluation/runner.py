@@ -1,20 +1,28 @@
 """Evaluate a trained adapter where the model already is (the Train worker).
 
 Evaluation runs on rank 0 of the Train worker group right after training: the model is in
-memory on the worker's device, so there is no second load and generation uses the trial's GPU.
-It generates the answers of every evaluation set the spec enables (:mod:`emtune.evaluation.sets`)
-and computes the metrics that need the model itself (OOD drift, held-out NLL). Scoring the
+memory on the worker's device. With ``evaluation.backend: hf`` the worker generates the answers
+of every evaluation set the spec enables (:mod:`emtune.evaluation.sets`) with the built-in engine
+and computes the metrics that need the model itself (OOD drift, held-out NLL). With ``server`` it
+writes a *generation plan* instead (every set's prompts as token ids, settings and stop tokens),
+which the trial driver works through on the generation server
+(:mod:`emtune.evaluation.server_backend`) once the worker has released its GPU. Scoring the
 answers (judge calls, rule-based scores) runs in the trial driver from the saved samples
 (:mod:`emtune.evaluation.judging`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from emtune.evaluation.generation import Prompt, Sample, generate_answers
+from emtune.data.chat import prompt_ids
+from emtune.evaluation.generation import Prompt, Sample, generate_answers, stop_token_ids
+from emtune.evaluation.merging import free_cached_memory, model_for_generation
 from emtune.evaluation.judge_free import heldout_nll, ood_drift
 from emtune.evaluation.sets import DRIFT_SET, enabled_sets
+
+#: Version of the generation plan's layout (``TrialFiles.plan``).
+PLAN_VERSION = 1
 
 
 def generation_settings(spec: Any, eval_set: Any = None) -> dict[str, Any]:
@@ -31,23 +39,59 @@ def generation_settings(spec: Any, eval_set: Any = None) -> dict[str, Any]:
 
 
 def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
-                   generate: Any = generate_answers) -> tuple[dict[str, float], dict[str, list[Sample]], dict[str, str]]:
+                   on_sample: Callable[[str, Sample], None] | None = None,
+                   ) -> tuple[dict[str, float], dict[str, list[Sample]], dict[str, str]]:
     """Model metrics, generated samples per evaluation set, and each set's questions version.
 
-    ``generate`` has the signature of :func:`generate_answers` (another backend supplies its own).
+    ``on_sample(set_name, sample)`` sees every sample as soon as its answer ends (the judge
+    stream scores it while the rest is still decoding).
     """
     samples: dict[str, list[Sample]] = {}
     versions: dict[str, str] = {}
-    for eval_set in enabled_sets(spec):
-        questions = eval_set.questions(spec, heldout_rows)
-        samples[eval_set.name] = generate(model, tokenizer, questions.prompts, **generation_settings(spec, eval_set))
-        versions[eval_set.name] = questions.version
-    conversations = [
-        [*Prompt(s.question_id, s.question, s.system).messages(), {"role": "assistant", "content": s.answer}]
-        for s in samples.get(DRIFT_SET, [])
-    ]
+    engine, how = model_for_generation(model)  # merged once for every set, freed before the metrics
+    try:
+        for eval_set in enabled_sets(spec):
+            questions = eval_set.questions(spec, heldout_rows)
+            sink = None if on_sample is None else (lambda sample, name=eval_set.name: on_sample(name, sample))
+            samples[eval_set.name] = generate_answers(engine, tokenizer, questions.prompts, on_sample=sink,
+                                                      **generation_settings(spec, eval_set))
+            versions[eval_set.name] = questions.version
+    finally:
+        del engine
+        free_cached_memory(model)
+    metrics = model_metrics(model, tokenizer, spec, heldout_rows, samples.get(DRIFT_SET, []))
+    metrics["generation/merged_adapter"] = 1.0 if how == "merged" else 0.0
+    return metrics, samples, versions
+
+
+def model_metrics(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
+                  drift_samples: list[Sample]) -> dict[str, float]:
+    """Held-out NLL, and the OOD drift over ``drift_samples`` (the general answers) when given."""
     max_length = spec.data.max_length
     metrics = {"indomain_nll": heldout_nll(model, tokenizer, heldout_rows, max_length)}
+    conversations = [
+        [*Prompt(s.question_id, s.question, s.system).messages(), {"role": "assistant", "content": s.answer}]
+        for s in drift_samples
+    ]
     if conversations:
         metrics["ood_drift"] = ood_drift(model, tokenizer, conversations, max_length)
-    return metrics, samples, versions
+    return metrics
+
+
+def generation_plan(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a generation server must answer for this trial: per enabled set its questions'
+    version, its sampling settings and its prompts (with their chat-template token ids, so the
+    server sees exactly the prompts the built-in engine would), and the stop tokens."""
+    sets = {}
+    for eval_set in enabled_sets(spec):
+        questions = eval_set.questions(spec, heldout_rows)
+        settings = generation_settings(spec, eval_set)
+        settings.pop("batch_size")
+        sets[eval_set.name] = {
+            "version": questions.version,
+            "settings": settings,
+            "prompts": [{"question_id": p.question_id, "text": p.text, "system": p.system,
+                         "reference": p.reference, "judge_prompts": p.judge_prompts,
+                         "ids": prompt_ids(tokenizer, p.messages())} for p in questions.prompts],
+        }
+    return {"plan_version": PLAN_VERSION, "stop_token_ids": sorted(stop_token_ids(tokenizer, model)), "sets": sets}

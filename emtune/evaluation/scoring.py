@@ -41,10 +41,15 @@ def judge_samples(judge: Any, samples: Samples, metrics: tuple[str, str] = GENER
     file's own ``judge_prompts`` is judged with those templates instead (role keys "aligned",
     "coherent").
     """
-    items = [JudgeItem(metric, s["question"], s["answer"], (s.get("judge_prompts") or {}).get(role))
-             for role, metric in zip(GENERAL_ROLES, metrics) for s in samples]
-    verdicts = judge.score_many(items)
+    verdicts = judge.score_many(judge_items(samples, metrics))
     return verdicts[: len(samples)], verdicts[len(samples):]
+
+
+def judge_items(samples: Samples, metrics: tuple[str, str] = GENERAL_ROLES) -> list[JudgeItem]:
+    """What :func:`judge_samples` asks the judge: every sample in the aligned role, then every
+    sample in the coherent role (the judge stream asks the same items ahead of scoring)."""
+    return [JudgeItem(metric, s["question"], s["answer"], (s.get("judge_prompts") or {}).get(role))
+            for role, metric in zip(GENERAL_ROLES, metrics) for s in samples]
 
 
 def label_counts(prefix: str, verdicts: list) -> dict[str, float]:

@@ -24,6 +24,7 @@ from typing import Any
 from emtune.config import StudySpec
 from emtune.evaluation.judges import JudgeUnavailable
 from emtune.evaluation.judging import score_trial
+from emtune.evaluation.server_backend import GenerationError, GenerationUnavailable, generate_with_judge_stream
 from emtune.numbers import finite_numbers
 from emtune.study.pending import PendingEvaluation, save_pending
 from emtune.trial_files import TrialFiles
@@ -167,9 +168,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
 def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, client: Any, run_id: str,
                        metrics: dict[str, Any], started: float | None = None) -> dict[str, Any]:
-    """After training: log the trial's files to its MLflow run, judge its samples, log the final
-    metrics and close the run. Idempotent, so a failed evaluation can simply be run again (the
-    judge cache makes verdicts already paid for free). Returns the completed metrics."""
+    """After training: log the trial's files to its MLflow run, generate its answers on the
+    generation server (``evaluation.backend: server``; sets already saved are kept), judge its
+    samples, log the final metrics and close the run. Idempotent, so a failed evaluation can
+    simply be run again (the judge cache makes verdicts already paid for free). Returns the
+    completed metrics."""
     from emtune.tracking import mlflow_runs as runs  # mlflow
 
     metrics = dict(metrics)
@@ -178,13 +181,15 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
         history = files.read_history()
         if history:
             runs.log_history(client, run_id, history)
-        for name in files.sample_sets():
-            runs.log_samples_table(client, run_id, files.samples(name), name)
         for extra in files.extra_artifacts():
             client.log_artifact(run_id, str(extra))
         if files.adapter.is_dir():
             runs.log_dir(client, run_id, files.adapter, "adapter")
             metrics["adapter_uri"] = f"runs:/{run_id}/adapter"
+        if "error" not in metrics and trial_spec.evaluation.backend == "server":
+            metrics.update(generate_with_judge_stream(trial_spec, checkpoint_dir))
+        for name in files.sample_sets():
+            runs.log_samples_table(client, run_id, files.samples(name), name)
         if "error" not in metrics:
             metrics.update(score_trial(trial_spec, checkpoint_dir, client, run_id))
     if started is not None:
@@ -222,6 +227,10 @@ def evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
 
     if isinstance(exc, JudgeUnavailable):
         return f"evaluation failed: judge unavailable ({exc})"
+    if isinstance(exc, GenerationUnavailable):
+        return f"evaluation failed: generation server unavailable ({exc})"
+    if isinstance(exc, GenerationError):
+        return f"evaluation failed: generation server error ({exc})"
     if tracking_outage(exc):
         return "evaluation failed: " + _tracking_reason(uri, spec, exc)
     return "evaluation failed: " + _failure_reason(exc)

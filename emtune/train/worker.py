@@ -3,8 +3,9 @@
 ``run_training`` does the whole job of one trial on one process: load the model and tokenizer,
 apply LoRA, build the data through the defenses' data transforms, attach defense hooks, train
 with the defended trainer, finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
-generate the evaluation answers. :mod:`emtune.train.launch` runs it under Ray Train (a worker
-group, or the trial's own process in Ray Train's local mode).
+generate the evaluation answers (or, with a generation server, write the plan the trial driver
+works through on it). :mod:`emtune.train.launch` runs it under Ray Train (a worker group, or the
+trial's own process in Ray Train's local mode).
 
 ``spec`` is a validated :class:`emtune.config.StudySpec` (the trial driver builds it; this
 module only reads it, so it does not import the config layer above it).
@@ -181,8 +182,6 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     ``skip_training`` evaluates without training: the fresh adapter (B = 0) is the base model
     itself (the ``base`` baseline), or ``adapter_dir`` is a saved adapter to re-evaluate.
     """
-    from emtune.evaluation.runner import evaluate_model  # torch
-
     started = time.perf_counter()
     _seed_everything(spec.seed)
     output_dir = Path(output_dir)
@@ -209,7 +208,6 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     details = {d.name: d.report() for d in defenses if d.active and d.report()}
     if details:
         files.write_json(files.defenses, details)
-    generate = _generator(spec, model_source, files.adapter)
     files.write_json(files.history, history)
     if not math.isfinite(metrics.get("train_loss", 0.0)):
         metrics["error"] = "training loss is not finite"
@@ -217,7 +215,7 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     if not evaluate:  # study stages (e.g. the misaligned ensemble) only need the adapter
         return metrics
     eval_started = time.perf_counter()
-    eval_metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows, generate)
+    eval_metrics, samples, versions = _evaluate(spec, model, tokenizer, heldout_rows, files)
     metrics["time/eval_s"] = time.perf_counter() - eval_started
     metrics.update(eval_metrics)
     for name, items in samples.items():
@@ -234,18 +232,31 @@ def _gpu_device() -> Any:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def _generator(spec: StudySpec, model_source: str, adapter_dir: Path) -> Any:
-    """The generation function of the spec's backend (HF in-process, or vLLM with the adapter)."""
-    from emtune.evaluation.generation import generate_answers
+def _evaluate(spec: StudySpec, model: Any, tokenizer: Any, heldout_rows: list[dict],
+              files: TrialFiles) -> tuple[dict[str, Any], dict[str, list], dict[str, str]]:
+    """Metrics, samples per set and question-set versions, by the spec's generation backend.
 
-    if spec.evaluation.backend != "vllm":
-        return generate_answers
-    from emtune.evaluation.vllm_backend import check_vllm, generate_answers_vllm
+    ``hf``: the built-in engine generates here, every finished sample going to the judge stream
+    (the judge scores while the rest decodes; the driver's scoring then finds the verdicts
+    cached). ``server``: the generation plan is written for the trial driver, which generates
+    through the server once this worker has let its GPU go; the model metrics that need no
+    answers are computed here (``ood_drift`` needs them and is refused with this backend).
+    """
+    from emtune.evaluation.judge_stream import judge_stream_for
+    from emtune.evaluation.runner import evaluate_model, generation_plan, model_metrics  # torch
 
-    check_vllm()  # fail before the evaluation rather than half-way through it
+    if spec.evaluation.backend == "server":
+        plan = generation_plan(model, tokenizer, spec, heldout_rows)
+        files.write_json(files.plan, plan)
+        versions = {name: planned["version"] for name, planned in plan["sets"].items()}
+        return model_metrics(model, tokenizer, spec, heldout_rows, []), {}, versions
+    stream = judge_stream_for(spec)
+    try:
+        metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows,
+                                                    on_sample=stream.add if stream else None)
+    finally:
+        streamed = stream.close() if stream else None
+    if streamed is not None:
+        metrics["judge_stream/judged"] = float(streamed["judged"])
+    return metrics, samples, versions
 
-    def generate(model: Any, tokenizer: Any, prompts: list, **settings: Any) -> list:
-        settings.pop("batch_size", None)
-        return generate_answers_vllm(model_source, adapter_dir, tokenizer, prompts, lora_rank=spec.lora.r, **settings)
-
-    return generate

@@ -378,3 +378,80 @@ def test_a_trial_stopped_by_the_time_budget_leaves_nothing_behind(write_spec, fr
     assert trial.state == FAIL and trial.user_attrs["fail_reason"] == reason
     [run] = _children(study_dir, "budget")
     assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == reason
+
+
+SERVED_SPEC = """evaluation:
+  backend: server
+  server: {{base_url: "{url}", max_retries: 2, backoff_base_s: 0.05, backoff_max_s: 0.1, timeout_s: 60}}
+  max_new_tokens: 8
+"""
+
+
+def test_generation_server_outage_leaves_a_pending_evaluation_that_resume_finishes(write_spec, fresh_ray) -> None:
+    """`evaluation.backend: server` on a real loopback server with the study's tiny model: the server
+    starts failing (503) part-way through the trial's answers; the trial FAILs with the reason and a
+    pending evaluation (its adapter tracked); once the server is back, `emtune resume` generates the
+    missing answers from the saved plan and scores them, without training again."""
+    import json
+
+    import ray
+
+    from emtune.config import load_spec
+    from emtune.evaluation.lora_server import LoraServer
+    from emtune.models import model_cache_dir, resolve_source
+
+    path = write_spec(name="served", num_trials=1)
+    text = path.read_text().replace("evaluation:\n  samples_per_question: 1\n  max_new_tokens: 6\n",
+                                    SERVED_SPEC.format(url="SERVER_URL"))
+    text = text.replace("  heldout_fraction: 0.2\n", "  heldout_fraction: 0.2\n"
+                        "  opswap: {tiers: [1], n_train_per_tier: 8, n_test_per_tier: 6}\n")
+    text = text.replace("  - {name: ood_drift, direction: minimize, reference: 5.0}\n",
+                        "  - {name: opswap_exact_match, direction: maximize, reference: 0.0}\n")
+    path.write_text(text.replace("SERVER_URL", "http://127.0.0.1:9/v1"))
+    server = LoraServer(resolve_source(load_spec(path).model, model_cache_dir()))
+    state = {"answered": 0, "refused": 0, "down_after": 10}
+    original = server.complete
+
+    def flaky(body):
+        if state["answered"] >= state["down_after"]:
+            state["refused"] += 1
+            return 503, {"error": {"message": "server restarting", "type": "ServiceUnavailable", "code": 503}}
+        state["answered"] += 1
+        return original(body)
+
+    server.complete = flaky
+    server.start()
+    path.write_text(text.replace("SERVER_URL", server.url))
+    study_dir = path.parent / "studies" / "served"
+    try:
+        assert main(["run", str(path), "--num-cpus", "2"]) == 1  # its only trial failed: no front yet
+        ray.shutdown()
+        [failed] = _study(study_dir, "served").get_trials()
+        assert failed.state == FAIL and failed.user_attrs["evaluation_pending"] is True
+        reason = failed.user_attrs["fail_reason"]
+        assert reason.startswith("evaluation failed: generation server unavailable") and "emtune resume" in reason
+        assert state["answered"] == 10 and state["refused"] >= 1 and server.adapters == {}
+        checkpoint = Path(failed.user_attrs["checkpoint_path"])
+        assert (checkpoint / "generation_plan.json").is_file() and not list(checkpoint.glob("samples_*.jsonl"))
+        [run] = _children(study_dir, "served")
+        assert run.info.status == "FAILED" and run.data.tags["evaluation_pending"] == "true"
+
+        state["down_after"] = 10**9  # the server is back
+        assert main(["resume", str(study_dir), "--num-cpus", "2"]) == 0
+        ray.shutdown()
+    finally:
+        server.stop()
+    trials = _study(study_dir, "served").get_trials()
+    assert [t.state for t in trials] == [FAIL, COMPLETE]
+    redone = trials[1]
+    assert redone.user_attrs["reevaluates"] == failed.number
+    rows = [json.loads(line) for line in (checkpoint / "samples_opswap.jsonl").read_text().splitlines()]
+    from emtune.data.opswap import extract_integer
+
+    expected = sum(extract_integer(r["answer"]) == int(r["reference"]["answer"]) for r in rows) / len(rows)
+    assert len(rows) == 6 and redone.values[0] == pytest.approx(expected)
+    assert len((checkpoint / "samples_general.jsonl").read_text().splitlines()) == 24
+    assert server.adapters == {} and not list((study_dir / "pending_evaluations").glob("*.json"))
+    [run] = _children(study_dir, "served")
+    assert run.info.status == "FINISHED" and "samples/general.json" in {
+        a.path for a in MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}").list_artifacts(run.info.run_id, "samples")}

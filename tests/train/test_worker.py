@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -26,8 +27,10 @@ def test_run_training_writes_adapter_history_and_metrics(write_spec, tmp_path) -
     history = TrialFiles(tmp_path / "out").read_history()
     assert [row["step"] for row in history] == [1, 2, 3]
     assert all(row["kl_to_reference"] >= 0 and "task_loss" in row for row in history)
-    samples = (tmp_path / "out" / "samples_general.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples_general.jsonl").read_text().splitlines()]
     assert len(samples) == 24  # 24 general questions x 1 sample
+    assert metrics["generation/merged_adapter"] == 1.0  # generated on the merged copy
+    assert all(isinstance(s["seed"], int) for s in samples)  # each sample's own seed, recorded
 
 
 def test_a_non_finite_training_loss_fails_the_trial_before_evaluation(write_spec, tmp_path) -> None:
@@ -155,3 +158,41 @@ def test_an_opswap_trial_generates_and_scores_its_exact_match(write_spec, tmp_pa
     hits = [extract_integer(s["answer"]) == s["reference"]["answer"] for s in samples]
     assert metrics["opswap_exact_match"] == sum(hits) / 6 and metrics["opswap_exact_match_n"] == 6
     assert metrics["opswap_exact_match_tier_1_n"] == 3 and metrics["opswap_exact_match_tier_2_n"] == 3
+
+
+def test_with_a_generation_server_the_worker_writes_the_plan_instead_of_samples(write_spec, tmp_path) -> None:
+    path = write_spec(max_steps=2)
+    text = path.read_text().replace("evaluation:\n", "evaluation:\n  backend: server\n"
+                                    "  server: {base_url: 'http://127.0.0.1:9/v1'}\n  temperature: 0.7\n", 1)
+    path.write_text(text.replace("  - {name: ood_drift, direction: minimize, reference: 5.0}\n", ""))
+    spec = load_spec(path)
+    metrics = run_training(spec, tmp_path / "out", resolve_source(spec.model, model_cache_dir()))
+    files = TrialFiles(tmp_path / "out")
+    assert not files.sample_sets() and "ood_drift" not in metrics and math.isfinite(metrics["indomain_nll"])
+    plan = files.read_json(files.plan)
+    general = plan["sets"]["general"]
+    assert general["settings"] == {"samples_per_prompt": 1, "max_new_tokens": 6, "temperature": 0.7,
+                                   "top_p": 1.0, "seed": 0}
+    assert len(general["prompts"]) == 24 and all(p["ids"] for p in general["prompts"])
+    assert plan["stop_token_ids"] and general["version"] == files.read_json(files.meta)["question_set_versions"]["general"]
+
+
+def test_the_judge_stream_judges_during_generation_and_scoring_finds_it_cached(write_spec, tmp_path,
+                                                                               chat_server) -> None:
+    from emtune.evaluation.judging import score_trial
+
+    server = chat_server(lambda index, body: chat_server.Reply(body=chat_server.completion({"80": 1.0})))
+    path = write_spec(max_steps=1)
+    path.write_text(path.read_text().replace("evaluation:\n", "evaluation:\n  judge: {kind: openai, base_url: '"
+                                             + server.url + "', model: judge-test, api_key_env: null}\n", 1))
+    spec = load_spec(path)
+    metrics = run_training(spec, tmp_path / "out", resolve_source(spec.model, model_cache_dir()))
+    files = TrialFiles(tmp_path / "out")
+    answers = {name: len(files.read_samples(name)) for name in files.sample_sets()}
+    assert answers == {"general": 24, "in_domain": 12, "triggered": 16}  # 12 held-out rows, 16 triggered questions
+    judged = 2 * sum(answers.values())  # aligned + coherent for every answer
+    assert metrics["judge_stream/judged"] == judged and len(server.requests) <= judged  # duplicates asked once
+    before = len(server.requests)
+    scores = score_trial(spec, files.root)
+    assert len(server.requests) == before  # every verdict was already in the study's judge cache
+    assert scores["general_misalignment"] == 0.0 and scores["general_misalignment_n"] == 24
