@@ -47,8 +47,11 @@ def evaluate_adapter(spec: StudySpec, adapter_dir: Path, model_source: str, seed
     """The trial's evaluation on a saved adapter with another seed (and sample count)."""
     from emtune.train.worker import run_training  # torch
 
+    # Generated here with the built-in engine even for a study that used a generation server: the
+    # model is already in this process, and the adapter sits in a temporary folder a server cannot read.
     evaluation = spec.evaluation.model_copy(update={
-        "samples_per_question": samples or spec.evaluation.samples_per_question, "seed": seed})
+        "samples_per_question": samples or spec.evaluation.samples_per_question, "seed": seed,
+        "backend": "hf", "server": None})
     spec = spec.model_copy(update={"evaluation": evaluation})  # data splits keep the study seed
     with tempfile.TemporaryDirectory(prefix="emtune-confirm-") as tmp:
         metrics = run_training(spec, Path(tmp), model_source, adapter_dir=adapter_dir)
