@@ -227,7 +227,9 @@ class EvaluationSpec(BaseModel):
     backend: Literal["hf", "server"] = Field(
         "hf", description="hf: the built-in engine in the trial's worker; server: an OpenAI-compatible "
         "generation server with runtime LoRA loading (evaluation.server)")
-    server: GenerationServerSpec | None = None
+    server: GenerationServerSpec | None = Field(
+        None, description="the generation server of backend: server (base_url, api_key_env, max_concurrency, "
+        "timeout_s, retries, adapter_path_map); unset with backend hf")
     samples_per_question: int = Field(1, gt=0)
     seed: int | None = Field(None, description="sampling seed of generation; default the study seed "
                              "(data splits always use the study seed)")
