@@ -66,8 +66,8 @@ def generate_answers(
     greedy = temperature == 0
     order = [(p, k) for p in prompts for k in range(samples_per_prompt)]
     seeds = [None if greedy else sample_seed(seed, p.question_id, k) for p, k in order]
-    rendered = {p.question_id: prompt_ids(tokenizer, p.messages()) for p in prompts}
-    jobs = [Job(rendered[p.question_id], s or 0) for (p, _), s in zip(order, seeds)]
+    rendered = [prompt_ids(tokenizer, p.messages()) for p in prompts]
+    jobs = [Job(rendered[i // samples_per_prompt], s or 0) for i, s in enumerate(seeds)]
     stops = stop_token_ids(tokenizer, model)
     samples: list[Sample | None] = [None] * len(jobs)
 

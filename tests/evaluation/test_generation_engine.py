@@ -201,3 +201,15 @@ def test_rows_ending_at_different_steps_are_refilled_then_compacted_without_chan
     loop = DecodeLoop(model, jobs, stop_ids={stop}, rows=4, **run)
     assert loop.run() == expected
     assert loop.n_rows < 4  # the tail ran on a compacted batch
+
+
+def test_prompts_sharing_a_question_id_each_get_their_own_answer(trained) -> None:
+    """Ids name questions, not renderings: two prompts with one id (e.g. one question asked with and
+    without a system prompt) are each answered from their own text."""
+    model, tokenizer = trained
+    twins = [Prompt("same", TEXTS[1]), Prompt("same", TEXTS[3], "Be brief.")]
+    got = generate_answers(model, tokenizer, twins, samples_per_prompt=2, max_new_tokens=12, temperature=0.0)
+    expected = [_hf_greedy(model, tokenizer, p, 12) for p in twins]
+    assert expected[0] != expected[1]
+    assert [s.answer for s in got] == [expected[0], expected[0], expected[1], expected[1]]
+    assert [s.system for s in got] == [None, None, "Be brief.", "Be brief."]
