@@ -192,10 +192,6 @@ def cross_field_problems(spec: Any) -> Found:
             problems.append((f"{item}.relative.to", f"{name} is relative to the {relative.to!r} baseline, which this "
                              f"study does not run: add {relative.to!r} to baselines.kinds (and baselines.enabled: true)"))
         info = metrics.get(name)
-        if name == "ood_drift" and spec.evaluation.backend == "server":
-            problems.append((where, "ood_drift needs the trial's answers inside the worker, but with "
-                             "evaluation.backend: server they are generated after it: use backend hf for it"))
-            continue
         if info is not None and info.judged and not judged:
             problems.append((where, f"metric {name!r} needs a judge: set evaluation.judge.kind to openai or hf_local, "
                              "or use a judge-free metric (ood_drift, indomain_nll)"))

@@ -6,7 +6,9 @@ of every evaluation set the spec enables (:mod:`emtune.evaluation.sets`) with th
 and computes the metrics that need the model itself (OOD drift, held-out NLL). With ``server`` it
 writes a *generation plan* instead (every set's prompts as token ids, settings and stop tokens),
 which the trial driver works through on the generation server
-(:mod:`emtune.evaluation.server_backend`) once the worker has released its GPU. Scoring the
+(:mod:`emtune.evaluation.server_backend`) once the worker has released its GPU; only the set
+OOD drift is measured on (:data:`DRIFT_SET`) is still generated here when the study uses
+``ood_drift`` (:func:`sets_in_worker`), because that metric needs the model on those answers. Scoring the
 answers (judge calls, rule-based scores) runs in the trial driver from the saved samples
 (:mod:`emtune.evaluation.judging`).
 """
@@ -38,19 +40,30 @@ def generation_settings(spec: Any, eval_set: Any = None) -> dict[str, Any]:
     return settings
 
 
+def sets_in_worker(spec: Any) -> set[str]:
+    """With ``evaluation.backend: server``, the sets the worker still generates itself: the drift
+    set when an objective or constraint uses ``ood_drift`` (it needs the model on those answers)."""
+    used = {o.name for o in spec.objectives} | {c.metric for c in spec.constraints}
+    return {DRIFT_SET} if "ood_drift" in used else set()
+
+
 def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
-                   on_sample: Callable[[str, Sample], None] | None = None,
+                   on_sample: Callable[[str, Sample], None] | None = None, only: set[str] | None = None,
                    ) -> tuple[dict[str, float], dict[str, list[Sample]], dict[str, str]]:
     """Model metrics, generated samples per evaluation set, and each set's questions version.
 
     ``on_sample(set_name, sample)`` sees every sample as soon as its answer ends (the judge
-    stream scores it while the rest is still decoding).
+    stream scores it while the rest is still decoding). ``only`` limits generation to those of
+    the enabled sets (None: all of them).
     """
     samples: dict[str, list[Sample]] = {}
     versions: dict[str, str] = {}
+    chosen = [s for s in enabled_sets(spec) if only is None or s.name in only]
+    if not chosen:
+        return model_metrics(model, tokenizer, spec, heldout_rows, []), samples, versions
     engine, how = model_for_generation(model)  # merged once for every set, freed before the metrics
     try:
-        for eval_set in enabled_sets(spec):
+        for eval_set in chosen:
             questions = eval_set.questions(spec, heldout_rows)
             sink = None if on_sample is None else (lambda sample, name=eval_set.name: on_sample(name, sample))
             samples[eval_set.name] = generate_answers(engine, tokenizer, questions.prompts, on_sample=sink,
@@ -78,12 +91,15 @@ def model_metrics(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict
     return metrics
 
 
-def generation_plan(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a generation server must answer for this trial: per enabled set its questions'
-    version, its sampling settings and its prompts (with their chat-template token ids, so the
-    server sees exactly the prompts the built-in engine would), and the stop tokens."""
+def generation_plan(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
+                    exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """What a generation server must answer for this trial: per enabled set (but ``exclude``) its
+    questions' version, its sampling settings and its prompts (with their chat-template token ids,
+    so the server sees exactly the prompts the built-in engine would), and the stop tokens."""
     sets = {}
     for eval_set in enabled_sets(spec):
+        if eval_set.name in exclude:
+            continue
         questions = eval_set.questions(spec, heldout_rows)
         settings = generation_settings(spec, eval_set)
         settings.pop("batch_size")

@@ -239,24 +239,25 @@ def _evaluate(spec: StudySpec, model: Any, tokenizer: Any, heldout_rows: list[di
     ``hf``: the built-in engine generates here, every finished sample going to the judge stream
     (the judge scores while the rest decodes; the driver's scoring then finds the verdicts
     cached). ``server``: the generation plan is written for the trial driver, which generates
-    through the server once this worker has let its GPU go; the model metrics that need no
-    answers are computed here (``ood_drift`` needs them and is refused with this backend).
+    through the server once this worker has let its GPU go; only the drift set is generated here,
+    when the study uses ``ood_drift`` (it needs the model on those answers).
     """
     from emtune.evaluation.judge_stream import judge_stream_for
-    from emtune.evaluation.runner import evaluate_model, generation_plan, model_metrics  # torch
+    from emtune.evaluation.runner import evaluate_model, generation_plan, sets_in_worker  # torch
 
+    only, planned = None, {}
     if spec.evaluation.backend == "server":
-        plan = generation_plan(model, tokenizer, spec, heldout_rows)
+        only = sets_in_worker(spec)
+        plan = generation_plan(model, tokenizer, spec, heldout_rows, exclude=only)
         files.write_json(files.plan, plan)
-        versions = {name: planned["version"] for name, planned in plan["sets"].items()}
-        return model_metrics(model, tokenizer, spec, heldout_rows, []), {}, versions
-    stream = judge_stream_for(spec)
+        planned = {name: entry["version"] for name, entry in plan["sets"].items()}
+    stream = judge_stream_for(spec) if only is None or only else None
     try:
         metrics, samples, versions = evaluate_model(model, tokenizer, spec, heldout_rows,
-                                                    on_sample=stream.add if stream else None)
+                                                    on_sample=stream.add if stream else None, only=only)
     finally:
         streamed = stream.close() if stream else None
     if streamed is not None:
         metrics["judge_stream/judged"] = float(streamed["judged"])
-    return metrics, samples, versions
+    return metrics, samples, {**planned, **versions}
 

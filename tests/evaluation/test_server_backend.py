@@ -226,11 +226,13 @@ def test_spec_checks_for_the_server_backend(write_spec) -> None:
         ("evaluation:\n  server: {base_url: 'http://h:8000/v1'}\n", "set backend: server to use it"),
         ("evaluation:\n  backend: server\n  server: {base_url: 'h:8000/v1'}\n", "must be an http(s) URL"),
         ("evaluation:\n  backend: server\n  server: {base_url: 'http://h/v1', api_key_env: 'sk-abc'}\n", "NAME"),
-        ("evaluation:\n  backend: server\n  server: {base_url: 'http://h/v1'}\n", "ood_drift needs the trial's answers"),
     ]:
         path.write_text(text.replace("evaluation:\n", evaluation, 1))
         with pytest.raises(SpecError, match=re.escape(message)):
             load_spec(path)
+    # ood_drift is allowed: the worker then generates the drift set itself (tests/train/test_worker.py)
+    path.write_text(text.replace("evaluation:\n", "evaluation:\n  backend: server\n  server: {base_url: 'http://h/v1'}\n", 1))
+    assert "ood_drift" in [o.name for o in load_spec(path).objectives]
 
 
 def test_the_driver_judges_answers_as_the_server_returns_them(write_spec, tmp_path, lively_tiny, server,

@@ -161,20 +161,48 @@ def test_an_opswap_trial_generates_and_scores_its_exact_match(write_spec, tmp_pa
 
 
 def test_with_a_generation_server_the_worker_writes_the_plan_instead_of_samples(write_spec, tmp_path) -> None:
+    from emtune.evaluation.runner import sets_in_worker
+
     path = write_spec(max_steps=2)
     text = path.read_text().replace("evaluation:\n", "evaluation:\n  backend: server\n"
                                     "  server: {base_url: 'http://127.0.0.1:9/v1'}\n  temperature: 0.7\n", 1)
     path.write_text(text.replace("  - {name: ood_drift, direction: minimize, reference: 5.0}\n", ""))
     spec = load_spec(path)
+    assert sets_in_worker(spec) == set()
     metrics = run_training(spec, tmp_path / "out", resolve_source(spec.model, model_cache_dir()))
     files = TrialFiles(tmp_path / "out")
     assert not files.sample_sets() and "ood_drift" not in metrics and math.isfinite(metrics["indomain_nll"])
     plan = files.read_json(files.plan)
+    assert sorted(plan["sets"]) == ["general"]  # no judge: the judged sets are not run
     general = plan["sets"]["general"]
     assert general["settings"] == {"samples_per_prompt": 1, "max_new_tokens": 6, "temperature": 0.7,
                                    "top_p": 1.0, "seed": 0}
     assert len(general["prompts"]) == 24 and all(p["ids"] for p in general["prompts"])
     assert plan["stop_token_ids"] and general["version"] == files.read_json(files.meta)["question_set_versions"]["general"]
+
+
+def test_with_a_generation_server_and_ood_drift_the_worker_answers_the_drift_set_itself(write_spec, tmp_path) -> None:
+    """ood_drift needs the fine-tuned model on the general answers: those are generated in the worker
+    (the same answers the built-in backend gives for the same seed), the other sets (here OpSwap's)
+    go to the plan."""
+    from emtune.evaluation.runner import sets_in_worker
+
+    path = write_spec(max_steps=2)
+    path.write_text(path.read_text().replace(
+        "evaluation:\n", "evaluation:\n  backend: server\n  server: {base_url: 'http://127.0.0.1:9/v1'}\n", 1)
+        .replace("  heldout_fraction: 0.2\n", "  heldout_fraction: 0.2\n"
+                 "  opswap: {tiers: [1], n_train_per_tier: 4, n_test_per_tier: 3}\n"))
+    served = load_spec(path)
+    assert sets_in_worker(served) == {"general"}
+    source = resolve_source(served.model, model_cache_dir())
+    metrics = run_training(served, tmp_path / "served", source)
+    files = TrialFiles(tmp_path / "served")
+    assert files.sample_sets() == ["general"] and sorted(files.read_json(files.plan)["sets"]) == ["opswap"]
+    assert sorted(files.read_json(files.meta)["question_set_versions"]) == ["general", "opswap"]
+    built_in = run_training(served.model_copy(update={"evaluation": served.evaluation.model_copy(
+        update={"backend": "hf", "server": None})}), tmp_path / "hf", source)
+    assert metrics["ood_drift"] == pytest.approx(built_in["ood_drift"], rel=1e-6) and metrics["ood_drift"] > 0
+    assert files.read_samples("general") == TrialFiles(tmp_path / "hf").read_samples("general")
 
 
 def test_the_judge_stream_judges_during_generation_and_scoring_finds_it_cached(write_spec, tmp_path,
