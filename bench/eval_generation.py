@@ -180,7 +180,7 @@ def section(args: argparse.Namespace, gen: dict[str, Any], server: dict[str, Any
                  f"{t['server/new_tokens']:.0f}", f"{t['time/server_generate_s']:.2f}",
                  f"{t['server/new_tokens'] / t['time/server_generate_s']:.0f}"] for i, t in enumerate(server["trials"])]
         lines += [f"### (d) Generation server on loopback (`emtune.evaluation.lora_server`, dry-run tiny model)", "",
-                  f"The server loads the base model once ({server['start_s']:.1f} s, paid once per study); each trial "
+                  f"The server loads the base model once ({server['start_s']:.2f} s, paid once per study); each trial "
                   f"then pays only its adapter load and first token. Target: ≤ {SETUP_TARGET_S:.0f} s per trial: "
                   f"{'PASS' if ok else 'MISS'} (worst {max(setups):.2f} s).", "",
                   benchlib.markdown_table(["trial", "adapter load s", "first token s", "setup s", "new tokens",
