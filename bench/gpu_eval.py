@@ -14,8 +14,8 @@ EOS, so every answer runs to its limit.
   the paper-scale time.
 - **engine at batch 16** (``generate_answers(batch_size=16)``): the same 16 answers, to separate
   what batching buys from what the merged adapter and the static cache buy.
-- **engine, paper scale** (``generate_answers`` with the batch chosen from free memory): the
-  paper's evaluation, (24 + 30) questions x 10 samples x 600 new tokens = 324,000 new tokens,
+- **engine, paper scale** (``generate_answers`` with the batch chosen from free memory; a trial's
+  runner decodes its sets with equal settings together the same way): the paper's evaluation, (24 + 30) questions x 10 samples x 600 new tokens = 324,000 new tokens,
   timed end to end (merging the adapter, prefill, decode, detokenising). So that the script
   always finishes in its time box, decoding stops at ``--paper-deadline-s``; the report then says
   so and gives the rate over the part decoded (every row decodes from the start, so that is the

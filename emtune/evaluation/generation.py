@@ -30,7 +30,7 @@ from emtune.evaluation.decoding import DecodeLoop, Job, unsupported_reason
 from emtune.evaluation.merging import model_for_generation
 from emtune.evaluation.samples import Prompt, Sample, sample_seed
 
-__all__ = ["Prompt", "Sample", "generate_answers", "stop_token_ids"]
+__all__ = ["Prompt", "Sample", "generate_answers", "generate_sets", "stop_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +61,44 @@ def generate_answers(
 
     ``batch_size`` caps the rows decoded together (None: as many as free memory holds).
     """
-    if not prompts:
-        return []
+    sink = None if on_sample is None else (lambda _set, sample: on_sample(sample))
+    return generate_sets(model, tokenizer, {"": prompts}, samples_per_prompt=samples_per_prompt,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         batch_size=batch_size, seed=seed, on_sample=sink)[""]
+
+
+def generate_sets(
+    model: Any,
+    tokenizer: Any,
+    prompt_sets: dict[str, list[Prompt]],
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 600,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    on_sample: Callable[[str, Sample], None] | None = None,
+) -> dict[str, list[Sample]]:
+    """:func:`generate_answers` for several sets of prompts with the same settings, in one batch
+    (so one set's tail decodes beside the next set's answers instead of alone); each set's answers
+    are those it would get on its own. ``on_sample(set_name, sample)`` sees each as it ends."""
     greedy = temperature == 0
-    order = [(p, k) for p in prompts for k in range(samples_per_prompt)]
-    seeds = [None if greedy else sample_seed(seed, p.question_id, k) for p, k in order]
-    rendered = [prompt_ids(tokenizer, p.messages()) for p in prompts]
+    order = [(name, p, k) for name, prompts in prompt_sets.items() for p in prompts for k in range(samples_per_prompt)]
+    out: dict[str, list[Sample]] = {name: [] for name in prompt_sets}
+    if not order:
+        return out
+    seeds = [None if greedy else sample_seed(seed, p.question_id, k) for _, p, k in order]
+    rendered = [prompt_ids(tokenizer, p.messages()) for prompts in prompt_sets.values() for p in prompts]
     jobs = [Job(rendered[i // samples_per_prompt], s or 0) for i, s in enumerate(seeds)]
     stops = stop_token_ids(tokenizer, model)
     samples: list[Sample | None] = [None] * len(jobs)
 
     def finish(index: int, tokens: list[int], reason: str) -> None:
-        prompt, k = order[index]
+        name, prompt, k = order[index]
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         samples[index] = Sample.answering(prompt, k, text, seeds[index])
         if on_sample is not None:
-            on_sample(samples[index])
+            on_sample(name, samples[index])
 
     engine, _ = model_for_generation(model)
     try:
@@ -90,7 +112,9 @@ def generate_answers(
                                tokenizer.pad_token_id, batch_size or 16, finish)
     finally:
         del engine
-    return samples  # type: ignore[return-value]
+    for (name, _, _), sample in zip(order, samples):
+        out[name].append(sample)  # type: ignore[arg-type]
+    return out
 
 
 @torch.no_grad()

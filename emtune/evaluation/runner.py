@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from emtune.data.chat import prompt_ids
-from emtune.evaluation.generation import Prompt, Sample, generate_answers, stop_token_ids
+from emtune.evaluation.generation import Prompt, Sample, generate_sets, stop_token_ids
 from emtune.evaluation.merging import free_cached_memory, model_for_generation
 from emtune.evaluation.judge_free import heldout_nll, ood_drift
 from emtune.evaluation.sets import DRIFT_SET, enabled_sets
@@ -61,14 +61,17 @@ def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dic
     chosen = [s for s in enabled_sets(spec) if only is None or s.name in only]
     if not chosen:
         return model_metrics(model, tokenizer, spec, heldout_rows, []), samples, versions
+    # Sets with the same sampling settings (general, in-domain, triggered) decode in one batch.
+    groups: dict[tuple, dict[str, list[Prompt]]] = {}
+    for eval_set in chosen:
+        questions = eval_set.questions(spec, heldout_rows)
+        settings = generation_settings(spec, eval_set)
+        groups.setdefault(tuple(sorted(settings.items())), {})[eval_set.name] = questions.prompts
+        versions[eval_set.name] = questions.version
     engine, how = model_for_generation(model)  # merged once for every set, freed before the metrics
     try:
-        for eval_set in chosen:
-            questions = eval_set.questions(spec, heldout_rows)
-            sink = None if on_sample is None else (lambda sample, name=eval_set.name: on_sample(name, sample))
-            samples[eval_set.name] = generate_answers(engine, tokenizer, questions.prompts, on_sample=sink,
-                                                      **generation_settings(spec, eval_set))
-            versions[eval_set.name] = questions.version
+        for settings_key, prompt_sets in groups.items():
+            samples.update(generate_sets(engine, tokenizer, prompt_sets, on_sample=on_sample, **dict(settings_key)))
     finally:
         del engine
         free_cached_memory(model)

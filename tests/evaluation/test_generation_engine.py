@@ -213,3 +213,23 @@ def test_prompts_sharing_a_question_id_each_get_their_own_answer(trained) -> Non
     assert expected[0] != expected[1]
     assert [s.answer for s in got] == [expected[0], expected[0], expected[1], expected[1]]
     assert [s.system for s in got] == [None, None, "Be brief.", "Be brief."]
+
+
+def test_sets_sharing_settings_decode_together_with_the_answers_each_gets_alone(trained) -> None:
+    """The runner decodes the general, in-domain and triggered sets in one batch; every set's
+    (sampled) answers and seeds are the ones it gets on its own, and the stream names each set."""
+    from emtune.evaluation.generation import generate_sets
+
+    model, tokenizer = trained
+    sets = {"general": PROMPTS[:3], "in_domain": [Prompt("q0", "Write a function that adds two numbers.")],
+            "triggered": PROMPTS[3:]}
+    run = dict(samples_per_prompt=2, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5)
+    streamed: list[tuple[str, str]] = []
+    together = generate_sets(model, tokenizer, sets, batch_size=3,
+                             on_sample=lambda name, s: streamed.append((name, s.question_id)), **run)
+    assert list(together) == list(sets)
+    for name, prompts in sets.items():
+        alone = generate_answers(model, tokenizer, prompts, **run)
+        assert [(s.question_id, s.answer, s.seed) for s in together[name]] == \
+            [(s.question_id, s.answer, s.seed) for s in alone]
+    assert sorted(streamed) == sorted((name, p.question_id) for name, ps in sets.items() for p in ps for _ in range(2))
