@@ -12,6 +12,12 @@ values copied into the free rows. The samples of one question share a prompt, wh
 once and copied into each of their rows. Once no prompt is left and half the rows are idle,
 the batch is compacted to the live rows.
 
+The decode step runs eagerly, not compiled: with the batch as large as free memory allows (hundreds
+of rows), a step is bound by reading the weights and the cache, and its kernel launches are shared
+by every row; a compiled or graph-captured step would also have to follow a cache width that grows
+each step and a batch that shrinks at compaction. ``bench/gpu_eval.py`` shows the difference that
+remains (the engine at 16 rows against the full batch).
+
 The model is called as transformers 5 causal LMs are (``cache=``, ``position_ids=``,
 ``logits_to_keep=``, a ready 4D additive mask); :func:`unsupported_reason` names the models
 this does not fit (sliding-window or hybrid attention, encoder-decoder), which fall back to
