@@ -62,26 +62,24 @@ def generate_answers(
     ``batch_size`` caps the rows decoded together (None: as many as free memory holds).
     """
     sink = None if on_sample is None else (lambda _set, sample: on_sample(sample))
-    return generate_sets(model, tokenizer, {"": prompts}, samples_per_prompt=samples_per_prompt,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         batch_size=batch_size, seed=seed, on_sample=sink)[""]
+    return _generate(model, tokenizer, {"": prompts}, samples_per_prompt=samples_per_prompt,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     batch_size=batch_size, seed=seed, on_sample=sink)[""]
 
 
-def generate_sets(
-    model: Any,
-    tokenizer: Any,
-    prompt_sets: dict[str, list[Prompt]],
-    samples_per_prompt: int = 1,
-    max_new_tokens: int = 600,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int | None = None,
-    seed: int = 0,
-    on_sample: Callable[[str, Sample], None] | None = None,
-) -> dict[str, list[Sample]]:
-    """:func:`generate_answers` for several sets of prompts with the same settings, in one batch
-    (so one set's tail decodes beside the next set's answers instead of alone); each set's answers
-    are those it would get on its own. ``on_sample(set_name, sample)`` sees each as it ends."""
+def generate_sets(model: Any, tokenizer: Any, prompt_sets: dict[str, list[Prompt]],
+                  on_sample: Callable[[str, Sample], None] | None = None, **settings: Any) -> dict[str, list[Sample]]:
+    """:func:`generate_answers` for several sets of prompts with the same ``settings`` (its keyword
+    arguments), in one batch (so one set's tail decodes beside the next set's answers instead of
+    alone); each set's answers are those it would get on its own. ``on_sample(set_name, sample)``
+    sees each as it ends."""
+    defaults = dict(samples_per_prompt=1, max_new_tokens=600, temperature=1.0, top_p=1.0, batch_size=None, seed=0)
+    return _generate(model, tokenizer, prompt_sets, on_sample=on_sample, **{**defaults, **settings})
+
+
+def _generate(model: Any, tokenizer: Any, prompt_sets: dict[str, list[Prompt]], *, samples_per_prompt: int,
+              max_new_tokens: int, temperature: float, top_p: float, batch_size: int | None, seed: int,
+              on_sample: Callable[[str, Sample], None] | None) -> dict[str, list[Sample]]:
     greedy = temperature == 0
     order = [(name, p, k) for name, prompts in prompt_sets.items() for p in prompts for k in range(samples_per_prompt)]
     out: dict[str, list[Sample]] = {name: [] for name in prompt_sets}
