@@ -7,6 +7,9 @@
   the loss stay transformers' own, because the KL defense reads the trained logits (Liger's
   fused linear cross-entropy never forms them), and the LoRA projections stay peft's (Liger's
   MLP calls them). Elsewhere the plain PyTorch path runs (``training.fused_kernels`` turns it off).
+  Liger patches the model type's transformers module (its RoPE function, RMSNorm and MLP classes),
+  so the kernels then stay on for every model of that type built later in the same process: a
+  trial process reused by Ray Tune keeps them for its next trials, whatever their spec says.
 - Selective activation checkpointing: ``training.activation_checkpointing: N`` recomputes the
   activations of every N-th decoder block in the backward pass (1 = every block, transformers'
   usual gradient checkpointing; 2 = half of them; 0 = none). Recomputation costs about one extra

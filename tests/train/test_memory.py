@@ -65,12 +65,31 @@ def test_without_cuda_or_liger_the_model_is_left_alone() -> None:
     assert [type(m).forward for m in model.modules()] == before
 
 
+@pytest.fixture
+def qwen2_module_restored():
+    """Liger patches transformers' Qwen2 module itself (its RMSNorm and MLP classes, the RoPE
+    function, the causal LM's forward), for every model built after it in the process: put them
+    back, or the next test's CPU model would run Triton kernels (and a later comparison would
+    compare Liger with Liger)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))
+    forward = modeling_qwen2.Qwen2ForCausalLM.forward
+    yield
+    for name, value in saved.items():
+        setattr(modeling_qwen2, name, value)
+    modeling_qwen2.Qwen2ForCausalLM.forward = forward
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not fused_kernels_available(), reason="needs CUDA and liger-kernel")
-def test_fused_kernels_give_the_plain_step_on_gpu() -> None:
+def test_fused_kernels_give_the_plain_step_on_gpu(qwen2_module_restored) -> None:
     model = _model().cuda()
     ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
     plain = model(**batch).loss.item()
     assert apply_fused_kernels(model)
     assert model(**batch).loss.item() == pytest.approx(plain, rel=1e-4)
+    from transformers.models.qwen2 import modeling_qwen2
+
+    assert "liger" in modeling_qwen2.apply_rotary_pos_emb.__module__  # the patch the fixture undoes
