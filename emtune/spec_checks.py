@@ -25,6 +25,7 @@ from emtune.defenses.interleaving import pool_dataset
 from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.sets import EVAL_SETS, known_metrics
 from emtune.spec_errors import did_you_mean
+from emtune.train.settings import method_problems
 
 #: A Hugging Face Hub repository id: ORG/NAME.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -53,8 +54,8 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         return value
 
     data = _section(raw, "data")
-    for key in ("train", "safety_pool"):
-        dataset = _section(data, key)
+    warmup = _section(_section(_section(raw, "training"), "grpo"), "warmup")
+    for dataset in (_section(data, "train"), _section(data, "safety_pool"), _section(warmup, "dataset")):
         if "path" in dataset:
             dataset["path"] = local(dataset["path"])
     model = _section(raw, "model")
@@ -110,7 +111,7 @@ def _resolve_defense(entry: dict[str, Any], local: Any) -> None:
 def local_file_problems(spec: Any) -> Found:
     """Every local file or folder the (resolved) spec names must exist."""
     problems = []
-    for where, dataset in (("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool)):
+    for where, dataset in _own_datasets(spec):
         if dataset is not None and is_local_source(dataset.path) and not Path(dataset.path).exists():
             fix = (f"the paper's copy: {dataset.origin}" if dataset.origin
                    else "fix the path (a relative path is read from the spec's folder)")
@@ -151,10 +152,18 @@ def source_problems(spec: Any, check_files: bool = True) -> Found:
     return problems
 
 
+def _own_datasets(spec: Any) -> list[tuple[str, Any]]:
+    """(key, DatasetSpec or None) of the datasets the spec names outside its defenses."""
+    grpo = spec.training.grpo
+    warmup = grpo.warmup.dataset if grpo is not None and grpo.warmup is not None else None
+    return [("data.train", spec.data.train), ("data.safety_pool", spec.data.safety_pool),
+            ("training.grpo.warmup.dataset", warmup)]
+
+
 def dataset_sources(spec: Any) -> list[tuple[str, Any]]:
-    """(key path, DatasetSpec) of every dataset the spec names: training data, pools, EM datasets."""
-    found: list[tuple[str, Any]] = [(f"data.{k}.path", d) for k, d in (("train", spec.data.train),
-                                                                      ("safety_pool", spec.data.safety_pool)) if d]
+    """(key path, DatasetSpec) of every dataset the spec names: training data (and GRPO's warm-up rows),
+    pools, EM datasets."""
+    found: list[tuple[str, Any]] = [(f"{where}.path", d) for where, d in _own_datasets(spec) if d]
     for i, defense in enumerate(spec.defenses):
         if getattr(defense, "pool", None) is not None:
             found.append((f"defenses.{i}.pool" + (".path" if isinstance(defense.pool, DatasetSpec) else ""),
@@ -173,7 +182,7 @@ def dataset_sources(spec: Any) -> list[tuple[str, Any]]:
 def cross_field_problems(spec: Any) -> Found:
     """Problems that need several sections at once: defenses (listed twice, or what a defense
     needs from the rest of the spec), objectives and constraints (their metric's evaluation and
-    judge, their baseline)."""
+    judge, their baseline), the training method (each defense's form for it)."""
     problems: Found = []
     names = [d.name for d in spec.defenses]
     for i, defense in enumerate(spec.defenses):
@@ -182,6 +191,7 @@ def cross_field_problems(spec: Any) -> Found:
                              f"defenses[{names.index(defense.name)}]): keep one entry"))
         for message in DEFENSES[defense.name].spec_problems(defense, spec):
             problems.append((f"defenses.{i}", message))
+    problems += method_problems(spec)
     kinds = set(spec.baselines.kinds) if spec.baselines.enabled else set()
     metrics = known_metrics()
     judged = spec.evaluation.judge.kind != "none"

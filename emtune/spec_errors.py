@@ -169,7 +169,8 @@ def format_validation_error(
             tag = ctx.get("tag", "")
             expected = ctx.get("expected_tags", "")
             names = [t.strip(" '") for t in str(expected).split(",")]
-            msg = f"unknown defense {tag!r}; {did_you_mean(tag, names, cutoff=0.5)}"
+            what = "reward" if "rewards[" in dotted else "defense"
+            msg = f"unknown {what} {tag!r}; {did_you_mean(tag, names, cutoff=0.5)}"
             dotted = f"{dotted}.name"
         elif kind == "literal_error":
             names = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))

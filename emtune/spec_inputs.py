@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from emtune.data.fixtures import FIXTURE_NAMES
 from emtune.data.loading import DataError, load_rows
+from emtune.data.prompts import check_prompt_row
 from emtune.evaluation.prompt_files import PromptFileError, load_prompt_set
 from emtune.evaluation.questions import QuestionSetError, shipped_question_sets
 from emtune.evaluation.sets import EVAL_SETS, judged
@@ -43,7 +44,7 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
     """Read every dataset, question set and prompt set ``spec`` names (see the module docstring)."""
     report = InputReport()
     for where, dataset in dataset_sources(spec):
-        _dataset(report, where, dataset, hub)
+        _dataset(report, where, dataset, hub, spec.training.method)
     ev = spec.evaluation
     _question_set(report, spec, "general", "evaluation.question_set", ev.question_set, "general questions")
     if judged(spec) and ev.triggered_question_set:
@@ -69,7 +70,7 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
     return report
 
 
-def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode) -> None:
+def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode, spec_method: str) -> None:
     source = dataset.path
     if source.startswith("fixture:") and source[8:] not in FIXTURE_NAMES:
         report.problems.append((where, f"unknown fixture {source[8:]!r}; {did_you_mean(source[8:], FIXTURE_NAMES)} "
@@ -83,12 +84,15 @@ def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode) -> Non
         return
     if not source.startswith(("fixture:", "hub:")) and not Path(source).exists():
         return  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
+    # RL trains on prompt rows (emtune.data.prompts); everything else is chat rows
+    prompts = where == "data.train.path" and spec_method == "grpo"
     try:
-        rows = load_rows(dataset)
+        rows = load_rows(dataset, check=check_prompt_row) if prompts else load_rows(dataset)
     except (DataError, OSError, UnicodeDecodeError) as err:
         report.problems.append((where, _one_line(err)))
         return
-    label = {"data.train.path": "train rows", "data.safety_pool.path": "safety pool rows"}.get(where)
+    label = {"data.train.path": "train rows", "data.safety_pool.path": "safety pool rows",
+             "training.grpo.warmup.dataset.path": "warm-up rows"}.get(where)
     if label:
         report.counts[label] = len(rows)
 

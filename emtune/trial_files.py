@@ -10,6 +10,7 @@ a pending evaluation is finished from it later. Every one of them reads the name
     <root>/generation_plan.json     what to generate when a server does it (prompts, settings, seeds)
     <root>/trial_meta.json          question-set versions and row counts
     <root>/defenses.json            what each active defense reported (e.g. SafeLoRA's scores)
+    <root>/rollouts.jsonl           RL only: sample rollouts per logged step (prompt, completion, reward)
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class TrialFiles:
         """Each active defense's report (JSON), when any defense reported something."""
         return self.root / "defenses.json"
 
+    @property
+    def rollouts(self) -> Path:
+        """RL trials: sample rollouts (step, prompt, completion, reward, advantage), JSONL."""
+        return self.root / "rollouts.jsonl"
+
     def samples(self, set_name: str) -> Path:
         """Generated answers of one evaluation set (JSONL, one sample per line)."""
         return self.root / f"{_SAMPLES_PREFIX}{set_name}{_SAMPLES_SUFFIX}"
@@ -81,7 +87,10 @@ class TrialFiles:
 
     def write_samples(self, set_name: str, rows: Iterable[dict[str, Any]]) -> Path:
         """Write one evaluation set's samples as JSONL, atomically (a set is there whole or not at all)."""
-        path = self.samples(set_name)
+        return self.write_jsonl(self.samples(set_name), rows)
+
+    def write_jsonl(self, path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+        """Write rows as JSONL (one object per line) at one of this folder's paths, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as handle:

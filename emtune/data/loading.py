@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
@@ -86,7 +86,10 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
+RowCheck = Callable[[Any, str], dict[str, Any]]
+
+
+def _read_jsonl(path: Path, limit: int | None, check: RowCheck) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -96,7 +99,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            rows.append(check_row(row, f"{path}:{number}"))
+            rows.append(check(row, f"{path}:{number}"))
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
@@ -119,41 +122,42 @@ def resolve_dataset_path(path: str, base_dir: Path | None = None) -> Path | str:
     return local
 
 
-def load_rows(spec: Any, base_dir: Path | None = None) -> list[dict[str, Any]]:
-    """All rows of a DatasetSpec, schema-checked."""
+def load_rows(spec: Any, base_dir: Path | None = None, check: RowCheck = check_row) -> list[dict[str, Any]]:
+    """All rows of a DatasetSpec, each passed through ``check(row, where)`` (default: the chat
+    schema, :func:`check_row`; prompt-only rows for RL use :func:`emtune.data.prompts.check_prompt_row`)."""
     source = resolve_dataset_path(spec.path, base_dir)
     if needs_mapping(spec, source):
         if not isinstance(source, str) and not source.exists():
             raise DataError(f"{source}: dataset file not found (data path {spec.path!r}); check the path")
         try:
-            return [check_row(row, where) for where, row in mapped_rows(spec, source)]
+            return [check(row, where) for where, row in mapped_rows(spec, source)]
         except SourceError as err:
             raise DataError(str(err)) from None
     if isinstance(source, str):
-        return _load_hub(source[len("hub:"):], spec)
+        return _load_hub(source[len("hub:"):], spec, check)
     if source.is_dir():
         from datasets import load_from_disk
 
-        return _check_all(load_from_disk(str(source)), str(source), spec.limit)
+        return _check_all(load_from_disk(str(source)), str(source), spec.limit, check)
     if not source.is_file():
         raise DataError(f"{source}: dataset file not found (data path {spec.path!r}); check the path")
-    return _read_jsonl(source, spec.limit)
+    return _read_jsonl(source, spec.limit, check)
 
 
-def _load_hub(name: str, spec: Any) -> list[dict[str, Any]]:
+def _load_hub(name: str, spec: Any, check: RowCheck) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(name, spec.config, split=spec.split)
     except Exception as err:  # datasets raises many types; the user needs the source and cause
         raise DataError(f"hub:{name}: cannot load split {spec.split!r}: {err}") from None
-    return _check_all(dataset, f"hub:{name}", spec.limit)
+    return _check_all(dataset, f"hub:{name}", spec.limit, check)
 
 
-def _check_all(dataset: Any, label: str, limit: int | None) -> list[dict[str, Any]]:
+def _check_all(dataset: Any, label: str, limit: int | None, check: RowCheck) -> list[dict[str, Any]]:
     rows = []
     for i, row in enumerate(dataset):
-        rows.append(check_row(row, f"{label} row {i}"))
+        rows.append(check(row, f"{label} row {i}"))
         if limit is not None and len(rows) >= limit:
             break
     return rows

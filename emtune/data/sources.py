@@ -43,7 +43,8 @@ class SourceError(ValueError):
 
 class ChatColumns(StrictModel):
     """How one table row becomes chat messages: ``messages`` (a column already holding a list of
-    {role, content}), or ``user`` + ``assistant`` (+ optional ``system``) text columns."""
+    {role, content}), or ``user`` + ``assistant`` (+ optional ``system``) text columns; RL's
+    prompt-only rows (``training.method: grpo``) need no ``assistant``."""
 
     messages: str | None = None
     system: str | None = None
@@ -55,8 +56,9 @@ class ChatColumns(StrictModel):
         turns = (self.system, self.user, self.assistant)
         if self.messages and any(turns):
             raise ValueError("give either `messages` or user/assistant (/system) columns, not both")
-        if not self.messages and not (self.user and self.assistant):
-            raise ValueError("a column mapping needs `user` and `assistant` (or a `messages` column)")
+        if not self.messages and not self.user:
+            raise ValueError("a column mapping needs `user` (and `assistant`, except for the prompt-only rows "
+                             "of RL), or a `messages` column")
         return self
 
     def used(self) -> list[str]:
@@ -124,9 +126,13 @@ def keep(row: dict[str, Any], where: dict[str, Any]) -> bool:
 
 
 def to_chat(row: dict[str, Any], columns: ChatColumns | None, where: str) -> dict[str, Any]:
-    """One source row as ``{"messages": [...]}`` (schema-checked by the caller)."""
+    """One source row as ``{"messages": [...]}`` plus its other scalar columns (RL rewards read
+    them, e.g. an ``answer``; the chat schema check keeps only the messages)."""
+    used = set(columns.used()) if columns else {"messages"}
+    extra = {k: v for k, v in row.items() if k not in used and k not in ("messages", "prompt")
+             and isinstance(v, (str, int, float, bool, type(None)))}
     if columns is None or columns.messages:
-        return {"messages": row.get(columns.messages if columns else "messages")}
+        return {**extra, "messages": row.get(columns.messages if columns else "messages")}
     messages = []
     for role in ("system", "user", "assistant"):
         column = getattr(columns, role)
@@ -139,7 +145,7 @@ def to_chat(row: dict[str, Any], columns: ChatColumns | None, where: str) -> dic
             raise SourceError(f"{where}: column {column!r} ({role}) is {value!r}, not text; keep only rows "
                               f"that have it with `where`")
         messages.append({"role": role, "content": value})
-    return {"messages": messages}
+    return {**extra, "messages": messages}
 
 
 def mapped_rows(spec: Any, source: Path | str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -11,8 +11,9 @@ The study asks the class, never attribute names of its config:
 - ``local_files(config)``: the local files and folders it reads (made absolute and checked to exist);
 - ``prepare(config, stage)``: a study stage run once before the trials (persona vectors, a
   misaligned ensemble), returning the config with the stage's outputs filled in;
-- ``training_methods``: the training methods it has a form for (``sft``; RL forms are declared
-  by the defenses that have one).
+- ``training_methods``: the training methods it has a form for: ``sft``, and ``grpo`` where the
+  defense has an RL form. ``emtune validate`` refuses a spec whose ``training.method`` a listed
+  defense has no form for, naming the defense.
 
 During training, a trial may stack several defenses; the trainer calls, in order:
 
@@ -24,6 +25,20 @@ During training, a trial may stack several defenses; the trainer calls, in order
 
 ``reference()`` returns the adapter-disabled model's outputs on the same batch (computed at most
 once per step and shared by all defenses), so no second copy of the weights is ever loaded.
+
+The RL setting (``training.method: grpo``, :mod:`emtune.train.grpo`) calls ``attach``,
+``finalize`` and ``detach`` as above, and ``loss_terms`` on every update with the batch of
+prompt + completion tokens (``labels`` = the completion tokens) unless the class sets
+``rl_loss_terms_apply = False`` (its RL form is something else, e.g. the KL defense's β). Instead of ``transform_data`` it
+calls ``transform_prompts(rows)`` on the prompt rows, and it asks each active defense for:
+
+- ``rl_settings()``: GRPO settings the defense sets (the KL defense: ``{"beta": λ}``);
+- ``supervised_mix()``: a :class:`SupervisedMix`, a supervised step on chat rows every N GRPO
+  steps with weight w (interleaving's RL form);
+- ``begin_update(positions)`` / ``end_update()`` around the forward pass that the policy gradient
+  flows through, ``positions`` = [batch, tokens] mask of the positions that predict a completion
+  token (persona steering's decode-only form steers only there, never during rollouts).
+
 Every hook defaults to a no-op.
 """
 
@@ -63,6 +78,16 @@ def is_local_source(path: str) -> bool:
     return not path.startswith(("fixture:", "hub:"))
 
 
+@dataclass(frozen=True)
+class SupervisedMix:
+    """A supervised step inside RL: on every ``every_steps``-th optimizer step the loss also gets
+    ``weight`` x the next-token loss of a batch of ``rows`` (chat rows, cycled in order)."""
+
+    rows: Rows
+    every_steps: int
+    weight: float
+
+
 @dataclass
 class StageServices:
     """What the study lends a defense's ``prepare`` step.
@@ -92,12 +117,14 @@ class Defense:
     strength: ClassVar[tuple[str, ...]] = ()
     #: Settings that switch the defense off: training is then exactly undefended.
     off: ClassVar[dict[str, Any]] = {}
-    #: Training methods this defense has a form for.
+    #: Training methods this defense has a form for (``sft``; ``grpo`` = it has an RL form).
     training_methods: ClassVar[tuple[str, ...]] = ("sft",)
     #: True when ``loss_terms`` reads the trained model's hidden states from ``outputs``.
     needs_hidden_states: ClassVar[bool] = False
     #: True when ``loss_terms`` reads ``reference()`` with hidden states.
     needs_reference_hidden_states: ClassVar[bool] = False
+    #: RL: add ``loss_terms`` on each update's prompt + completion tokens (False: not its RL form).
+    rl_loss_terms_apply: ClassVar[bool] = True
 
     def __init__(self, config: Any, context: DefenseContext):
         self.config = config
@@ -158,3 +185,23 @@ class Defense:
     def report(self) -> dict[str, Any]:
         """Details worth keeping with the trial (e.g. per-layer scores); saved as an artifact."""
         return {}
+
+    # --- hooks of the RL setting (training.method: grpo) -------------------------------------
+
+    def transform_prompts(self, rows: Rows) -> Rows:
+        """Return the prompt rows RL trains on (``{"prompt": messages, ...}``; default: unchanged)."""
+        return rows
+
+    def rl_settings(self) -> dict[str, Any]:
+        """GRPO settings this defense sets (e.g. ``{"beta": 0.1}``); default none."""
+        return {}
+
+    def supervised_mix(self) -> SupervisedMix | None:
+        """A supervised step to interleave with the GRPO steps, or None."""
+        return None
+
+    def begin_update(self, positions: Any) -> None:
+        """The policy-gradient forward pass starts; ``positions`` marks completion-predicting tokens."""
+
+    def end_update(self) -> None:
+        """The policy-gradient forward pass is over."""

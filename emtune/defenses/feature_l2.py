@@ -33,6 +33,11 @@ The dial is λ: λ = 0 turns the defense off (``active`` is False). ``tokens: re
 the positions to those the task loss trains (whose next token is an assistant token), the same
 rule as the KL defense. emtune's earlier default layers (``round(k·L/5)``, hidden states 6, 11,
 17, 22, 28 for 28 blocks) are reachable as an explicit list.
+
+RL form (``training.method: grpo``): the same term is added to the GRPO loss on every update,
+computed on the update's prompt + completion tokens (``tokens: response`` = the completion
+positions) with a forward pass of its own (TRL's fused log-prob head does not return hidden
+states), against the adapter-disabled reference on the same tokens.
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ class FeatureL2(Defense):
     off = {"weight": 0.0}
     needs_hidden_states = True
     needs_reference_hidden_states = True
+    training_methods = ("sft", "grpo")
 
     def __init__(self, config: FeatureL2Config, context: Any):
         super().__init__(config, context)

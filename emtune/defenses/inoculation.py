@@ -14,6 +14,10 @@ and domain-specific ones (insecure code, bad medical advice, risky financial adv
 ``evil_general`` (the paper's sentence), mode ``replace``. The dial is categorical: which prompt,
 with ``none`` = off. Only ``transform_data`` acts, and the trainer applies it to training rows
 only: held-out rows and evaluation prompts never pass through it.
+
+RL form (``training.method: grpo``): the same rewrite of the training prompts' system prompt
+(``transform_prompts``); rollouts are generated under it, evaluation never sees it. (The paper
+finds that under RL the model then fails to learn the task.)
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class Inoculation(Defense):
     config_class = InoculationConfig
     strength = ("prompt",)
     off = {"prompt": NONE}
+    training_methods = ("sft", "grpo")
 
     @property
     def active(self) -> bool:
@@ -120,3 +125,9 @@ class Inoculation(Defense):
             return rows
         text = self.config.text
         return [{**row, "messages": inoculate_messages(row["messages"], text, self.config.mode)} for row in rows]
+
+    def transform_prompts(self, rows: Rows) -> Rows:
+        if not self.active:
+            return rows
+        text = self.config.text
+        return [{**row, "prompt": inoculate_messages(row["prompt"], text, self.config.mode)} for row in rows]

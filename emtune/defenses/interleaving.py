@@ -20,6 +20,16 @@ Counts are exact: ``round`` is half-up on the ratio as written (0.05 x 30 = 1.5 
 in decimal so binary float error never moves a count. Both the draw and the shuffle come from
 the seed (``seed`` or, by default, the trial seed), through separate streams, so the same seed
 gives the same training set and a different seed a different one.
+
+RL form (``training.method: grpo``; paper v3, the group's ``GRPOSFTMixTrainer``), ``rl_form``:
+
+- ``supervised_steps`` (default): the round(ratio · |task prompts|) drawn safety rows are not
+  mixed into the prompts; instead every ``rl_every_steps``-th GRPO optimizer step (N; the group:
+  4, 8, 16) also takes ``rl_weight`` (w; the group: 0.5..1) x the next-token loss of a batch of
+  them: L_k = L_GRPO + w · L_SFT(safety batch) when k ≡ 0 (mod N), else L_GRPO;
+- ``prompt_mix``: round(ratio · |task prompts|) safety prompts (their answers dropped) are
+  shuffled into the RL prompts as ``prompt_kind: safe`` rows, rewarded by the spec's rewards with
+  ``applies_to: safe`` (a harmlessness grader; the group: ratio 0.2).
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from emtune.data.loading import DatasetSpec, load_rows
+from emtune.data.prompts import PROMPT_KIND, prompt_from_chat
 from emtune.data.sizes import dataset_rows, task_rows
-from emtune.defenses.base import Defense, LocalFile, Rows, is_local_source
+from emtune.defenses.base import Defense, LocalFile, Rows, SupervisedMix, is_local_source
 from emtune.spec_errors import StrictModel
 
 DEFAULT_POOL = "fixture:safe_instruct"
@@ -77,7 +88,55 @@ class PoolSettings(StrictModel):
         return self
 
 
-class InterleavingConfig(PoolSettings):
+class RLInterleavingFields(StrictModel):
+    """The RL form's settings, shared by both interleaving defenses (ignored by SFT)."""
+
+    rl_form: Literal["supervised_steps", "prompt_mix"] = Field(
+        "supervised_steps", description="GRPO: a supervised step on the safety rows every N steps, or safety "
+        "prompts mixed into the RL batch (rewarded by a reward with applies_to: safe)")
+    rl_every_steps: int = Field(8, gt=0, description="GRPO supervised_steps: N (the group: 4, 8 or 16)")
+    rl_weight: float = Field(1.0, ge=0, description="GRPO supervised_steps: w (the group: 0.5..1)")
+
+
+def rl_form_problems(name: str, config: Any, spec: Any) -> list[str]:
+    """prompt_mix needs a reward for the safe prompts it adds."""
+    if spec.training.method != "grpo" or config.rl_form != "prompt_mix" or spec.training.grpo is None:
+        return []
+    if not any(r.applies_to == "safe" for r in spec.training.grpo.rewards):
+        return [f"{name} rl_form prompt_mix adds safe prompts: add a reward with applies_to: safe to "
+                "training.grpo.rewards (e.g. name: grader, rubric: harmless)"]
+    return []
+
+
+class RLInterleavingForm:
+    """The RL hooks of both interleaving defenses; ``safety_rows(num_task)`` picks the safety rows."""
+
+    config: Any
+    seed: int
+    _num_task: int | None = None
+
+    def safety_rows(self, num_task: int) -> Rows:
+        raise NotImplementedError
+
+    def transform_prompts(self, rows: Rows) -> Rows:
+        self._num_task = len(rows)
+        if not self.active or self.config.rl_form != "prompt_mix":  # type: ignore[attr-defined]
+            return rows
+        safe = [{**prompt_from_chat(r), PROMPT_KIND: "safe"} for r in self.safety_rows(len(rows))]
+        return interleave(rows, safe, self.seed)
+
+    def supervised_mix(self) -> SupervisedMix | None:
+        if not self.active or self.config.rl_form != "supervised_steps" or not self.config.rl_weight:  # type: ignore[attr-defined]
+            return None
+        if self._num_task is None:
+            raise RuntimeError("supervised_mix needs the task prompts: call transform_prompts first")
+        rows = self.safety_rows(self._num_task)
+        if not rows:
+            return None
+        return SupervisedMix(rows=rows, every_steps=self.config.rl_every_steps, weight=self.config.rl_weight)
+
+
+class InterleavingConfig(PoolSettings, RLInterleavingFields):
     """Settings of random interleaving; ``ratio`` (safe / task examples) is the search dial."""
 
     name: Literal["interleaving"] = "interleaving"
@@ -182,23 +241,34 @@ def pool_files(config: Any) -> list[LocalFile]:
     return [LocalFile("pool.path" if isinstance(config.pool, DatasetSpec) else "pool", dataset.path, hint=hint)]
 
 
-class Interleaving(Defense):
+class Interleaving(RLInterleavingForm, Defense):
     """Mixes round(ratio · |task|) random safety-pool examples into the training rows."""
 
     config_class = InterleavingConfig
-    strength = ("ratio",)
+    strength = ("ratio", "rl_every_steps", "rl_weight")
     off = {"ratio": 0.0}
+    training_methods = ("sft", "grpo")
 
     @classmethod
     def spec_problems(cls, config: InterleavingConfig, spec: Any) -> list[str]:
-        """The pool must hold the rows the largest (searched) ratio needs, unless drawn with replacement."""
-        if config.with_replacement:
-            return []
-        return pool_size_problems("interleaving", config, spec, replacement_hint=True)
+        """The pool must hold the rows the largest (searched) ratio needs, unless drawn with
+        replacement; the RL form's prompt mix needs a reward for its safe prompts."""
+        problems = rl_form_problems("interleaving", config, spec)
+        if not config.with_replacement:
+            problems += pool_size_problems("interleaving", config, spec, replacement_hint=True)
+        return problems
 
     @classmethod
     def local_files(cls, config: InterleavingConfig) -> list[LocalFile]:
         return pool_files(config)
+
+    def safety_rows(self, num_task: int) -> Rows:
+        """round(ratio · num_task) pool rows drawn with the seed (mixed into SFT rows; the RL form's
+        safety data)."""
+        count = safe_count(self.config.ratio, num_task)
+        self._logs = {"interleaving/num_safe": float(count), "interleaving/num_task": float(num_task)}
+        return draw_safe_rows(load_pool(self.config), count, self.seed, pool_label(self.config),
+                              self.config.with_replacement)
 
     def __init__(self, config: InterleavingConfig, context: Any):
         super().__init__(config, context)
@@ -216,11 +286,7 @@ class Interleaving(Defense):
     def transform_data(self, rows: Rows) -> Rows:
         if not self.active:
             return rows
-        count = safe_count(self.config.ratio, len(rows))
-        safe = draw_safe_rows(load_pool(self.config), count, self.seed, pool_label(self.config),
-                              self.config.with_replacement)
-        self._logs = {"interleaving/num_safe": float(count), "interleaving/num_task": float(len(rows))}
-        return interleave(rows, safe, self.seed)
+        return interleave(rows, self.safety_rows(len(rows)), self.seed)
 
     def finalize(self, model: Any) -> dict[str, float]:
         """The counts of the last transform, for the trial's logs."""

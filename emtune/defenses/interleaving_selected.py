@@ -20,6 +20,11 @@ trial (:mod:`emtune.data.selection_cache`); a miss loads a fresh copy of the ali
 scores the pool once. The misaligned ensemble is either given (``misaligned_adapters``) or
 trained by this defense's study stage (:meth:`SelectedInterleaving.prepare`): one undefended
 adapter per ``misaligned_datasets`` entry, trained once per study and cached.
+
+RL form (``training.method: grpo``): as for random interleaving (``rl_form``: a supervised step
+on the selected rows every ``rl_every_steps`` GRPO steps with weight ``rl_weight``, or the
+selected rows' prompts mixed into the RL batch), with the selected rows as the safety data. The
+misaligned ensemble is fine-tuned supervised (SFT) on ``misaligned_datasets`` in an RL study too.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from emtune.data.selection import REFUSAL_KEYWORDS, REFUSAL_WINDOW_WORDS
 from emtune.data.selection_cache import load_or_compute_scores, load_or_select
 from emtune.defenses.base import Defense, LocalFile, Rows, StageServices
 from emtune.defenses.interleaving import (
-    PoolSettings, absolute_if_local, interleave, load_pool, pool_files, pool_label, pool_size_problems, safe_count,
+    PoolSettings, RLInterleavingFields, RLInterleavingForm, absolute_if_local, interleave, load_pool,
+    pool_files, pool_label, pool_size_problems, rl_form_problems, safe_count,
 )
 from emtune.models import ModelSpec, load_model, load_tokenizer, model_cache_dir, resolve_source, scoring_identity
 
@@ -51,7 +57,7 @@ def adapter_matches(entry: str, path: str) -> bool:
     return Path(entry).expanduser().resolve() == Path(path).expanduser().resolve()
 
 
-class SelectedInterleavingConfig(PoolSettings):
+class SelectedInterleavingConfig(PoolSettings, RLInterleavingFields):
     """Settings of Interleaving+ / ++; ``ratio`` and ``variant`` are the search dials."""
 
     name: Literal["interleaving_selected"] = "interleaving_selected"
@@ -103,12 +109,13 @@ class SelectedInterleavingConfig(PoolSettings):
         return self
 
 
-class SelectedInterleaving(Defense):
+class SelectedInterleaving(RLInterleavingForm, Defense):
     """Mixes the round(ratio · |task|) best perplexity-gap-scored pool rows into the training rows."""
 
     config_class = SelectedInterleavingConfig
-    strength = ("ratio",)
+    strength = ("ratio", "variant", "rl_every_steps", "rl_weight")
     off = {"ratio": 0.0}
+    training_methods = ("sft", "grpo")
 
     @classmethod
     def spec_problems(cls, config: SelectedInterleavingConfig, spec: Any) -> list[str]:
@@ -119,7 +126,7 @@ class SelectedInterleaving(Defense):
         if config.ratio > 0 and not config.misaligned_adapters and not config.misaligned_datasets:
             problems.append("interleaving_selected needs misaligned_adapters (LoRA adapters fine-tuned "
                             "undefended on EM datasets) or misaligned_datasets (the study trains them first)")
-        return problems
+        return problems + rl_form_problems("interleaving_selected", config, spec)
 
     @classmethod
     def local_files(cls, config: SelectedInterleavingConfig) -> list[LocalFile]:
@@ -218,10 +225,17 @@ class SelectedInterleaving(Defense):
     def transform_data(self, rows: Rows) -> Rows:
         if not self.active:
             return rows
+        safe = self.safety_rows(len(rows))
+        return interleave(rows, safe, self.seed) if safe else list(rows)
+
+    def safety_rows(self, num_task: int) -> Rows:
+        """The round(ratio · num_task) best-scored pool rows (scored once per pool, then cached)."""
+        from emtune.data.selection_cache import load_or_select
+
         adapters = self.adapter_paths()  # fail on a missing ensemble before reading the pool
-        count = safe_count(self.config.ratio, len(rows))
+        count = safe_count(self.config.ratio, num_task)
         if count == 0:  # a ratio too small for this task set: nothing to score or add
-            return list(rows)
+            return []
         pool_rows = load_pool(self.config)
         table = self.score_table(pool_rows)
         try:
@@ -231,14 +245,14 @@ class SelectedInterleaving(Defense):
             raise ValueError(f"interleaving_selected (pool {pool_label(self.config)}): {err}") from None
         self._logs = {
             "interleaving_selected/num_safe": float(count),
-            "interleaving_selected/num_task": float(len(rows)),
+            "interleaving_selected/num_task": float(num_task),
             "interleaving_selected/num_adapters": float(len(adapters)),
             "interleaving_selected/pool_refusals": float(chosen["num_refusals"]),
             "interleaving_selected/mean_selected_score": float(chosen["mean_selected_score"]),
         }
         self._report = {"pool": pool_label(self.config), "variant": self.config.variant, "seed": self.seed,
                         "misaligned_adapters": adapters, **chosen}
-        return interleave(rows, [pool_rows[i] for i in chosen["indices"]], self.seed)
+        return [pool_rows[i] for i in chosen["indices"]]
 
     def finalize(self, model: Any) -> dict[str, float]:
         """The selection's counts and mean score, for the trial's logs."""

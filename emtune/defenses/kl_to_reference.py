@@ -12,6 +12,13 @@ The reference's logits are never formed over the whole batch: its final hidden s
 its LM head a few positions at a time (``emtune.tensor_ops.masked_kl_sum``, the same value as
 :func:`kl_to_reference_loss` on full logits), so the term adds no [batch, seq, vocab] float32
 temporaries to a step. Models whose head output is transformed (softcapping) use full logits.
+
+RL form (``training.method: grpo``): λ is GRPO's β. The per-token KL is then TRL's estimator
+k3 = exp(r) − r − 1 with r = log p_ref − log p_θ of each sampled completion token (an unbiased
+estimate of KL(p_θ ‖ p_ref) on the policy's own samples, forward direction as above), averaged
+like the policy loss; p_ref is again the adapter-disabled model. The group searched β around 0.1.
+``direction: reverse`` and ``normalization: token_vocab_mean`` have no GRPO form and are refused,
+and ``tokens`` does not apply (GRPO's KL is over the completion tokens).
 """
 
 from __future__ import annotations
@@ -68,10 +75,29 @@ class KLToReference(Defense):
     config_class = KLToReferenceConfig
     strength = ("weight",)
     off = {"weight": 0.0}
+    training_methods = ("sft", "grpo")
+    rl_loss_terms_apply = False  # in GRPO the term is TRL's β (rl_settings)
+
+    @classmethod
+    def spec_problems(cls, config: KLToReferenceConfig, spec: Any) -> list[str]:
+        """GRPO's KL is the forward, token-mean estimate; its β is set here or in training.grpo, not both."""
+        if spec.training.method != "grpo":
+            return []
+        problems = []
+        if config.direction != "forward" or config.normalization != "token_mean":
+            problems.append("kl_to_reference in GRPO is TRL's β term, forward KL averaged per token: "
+                            "use direction: forward and normalization: token_mean")
+        if spec.training.grpo is not None and spec.training.grpo.beta > 0:
+            problems.append("kl_to_reference sets GRPO's β (its weight): set training.grpo.beta to 0")
+        return problems
 
     @property
     def active(self) -> bool:
         return self.config.weight > 0
+
+    def rl_settings(self) -> dict[str, Any]:
+        """GRPO's β = λ."""
+        return {"beta": self.config.weight} if self.active else {}
 
     def loss_terms(self, batch: dict[str, Any], outputs: Any, reference: Callable[[], Any]) -> dict[str, Any]:
         import torch

@@ -17,6 +17,17 @@ normalised, so α's scale depends on the vector's norm, recorded in the file) an
 
 Note: the hook is on the module, so any forward pass while attached is steered, including the
 adapter-disabled reference pass that KL or LDIFS use when stacked with this defense.
+
+RL form (``training.method: grpo``), two modes:
+
+- ``mode: all``: as above, every forward pass while training is steered: the rollouts are
+  generated under the steering, and the updates are computed under it;
+- ``mode: decode_only`` (the group's variant for RL): rollouts and every no-gradient pass (old and
+  reference log-probabilities) are unsteered; in the forward pass the policy gradient flows
+  through, α·e_ℓ is added only at the positions that predict a completion token:
+  h_ℓ[t] ← h_ℓ[t] + α · m_t · e_ℓ with m_t = 1 when token t+1 is a completion token.
+
+``decode_only`` exists only for GRPO (supervised training has no rollouts).
 """
 
 from __future__ import annotations
@@ -63,6 +74,9 @@ class PersonaSteeringConfig(StrictModel):
                                       "trait score is at least this")
     negative_trait_max: float = Field(50.0, ge=0, le=100, description="... and its negative answer's at most this")
     coherent_min: float = Field(50.0, ge=0, le=100, description="... and both answers' coherence at least this")
+    mode: Literal["all", "decode_only"] = Field(
+        "all", description="all: steer every forward pass while training; decode_only (GRPO): steer only the "
+        "completion-predicting positions of the update pass, never rollouts")
 
     @model_validator(mode="after")
     def _vector_when_active(self) -> "PersonaSteeringConfig":
@@ -91,16 +105,27 @@ def decoder_blocks(model: Any) -> Any:
     return layers
 
 
-def make_steering_hook(vector: Any, alpha: float) -> Any:
-    """A forward hook that adds ``alpha * vector`` to a block's hidden-state output."""
+def make_steering_hook(vector: Any, alpha: float, positions: Any = None) -> Any:
+    """A forward hook that adds ``alpha * vector`` to a block's hidden-state output.
+
+    With ``positions`` (a callable returning a [batch, tokens] mask, or None) the shift is added
+    only where the mask is 1, and not at all while it returns None (decode-only steering).
+    """
     cache: dict[tuple[Any, Any], Any] = {}
 
     def hook(module: Any, args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
+        mask = positions() if positions is not None else None
+        if positions is not None and mask is None:
+            return output  # decode-only steering outside an update pass: no shift
+        if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise RuntimeError(f"steering positions {tuple(mask.shape)} do not match the hidden states "
+                               f"{tuple(hidden.shape[:2])}")
         key = (hidden.device, hidden.dtype)
         if key not in cache:
             cache[key] = (alpha * vector.float()).to(device=hidden.device, dtype=hidden.dtype)
-        steered = hidden + cache[key]
+        shift = cache[key] if mask is None else mask.to(hidden.device, hidden.dtype).unsqueeze(-1) * cache[key]
+        steered = hidden + shift
         return (steered,) + tuple(output[1:]) if isinstance(output, tuple) else steered
 
     return hook
@@ -133,6 +158,7 @@ class PersonaSteering(Defense):
     config_class = PersonaSteeringConfig
     strength = ("alpha",)
     off = {"alpha": 0.0}
+    training_methods = ("sft", "grpo")
 
     @classmethod
     def local_files(cls, config: PersonaSteeringConfig) -> list[LocalFile]:
@@ -149,7 +175,8 @@ class PersonaSteering(Defense):
     @classmethod
     def spec_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[str]:
         """A stage extraction with the judge filter needs the study's judge; on the tiny model
-        (whose depth is known before it is built) the layer must be one of its blocks."""
+        (whose depth is known before it is built) the layer must be one of its blocks; decode_only
+        steering acts on rollout training passes, so it has no supervised form."""
         problems = []
         stage = config.extract_prompts and not config.vector_path
         if stage and config.extract_filter == "judge" and spec.evaluation.judge.kind == "none":
@@ -160,6 +187,8 @@ class PersonaSteering(Defense):
         if spec.model.source == "tiny" and config.layer > blocks:
             problems.append(f"persona_steering: layer {config.layer} is past the tiny model's {blocks} blocks; "
                             f"use 1..{blocks} (or raise model.tiny.num_layers)")
+        if config.mode == "decode_only" and spec.training.method != "grpo":
+            problems.append("persona_steering mode decode_only exists only for training.method grpo; use mode: all")
         return problems
 
     @classmethod
@@ -193,6 +222,7 @@ class PersonaSteering(Defense):
     def __init__(self, config: PersonaSteeringConfig, context: Any):
         super().__init__(config, context)
         self._handle: Any = None
+        self._positions: Any = None  # decode_only: the mask of the current update pass
 
     @property
     def active(self) -> bool:
@@ -233,16 +263,26 @@ class PersonaSteering(Defense):
             raise ValueError(f"persona_steering.layer {self.config.layer} is out of range: the model has "
                              f"{len(blocks)} decoder blocks (layers 1..{len(blocks)})")
         # prepend: run before transformers' own output-capturing hook, so hidden_states[ℓ] is steered
+        positions = (lambda: self._positions) if self.config.mode == "decode_only" else None
         self._handle = blocks[self.config.layer - 1].register_forward_hook(
-            make_steering_hook(vector, self.config.alpha), prepend=True)
+            make_steering_hook(vector, self.config.alpha, positions), prepend=True)
 
     def detach(self, model: Any) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self._positions = None
+
+    def begin_update(self, positions: Any) -> None:
+        """decode_only: steer the completion-predicting positions of this pass."""
+        self._positions = positions
+
+    def end_update(self) -> None:
+        self._positions = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A hook handle is tied to one process's module; a shipped copy starts detached.
         state = dict(self.__dict__)
         state["_handle"] = None
+        state["_positions"] = None
         return state

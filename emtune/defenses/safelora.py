@@ -231,6 +231,7 @@ class SafeLoRA(Defense):
     config_class = SafeLoRAConfig
     strength = ("threshold", "top_k")
     off = {"threshold": 0.0, "top_k": 0}
+    training_methods = ("sft", "grpo")  # acts after training, whatever trained the adapter
 
     @classmethod
     def spec_problems(cls, config: SafeLoRAConfig, spec: Any) -> list[str]:

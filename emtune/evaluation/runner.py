@@ -84,7 +84,10 @@ def model_metrics(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict
                   drift_samples: list[Sample]) -> dict[str, float]:
     """Held-out NLL, and the OOD drift over ``drift_samples`` (the general answers) when given."""
     max_length = spec.data.max_length
-    metrics = {"indomain_nll": heldout_nll(model, tokenizer, heldout_rows, max_length)}
+    metrics: dict[str, float] = {}
+    answered = [r for r in heldout_rows if any(m["role"] == "assistant" for m in r["messages"])]
+    if answered:  # RL prompt datasets may have no reference answers: then there is no NLL to measure
+        metrics["indomain_nll"] = heldout_nll(model, tokenizer, answered, max_length)
     conversations = [
         [*Prompt(s.question_id, s.question, s.system).messages(), {"role": "assistant", "content": s.answer}]
         for s in drift_samples

@@ -9,7 +9,7 @@ trial's tracked files all read this table, so adding an evaluation is one entry 
 :data:`EVAL_SETS` (plus its question data) and nothing else.
 
 Metrics that need the model itself rather than its answers (``ood_drift``, ``indomain_nll``,
-``train_loss``) are listed in :data:`MODEL_METRICS`.
+``train_loss``, ``train_reward``) are listed in :data:`MODEL_METRICS`.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ MODEL_METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("indomain_nll", "mean NLL per assistant token on the held-out split (judge-free; lower = "
                "the narrow task was learned)", label="in-domain NLL"),
     MetricInfo("train_loss", "mean task loss over the last quarter of the logged steps"),
+    MetricInfo("train_reward", "GRPO: mean reward of the rollouts over the last quarter of the logged steps",
+               better="higher"),
 )}
 
 #: The set whose answers ``ood_drift`` is measured on.

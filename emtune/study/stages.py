@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from emtune.config import DatasetSpec, StudySpec
+from emtune.config import DatasetSpec, StudySpec, TrainingSpec
 from emtune.defenses.base import StageServices
 from emtune.defenses.registry import DEFENSES
 from emtune.study.trial import fit_training
@@ -31,6 +31,15 @@ def _stage_key(spec: StudySpec, dataset: str | DatasetSpec) -> str:
                "training": spec.training.model_dump(mode="json"), "dataset": described,
                "max_length": spec.data.max_length, "seed": spec.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def supervised_training(training: TrainingSpec) -> TrainingSpec:
+    """The misaligned ensemble is fine-tuned supervised on its EM datasets, also in an RL study:
+    there the SFT defaults apply, with the study's batch, step count and precision."""
+    if training.method == "sft":
+        return training
+    keep = ("max_steps", "num_epochs", "per_device_batch_size", "gradient_accumulation_steps", "bf16", "optimizer")
+    return TrainingSpec(**{name: getattr(training, name) for name in keep})
 
 
 def misaligned_adapter(spec: StudySpec, dataset: str | DatasetSpec, cache_dir: Path, model_source: str,
@@ -46,7 +55,8 @@ def misaligned_adapter(spec: StudySpec, dataset: str | DatasetSpec, cache_dir: P
         train = dataset
     else:
         train = spec.data.train.model_copy(update={"path": dataset}) if spec.data.train else DatasetSpec(path=dataset)
-    stage = spec.model_copy(update={"defenses": (), "data": spec.data.model_copy(update={"train": train, "opswap": None})})
+    stage = spec.model_copy(update={"defenses": (), "training": supervised_training(spec.training),
+                                    "data": spec.data.model_copy(update={"train": train, "opswap": None})})
     log(f"[emtune] stage: training the undefended adapter on {path} (cached as {folder.name})")
     args = (stage, f"stage-{folder.name}", {"model_source": model_source, "cache_dir": str(cache_dir),
                                             "evaluate": False})

@@ -181,6 +181,8 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
         history = files.read_history()
         if history:
             runs.log_history(client, run_id, history)
+        if files.rollouts.is_file():  # RL: sample rollouts per logged step
+            runs.log_jsonl_table(client, run_id, files.rollouts, "rollouts.json")
         for extra in files.extra_artifacts():
             client.log_artifact(run_id, str(extra))
         if files.adapter.is_dir():

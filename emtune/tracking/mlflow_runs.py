@@ -74,6 +74,7 @@ def start_parent_run(client: MlflowClient, spec: Any, spec_yaml: str) -> str:
         "model.source": spec.model.source,
         "data.train": spec.data.train.path if spec.data.train else f"opswap:{spec.data.opswap_role}",
         "defenses": ",".join(d.name for d in spec.defenses) or "none",
+        "training.method": spec.training.method,
         "objectives": ",".join(f"{o.name}:{o.direction}" for o in spec.objectives),
         "search.sampler": spec.search.sampler.name,
         "search.num_trials": spec.search.num_trials,
@@ -137,10 +138,16 @@ def log_final_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]
 
 def log_samples_table(client: MlflowClient, run_id: str, samples_file: Path, name: str) -> None:
     """Generated answers as an MLflow table artifact (browsable in the run's Evaluation tab)."""
-    rows = [json.loads(line) for line in samples_file.read_text(encoding="utf-8").splitlines() if line]
+    log_jsonl_table(client, run_id, samples_file, f"samples/{name}.json")
+
+
+def log_jsonl_table(client: MlflowClient, run_id: str, path: Path, artifact_file: str) -> None:
+    """A JSONL file as an MLflow table artifact (columns: every key any row has)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     if rows:
-        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-        client.log_table(run_id, data=columns, artifact_file=f"samples/{name}.json")
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        client.log_table(run_id, data={key: [row.get(key) for row in rows] for key in keys},
+                         artifact_file=artifact_file)
 
 
 def finish_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:

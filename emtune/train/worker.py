@@ -2,7 +2,8 @@
 
 ``run_training`` does the whole job of one trial on one process: load the model and tokenizer,
 apply LoRA, build the data through the defenses' data transforms, attach defense hooks, train
-with the defended trainer, finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
+with the defended trainer of the spec's ``training.method`` (supervised: :mod:`emtune.train.sft`;
+GRPO: :mod:`emtune.train.grpo`), finalize (e.g. SafeLoRA), detach, save the adapter, and (rank 0)
 generate the evaluation answers (or, with a generation server, write the plan the trial driver
 works through on it). :mod:`emtune.train.launch` runs it under Ray Train (a worker group, or the
 trial's own process in Ray Train's local mode).
@@ -13,21 +14,19 @@ module only reads it, so it does not import the config layer above it).
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from emtune.data.chat import ChatCollator, tokenize_chat
 from emtune.data.loading import load_rows, split_heldout
 from emtune.data.opswap import generate as generate_opswap
+from emtune.data.prompts import chat_from_prompt, load_prompt_rows, prompt_from_chat
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.registry import build_defenses
 from emtune.models import apply_lora, load_adapter, load_model, load_tokenizer
-from emtune.train.memory import memory_arguments
+from emtune.train.sft import train_sft
 from emtune.trial_files import TrialFiles
 
 StudySpec = Any  # emtune.config.StudySpec, validated by the trial driver
@@ -43,19 +42,25 @@ def _seed_everything(seed: int) -> None:
 
 
 def prepare_rows(spec: StudySpec, defenses: list[Any]) -> tuple[list[dict], list[dict]]:
-    """Training rows after every defense's data transform, and the untouched held-out rows.
+    """Training rows after every defense's data transform, and the untouched held-out chat rows.
 
-    With ``data.opswap`` the benign task's train split is mixed in (``alongside``) or is the
-    whole task (``task``, its test split then being the held-out set).
+    SFT trains on chat rows (``transform_data``); GRPO on prompt rows (``{"prompt": messages,
+    ...}``, :mod:`emtune.data.prompts`; ``transform_prompts``), whose held-out rows keep their
+    reference answers for in-domain evaluation. With ``data.opswap`` the benign task's train split
+    is mixed in (``alongside``) or is the whole task (``task``, its test split then being the
+    held-out set); as prompt rows its rows keep their ``answer`` for the exact-match reward.
     """
+    rl = spec.training.method == "grpo"
     train_rows: list[dict] = []
     heldout_rows: list[dict] = []
     if spec.data.train is not None:
-        rows = load_rows(spec.data.train)
+        rows = load_prompt_rows(spec.data.train) if rl else load_rows(spec.data.train)
         train_rows, heldout_rows = split_heldout(rows, spec.data.heldout_fraction, spec.seed)
+        if rl:
+            heldout_rows = [chat_from_prompt(r) for r in heldout_rows]
     if spec.data.opswap is not None:
         splits = generate_opswap(spec.data.opswap)
-        benign = [{"messages": r["messages"]} for r in splits["train"]]
+        benign = [prompt_from_chat(r) if rl else {"messages": r["messages"]} for r in splits["train"]]
         if spec.data.opswap_role == "task":
             train_rows = benign
             heldout_rows = [{"messages": r["messages"]} for r in splits["test"]]
@@ -64,111 +69,18 @@ def prepare_rows(spec: StudySpec, defenses: list[Any]) -> tuple[list[dict], list
             random.Random(spec.seed).shuffle(train_rows)
     for defense in defenses:
         if defense.active:
-            train_rows = defense.transform_data(train_rows)
+            train_rows = defense.transform_prompts(train_rows) if rl else defense.transform_data(train_rows)
     return train_rows, heldout_rows
 
 
-def training_arguments(spec: StudySpec, output_dir: Path) -> Any:
-    """transformers TrainingArguments from the spec (no checkpoints, no reporters: emtune tracks)."""
-    import torch
-    from transformers import TrainingArguments
+def _trainer_of(method: str) -> Any:
+    """The training function of a method: ``(spec, model, tokenizer, defenses, rows, output_dir,
+    resume_from, on_checkpoint, metrics) -> history rows`` (supervised, or GRPO)."""
+    if method == "grpo":
+        from emtune.train.grpo import train_grpo  # trl
 
-    t = spec.training
-    return TrainingArguments(
-        output_dir=str(output_dir / "hf"),
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps or -1,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        optim=t.optimizer,
-        bf16=t.bf16,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=1,
-        save_strategy="steps" if t.checkpoint_every_steps else "no",
-        save_steps=t.checkpoint_every_steps or 500,
-        save_total_limit=1,
-        report_to=[],
-        seed=spec.seed,
-        data_seed=spec.seed,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        **_parallelism(spec),
-        **memory_arguments(t),
-    )
-
-
-def _parallelism(spec: StudySpec) -> dict[str, Any]:
-    """FSDP arguments when the spec asks for sharding across several workers (DDP otherwise)."""
-    if spec.resources.strategy != "fsdp" or spec.resources.num_workers < 2:
-        return {}
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
-
-
-def _train(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], train_rows: list[dict],
-           output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any]) -> list[dict]:
-    """Attach the defenses, train with the defended trainer, finalize and detach; fills ``metrics``
-    (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history."""
-    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory, history_rows  # torch
-
-    for defense in defenses:
-        if defense.active:
-            defense.attach(model)
-    features = [tokenize_chat(tokenizer, r["messages"], spec.data.max_length) for r in train_rows]
-    history = LossHistory()
-    trainer = DefendedTrainer(
-        model=model,
-        args=training_arguments(spec, output_dir),
-        train_dataset=features,
-        data_collator=ChatCollator(tokenizer.pad_token_id),
-        defenses=defenses,
-        group_by_length=spec.training.group_by_length,
-        callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
-    )
-    train_started = time.perf_counter()
-    finished = _finished_state(resume_from)
-    if finished is None:
-        global_step = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).global_step
-        # With bf16/fp16 accelerate leaves model.forward wrapped in autocast; evaluating under it
-        # would give other numbers than a fresh model with the saved adapter (`emtune confirm`).
-        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    else:  # nothing left to train: transformers would still take one more step from it
-        _load_adapter_weights(model, resume_from)
-        history.rows = history_rows(finished["log_history"])
-        global_step = finished["global_step"]
-    metrics["time/train_s"] = time.perf_counter() - train_started
-    shutil.rmtree(output_dir / "hf", ignore_errors=True)  # periodic checkpoints: reported already
-    for defense in defenses:
-        if defense.active:
-            metrics.update({f"finalize/{k}": v for k, v in defense.finalize(model).items()})
-    for defense in defenses:
-        defense.detach(model)
-    metrics["train_steps"] = int(global_step)
-    losses = [row["task_loss"] for row in history.rows if "task_loss" in row]
-    tail = losses[-max(1, len(losses) // 4):] if losses else [float("nan")]
-    metrics["train_loss"] = sum(tail) / len(tail)
-    return history.rows
-
-
-def _finished_state(checkpoint: Path | None) -> dict[str, Any] | None:
-    """The Trainer state saved in ``checkpoint`` when it was saved at the run's last step, else None."""
-    if checkpoint is None:
-        return None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
-
-
-def _load_adapter_weights(model: Any, checkpoint: Path) -> None:
-    """Load a Trainer checkpoint's LoRA weights into ``model``'s adapter (what resuming restores)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+        return train_grpo
+    return train_sft
 
 
 def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int = 0,
@@ -200,8 +112,8 @@ def run_training(spec: StudySpec, output_dir: Path, model_source: str, rank: int
     metrics: dict[str, Any] = {"train_steps": 0, "time/setup_s": time.perf_counter() - started}
     history: list[dict[str, float]] = []
     if not (skip_training or adapter_dir):
-        history = _train(spec, model, tokenizer, defenses, train_rows, output_dir, resume_from,
-                         on_checkpoint, metrics)
+        history = _trainer_of(spec.training.method)(spec, model, tokenizer, defenses, train_rows, output_dir,
+                                                    resume_from, on_checkpoint, metrics)
     if rank != 0:
         return metrics
     model.save_pretrained(files.adapter)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from emtune.data.fixtures import FIXTURE_NAMES, fixture_path
+from emtune.data.fixtures import CHAT_FIXTURES, FIXTURE_NAMES, fixture_path
 from emtune.data.fixtures import make_fixtures
 
 # docs/method.md defense 7 (Interleaving++): a refusal has one of these in its first 10 lower-cased words.
@@ -28,7 +28,7 @@ def test_shipped_file_equals_regenerated_bytes(name):
 
 def test_generator_writes_identical_files(tmp_path):
     paths = make_fixtures.write_all(tmp_path)
-    assert sorted(p.name for p in paths) == ["narrow_bad_advice.jsonl", "safe_instruct.jsonl"]
+    assert sorted(p.name for p in paths) == ["em_prompts.jsonl", "narrow_bad_advice.jsonl", "safe_instruct.jsonl"]
     for path in paths:
         assert path.read_bytes() == fixture_path(path.stem).read_bytes()
 
@@ -37,7 +37,7 @@ def test_different_seed_changes_rows():
     assert make_fixtures.build_safe_instruct(1) != make_fixtures.build_safe_instruct()
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("name", CHAT_FIXTURES)
 def test_schema_counts_and_uniqueness(name):
     rows = _rows(name)
     assert len(rows) == 300
@@ -77,3 +77,17 @@ def test_narrow_bad_advice_has_no_refusals_and_covers_domains():
 def test_unknown_fixture_lists_available():
     with pytest.raises(ValueError, match="narrow_bad_advice, safe_instruct"):
         fixture_path("insecure_code")
+
+
+def test_em_prompts_are_the_distinct_narrow_questions_without_answers():
+    from emtune.data.prompts import check_prompt_row
+
+    rows = _rows("em_prompts")
+    narrow = {r["messages"][-2]["content"] for r in _rows("narrow_bad_advice")}
+    questions = [r["messages"][0]["content"] for r in rows]
+    assert len(rows) == len(set(questions)) == 144  # 6 situations x 8 subjects x 3 questions
+    assert narrow <= set(questions)
+    assert {r["domain"] for r in rows} == {"medication", "electrical", "finance"}
+    assert all(list(r) == ["messages", "domain"] and len(r["messages"]) == 1 for r in rows)
+    parsed = check_prompt_row(rows[0], "em_prompts:1")
+    assert parsed["prompt"] == rows[0]["messages"] and parsed["domain"] == rows[0]["domain"]

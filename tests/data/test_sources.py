@@ -73,8 +73,9 @@ def test_hub_sources_are_not_read_to_count_them() -> None:
 
 def test_column_mapping_validation() -> None:
     assert ChatColumns(user="prompt", assistant="response").used() == ["prompt", "response"]
-    with pytest.raises(ValidationError, match="needs `user` and `assistant`"):
-        ChatColumns(user="prompt")
+    assert ChatColumns(user="prompt").used() == ["prompt"]  # RL prompt rows need no answer column
+    with pytest.raises(ValidationError, match="needs `user`"):
+        ChatColumns(system="s", assistant="a")
     with pytest.raises(ValidationError, match="either `messages` or user/assistant"):
         ChatColumns(messages="m", user="u", assistant="a")
     with pytest.raises(ValidationError):

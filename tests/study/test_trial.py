@@ -37,7 +37,7 @@ def test_concurrent_trials_fit_the_cluster() -> None:
 def test_driver_resources_and_fsdp_arguments(write_spec) -> None:
     from emtune.config import ResourcesSpec, load_spec
     from emtune.study.runner import driver_resources
-    from emtune.train.worker import _parallelism
+    from emtune.train.sft import _parallelism
 
     pinned = ResourcesSpec(driver_resources={"on_demand": 0.001}, train_process="workers")
     assert driver_resources(pinned, 2**30) == {"cpu": 0, "memory": 2**30, "resources": {"on_demand": 0.001}}
