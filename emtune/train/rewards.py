@@ -11,9 +11,10 @@ gets advantage 0 when none applies). The shipped kinds:
 - ``grader``: a grader model through emtune's judge client (any OpenAI-compatible endpoint, or a
   local model): a rubric prompt with ``{question}`` and ``{answer}`` is scored 0..100 by the
   logprob-weighted rule of the evaluation judges (docs/method.md, "Judge score"), and mapped
-  linearly onto ``[low, high]``; verdicts are cached (SQLite, keyed by judge, rubric version,
-  question and answer) and requests retried; the key comes from the environment variable the
-  spec names. An answer the grader cannot score (no number) gets ``None``;
+  linearly onto ``[low, high]``; rubrics live in prompt files of the judges' format (a shipped
+  set, or your own file), and verdicts are cached (SQLite, keyed by judge, the rubric file's
+  content hash, rubric, question and answer) and requests retried; the key comes from the
+  environment variable the spec names. An answer the grader cannot score (no number) gets ``None``;
 - ``python``: a function of the user's own, named by import path ``package.module:function``,
   with TRL's reward signature.
 
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
@@ -37,13 +39,13 @@ from typing import Annotated, Any, Callable, Literal, Union
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from emtune.data.prompts import PROMPT_KIND
 from emtune.evaluation.config import JudgeSpec
+from emtune.evaluation.prompt_files import PromptFileError, check_template, is_prompt_file, load_prompt_set
 from emtune.spec_errors import StrictModel
 
-#: The column of a prompt row that says which rewards apply to it.
-PROMPT_KIND = "prompt_kind"
-#: The metric name a grader's rubric is registered under in its judge.
-_RUBRIC_METRIC = "reward"
+#: The prompt name of an inline rubric in the file written for it.
+_INLINE = "reward"
 
 RewardFunction = Callable[..., list]
 
@@ -88,29 +90,45 @@ class OpSwapExactMatch(_RewardBase):
         return opswap_exact_match
 
 
-@lru_cache(maxsize=None)
-def _rubric_file(version: str) -> dict[str, str]:
-    path = resources.files("emtune.train") / "reward_rubrics" / f"{version}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown rubrics_version {version!r}: no reward_rubrics/{version}.yaml")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if data.get("version") != version or not isinstance(data.get("rubrics"), dict):
-        raise ValueError(f"reward_rubrics/{version}.yaml must have version: {version} and a rubrics mapping")
-    return {str(k): str(v) for k, v in data["rubrics"].items()}
+def rubric_set_path(rubrics: str) -> Path:
+    """The YAML file of a rubric set: a shipped set's name (``v1``) or a path to a prompt file."""
+    if is_prompt_file(rubrics):
+        return Path(rubrics).expanduser()
+    return Path(str(resources.files("emtune.train") / "reward_rubrics" / f"rewards_{rubrics}.yaml"))
 
 
-def shipped_rubrics(version: str = "v1") -> dict[str, str]:
-    """Name -> template of a shipped rubric set (templates use ``{question}`` and ``{answer}``)."""
-    return dict(_rubric_file(version))
+def shipped_rubric_sets() -> list[str]:
+    """Names of the shipped rubric sets (e.g. ["v1"])."""
+    folder = resources.files("emtune.train") / "reward_rubrics"
+    return sorted(p.name[len("rewards_"):-len(".yaml")] for p in folder.iterdir()
+                  if p.name.startswith("rewards_") and p.name.endswith(".yaml"))
+
+
+def load_rubrics(rubrics: str = "v1") -> Any:
+    """The rubric set as a judge prompt set (:class:`~emtune.evaluation.prompt_files.PromptSet`)."""
+    path = rubric_set_path(rubrics)
+    if not is_prompt_file(rubrics) and not path.is_file():
+        raise ValueError(f"unknown rubric set {rubrics!r}; shipped: {', '.join(shipped_rubric_sets())} "
+                         "(or a path to a YAML file: {version: ..., prompts: {name: template}})")
+    try:
+        return load_prompt_set(str(path))
+    except PromptFileError as err:
+        raise ValueError(str(err)) from None
+
+
+def shipped_rubrics(rubrics: str = "v1") -> dict[str, str]:
+    """Name -> template of a rubric set (templates use ``{question}`` and ``{answer}``)."""
+    return dict(load_rubrics(rubrics).prompts)
 
 
 class Grader(_RewardBase):
     """A grader model's 0..100 score of each answer under a rubric, mapped onto ``[low, high]``."""
 
     name: Literal["grader"] = "grader"
-    rubric: str = Field("harmful_advice", description="a shipped rubric's name, or a template with {question} "
+    rubric: str = Field("harmful_advice", description="a rubric's name in `rubrics`, or a template with {question} "
                         "and {answer} that asks for a bare number 0..100")
-    rubrics_version: str = Field("v1", description="version of the shipped rubric set")
+    rubrics: str = Field("v1", description="the rubric set: a shipped set (v1: harmful_advice, harmless, helpful) "
+                         "or a YAML file in the judge prompt format {version, prompts: {name: template}}")
     judge: JudgeSpec = Field(JudgeSpec(kind="openai", model="gpt-4.1-mini"),
                              description="the grader (kind openai or hf_local; the paper's RL runs: GPT-4.1-mini)")
     low: float = Field(0.0, description="reward for a score of 0")
@@ -124,47 +142,64 @@ class Grader(_RewardBase):
             raise ValueError("a grader reward needs a judge: kind openai or hf_local")
         return judge
 
+    @field_validator("rubrics")
+    @classmethod
+    def _absolute_file(cls, rubrics: str) -> str:
+        path = rubric_set_path(rubrics)
+        return str(path.resolve()) if is_prompt_file(rubrics) and path.is_file() else rubrics
+
     @model_validator(mode="after")
     def _rubric_usable(self) -> "Grader":
-        text = self.rubric_text
-        if "{question}" not in text or "{answer}" not in text:
-            raise ValueError(f"rubric {self.rubric!r} is neither a shipped rubric "
-                             f"({', '.join(sorted(shipped_rubrics(self.rubrics_version)))}) nor a template "
-                             "with {question} and {answer}")
+        if self.named:
+            return self
+        if "{question}" not in self.rubric or "{answer}" not in self.rubric:
+            raise ValueError(f"rubric {self.rubric!r} is neither a rubric of set {self.rubrics!r} "
+                             f"({', '.join(sorted(shipped_rubrics(self.rubrics)))}) nor a template with {{question}} "
+                             "and {answer}")
+        try:
+            check_template(self.rubric, "rubric")
+        except PromptFileError as err:
+            raise ValueError(str(err)) from None
         return self
 
     @property
-    def rubric_text(self) -> str:
-        """The rubric template (the shipped one of that name, else the field itself)."""
-        return shipped_rubrics(self.rubrics_version).get(self.rubric, self.rubric)
-
-    @property
-    def rubric_version(self) -> str:
-        """Part of every cached verdict's key: the rubric set and name, or a hash of an inline rubric."""
-        if self.rubric in shipped_rubrics(self.rubrics_version):
-            return f"reward-{self.rubrics_version}-{self.rubric}"
-        return "reward-inline-" + hashlib.sha256(self.rubric.encode()).hexdigest()[:12]
+    def named(self) -> bool:
+        """True when ``rubric`` names a rubric of the set (else it is an inline template)."""
+        return self.rubric in shipped_rubrics(self.rubrics)
 
     @property
     def label(self) -> str:
-        if self.label_name:
-            return self.label_name
-        shipped = self.rubric in shipped_rubrics(self.rubrics_version)
-        return f"grader_{self.rubric if shipped else 'inline'}"
+        return self.label_name or f"grader_{self.rubric if self.named else 'inline'}"
+
+    def rubric_source(self, context: RewardContext) -> tuple[Path, str]:
+        """(prompt file, metric name) the judge reads: the set's file and the rubric's name, or an
+        inline rubric written once to a content-named file (its hash versions the verdicts)."""
+        if self.named:
+            return rubric_set_path(self.rubrics), self.rubric
+        digest = hashlib.sha256(self.rubric.encode()).hexdigest()[:12]
+        folder = Path(context.cache_dir or tempfile.gettempdir()) / "reward_rubrics"
+        path = folder / f"inline-{digest}.yaml"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(yaml.safe_dump({"version": f"inline-{digest}", "prompts": {_INLINE: self.rubric}}),
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        return path, _INLINE
 
     def build(self, context: RewardContext) -> RewardFunction:
         from emtune.evaluation.judges import JudgeItem
         from emtune.evaluation.judging import build_judge
 
-        judge_spec = self.judge.model_copy(update={"prompt_version": self.rubric_version})
+        source, metric = self.rubric_source(context)
+        judge_spec = self.judge.model_copy(update={"prompt_version": str(source)})
         if judge_spec.cache_path is None and context.cache_dir is not None:
             judge_spec = judge_spec.model_copy(update={"cache_path": str(Path(context.cache_dir) / "reward_judge.db")})
-        judge = build_judge(judge_spec, prompts={_RUBRIC_METRIC: self.rubric_text})
+        judge = build_judge(judge_spec)
         low, high = self.low, self.high
 
         def grader(prompts: list, completions: list, **columns: Any) -> list[float | None]:
-            items = [JudgeItem(_RUBRIC_METRIC, prompt_question(p), completion_text(c))
-                     for p, c in zip(prompts, completions)]
+            items = [JudgeItem(metric, prompt_question(p), completion_text(c)) for p, c in zip(prompts, completions)]
             verdicts = judge.score_many(items)  # raises JudgeUnavailable when the grader stays down
             return [None if v.score is None else low + (high - low) * v.score / 100.0 for v in verdicts]
 

@@ -58,6 +58,7 @@ def spec_for(tmp_path, defenses="[]", rewards=OPSWAP, warmup=""):
     return load_spec(path)
 
 
+@pytest.mark.slow
 def test_grpo_trial_writes_history_rollouts_adapter_and_metrics(tmp_path) -> None:
     spec = spec_for(tmp_path, warmup=WARMUP)
     source = resolve_source(spec.model, model_cache_dir())

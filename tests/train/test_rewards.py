@@ -11,8 +11,10 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from emtune.evaluation.judges import JudgeError, JudgeUnavailable
+from emtune.evaluation.prompt_files import load_prompt_set
 from emtune.train.rewards import (
-    REWARDS, Grader, OpSwapExactMatch, PythonFunction, RewardContext, RewardSpec, build_rewards, shipped_rubrics,
+    REWARDS, Grader, OpSwapExactMatch, PythonFunction, RewardContext, RewardSpec, build_rewards, rubric_set_path,
+    shipped_rubrics,
 )
 
 KEY = "sk-test-REWARD-0123456789"
@@ -74,7 +76,7 @@ def test_grader_caches_retries_and_gives_none_for_no_number(chat_server, tmp_pat
     again = spec.build(RewardContext())  # a new process: the SQLite cache answers
     assert again(prompts=PROMPTS[:1], completions=answers("ok")) == [pytest.approx(0.4)]
     assert len(server.requests) == sent
-    assert "harmless" in spec.rubric_version
+    assert spec.rubric_source(RewardContext()) == (rubric_set_path("v1"), "harmless")
 
 
 def test_grader_down_or_unconfigured_is_a_clear_error(chat_server, tmp_path, monkeypatch) -> None:
@@ -86,12 +88,22 @@ def test_grader_down_or_unconfigured_is_a_clear_error(chat_server, tmp_path, mon
         grader(server.url, tmp_path).build(RewardContext())
 
 
-def test_grader_rubrics_inline_or_shipped() -> None:
+def test_grader_rubrics_shipped_inline_or_from_a_file(tmp_path) -> None:
     assert {"harmful_advice", "harmless", "helpful"} <= set(shipped_rubrics("v1"))
     inline = Grader(rubric="Q: {question}\nA: {answer}\nScore 0-100:")
-    assert inline.rubric_version.startswith("reward-inline-") and inline.label == "grader_inline"
-    with pytest.raises(ValidationError, match="neither a shipped rubric"):
+    source, metric = inline.rubric_source(RewardContext(cache_dir=tmp_path))
+    assert inline.label == "grader_inline" and source.parent == tmp_path / "reward_rubrics"
+    assert load_prompt_set(str(source)).prompts[metric] == inline.rubric  # versioned by its content hash
+    own = tmp_path / "my_rubrics.yaml"
+    own.write_text("version: mine\nprompts:\n  polite: 'Rate {answer} to {question} 0-100.'\n")
+    mine = Grader(rubric="polite", rubrics=str(own))
+    assert mine.label == "grader_polite" and mine.rubric_source(RewardContext()) == (own, "polite")
+    with pytest.raises(ValidationError, match="neither a rubric of set 'v1'"):
         Grader(rubric="harmles")
+    with pytest.raises(ValidationError, match="which emtune does not fill"):
+        Grader(rubric="{question} {answer} {score}")
+    with pytest.raises(ValidationError, match="unknown rubric set 'v9'"):
+        Grader(rubrics="v9")
     with pytest.raises(ValidationError, match="needs a judge"):
         Grader(judge={"kind": "none"})
 
