@@ -112,7 +112,8 @@ def configure(name: str, trainer: Any, model: Any, tokenizer: Any, args: argpars
     from emtune.defenses.persona_steering import PersonaSteering, PersonaSteeringConfig
     from emtune.defenses.persona_vectors import PersonaVectors, save_persona_vectors
 
-    trainer.beta, trainer.track_kl, trainer.supervised = 0.0, name == "none + track_kl", None
+    trainer.beta, trainer.track_kl = 0.0, name == "none + track_kl"
+    trainer.set_supervised(None, None)
     defenses: list[Any] = []
     if name == "kl":
         trainer.beta = KL_BETA
@@ -128,8 +129,8 @@ def configure(name: str, trainer: Any, model: Any, tokenizer: Any, args: argpars
         defenses = [PersonaSteering(config, DefenseContext(spec=None))]
     elif name == "interleaving":
         rows = load_rows(DatasetSpec(path=str(fixture_path("safe_instruct")), limit=64))
-        trainer.supervised = SupervisedMix(rows=rows, every_steps=1, weight=1.0)
-        trainer.supervised_features = [tokenize_chat(tokenizer, r["messages"], 128) for r in rows]
+        trainer.set_supervised(SupervisedMix(rows=rows, every_steps=1, weight=1.0),
+                               [tokenize_chat(tokenizer, r["messages"], 128) for r in rows])
     for defense in defenses:
         defense.attach(model)
     trainer.defenses = defenses

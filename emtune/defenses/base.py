@@ -86,6 +86,7 @@ class SupervisedMix:
     rows: Rows
     every_steps: int
     weight: float
+    source: str = "supervised"  #: the defense it comes from (names its loss when several mix)
 
 
 @dataclass

@@ -133,7 +133,8 @@ class RLInterleavingForm:
         rows = self.safety_rows(self._num_task)
         if not rows:
             return None
-        return SupervisedMix(rows=rows, every_steps=self.config.rl_every_steps, weight=self.config.rl_weight)
+        return SupervisedMix(rows=rows, every_steps=self.config.rl_every_steps, weight=self.config.rl_weight,
+                             source=self.config.name)
 
 
 class InterleavingConfig(PoolSettings, RLInterleavingFields):

@@ -97,11 +97,7 @@ def train_grpo(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any],
         if defense.active:
             overrides.update(defense.rl_settings())
     mixes = [m for m in (d.supervised_mix() for d in defenses if d.active) if m is not None]
-    if len(mixes) > 1:
-        raise ValueError("only one defense may add supervised steps to GRPO (interleaving or interleaving_selected)")
-    supervised = mixes[0] if mixes else None
-    features = [tokenize_chat(tokenizer, r["messages"], spec.data.max_length) for r in supervised.rows] \
-        if supervised else None
+    features = [[tokenize_chat(tokenizer, r["messages"], spec.data.max_length) for r in m.rows] for m in mixes]
     rewards, weights = build_rewards(g.rewards, RewardContext(cache_dir=_reward_cache(spec)))
     attach_all(model, defenses)
     history = LossHistory()
@@ -110,7 +106,7 @@ def train_grpo(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any],
                                                                                   "reward_weights": weights}),
         train_dataset=prompt_dataset(prompt_rows), processing_class=tokenizer,
         callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
-        defenses=defenses, supervised=supervised, supervised_features=features, track_kl=g.track_kl,
+        defenses=defenses, supervised=mixes, supervised_features=features, track_kl=g.track_kl,
         rollouts_per_log=g.rollouts_per_log,
     )
     defended_fit(trainer, model, defenses, output_dir, resume_from, metrics, history)

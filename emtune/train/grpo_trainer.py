@@ -6,7 +6,7 @@ and DDP stay TRL's. Per update (one micro-batch of prompt + completion tokens):
 
     L = L_GRPO(β)                                       TRL's clipped policy loss, β·KL included
       + Σ_d loss_terms_d(batch) / GA                    e.g. LDIFS, on the same tokens
-      + [k ≡ 0 mod N] · w · L_SFT(safety batch) / GA    interleaving's supervised step
+      + Σ_mix [k ≡ 0 mod N] · w · L_SFT(safety batch) / GA  interleaving's supervised steps
 
 where GA is the gradient-accumulation count (TRL scales its own loss the same way, so the sum is
 the gradient of one optimizer step), k the 1-based optimizer step, and the supervised loss the
@@ -54,19 +54,17 @@ def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
 class DefendedGRPOTrainer(GRPOTrainer):
     """GRPO with defense loss terms, a supervised mix, update-phase hooks and full tracking."""
 
-    def __init__(self, *args: Any, defenses: list[Defense] | None = None, supervised: SupervisedMix | None = None,
-                 supervised_features: list[dict] | None = None, track_kl: bool = True, rollouts_per_log: int = 4,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, defenses: list[Defense] | None = None,
+                 supervised: SupervisedMix | list[SupervisedMix] | None = None,
+                 supervised_features: list[dict] | list[list[dict]] | None = None, track_kl: bool = True,
+                 rollouts_per_log: int = 4, **kwargs: Any):
         grpo_args = kwargs["args"]
         beta, grpo_args.beta = grpo_args.beta, 0.0  # no "ref" adapter copy: the reference is adapter-disabled
         super().__init__(*args, **kwargs)
         self.beta = grpo_args.beta = beta
         self.defenses = [d for d in (defenses or []) if d.active]
         self.term_defenses = [d for d in self.defenses if d.loss_term_defense() and d.rl_loss_terms_apply]
-        self.supervised = supervised
-        self.supervised_features = supervised_features or []
-        if supervised is not None and not self.supervised_features:
-            raise ValueError("a supervised mix needs its tokenised rows (supervised_features)")
+        self.set_supervised(supervised, supervised_features)
         self.track_kl = track_kl
         self.rollouts_per_log = rollouts_per_log
         self.rollouts: list[dict[str, Any]] = []
@@ -114,10 +112,12 @@ class DefendedGRPOTrainer(GRPOTrainer):
         for name, value in self.defense_terms(model, inputs).items():
             loss = loss + value / scale
             self._metrics[mode][name].append(float(value.detach()))
-        if mode == "train" and self.supervised_step_due():
-            supervised = self.supervised_loss(model)
-            loss = loss + self.supervised.weight * supervised / scale
-            self._metrics[mode]["supervised_loss"].append(float(supervised.detach()))
+        for index, mix in enumerate(self.supervised if mode == "train" else []):
+            if self.supervised_step_due(mix):
+                supervised = self.supervised_loss(model, index)
+                loss = loss + mix.weight * supervised / scale
+                key = "supervised_loss" if len(self.supervised) == 1 else f"supervised_loss/{mix.source}"
+                self._metrics[mode][key].append(float(supervised.detach()))
         return loss
 
     def _masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -155,27 +155,37 @@ class DefendedGRPOTrainer(GRPOTrainer):
             terms.update(defense.loss_terms(batch, outputs, reference))
         return terms
 
-    def supervised_step_due(self) -> bool:
-        """True during the micro-batches of every N-th optimizer step (N = the mix's every_steps)."""
-        return self.supervised is not None and (self.state.global_step + 1) % self.supervised.every_steps == 0
+    def set_supervised(self, supervised: Any, features: Any) -> None:
+        """The supervised mixes (none, one, or several: each on its own schedule) and their
+        tokenised rows, in the same order."""
+        mixes = [] if supervised is None else [supervised] if isinstance(supervised, SupervisedMix) else list(supervised)
+        rows = features or []
+        rows = [rows] if len(mixes) == 1 and rows and isinstance(rows[0], dict) else list(rows)
+        if len(rows) != len(mixes) or not all(rows):
+            raise ValueError("every supervised mix needs its tokenised rows (supervised_features, in order)")
+        self.supervised, self.supervised_features = mixes, rows
 
-    def supervised_batch(self) -> dict[str, torch.Tensor]:
-        """The safety batch of this micro-step and process: batches are taken in order and cycle; the
-        index is derived from the step (a resumed run continues where it stopped), and each data-parallel
-        process takes its own batch."""
+    def supervised_step_due(self, mix: SupervisedMix) -> bool:
+        """True during the micro-batches of every N-th optimizer step (N = the mix's every_steps)."""
+        return (self.state.global_step + 1) % mix.every_steps == 0
+
+    def supervised_batch(self, index: int = 0) -> dict[str, torch.Tensor]:
+        """The safety batch of mix ``index`` for this micro-step and process: batches are taken in
+        order and cycle; the position is derived from the step (a resumed run continues where it
+        stopped), and each data-parallel process takes its own batch."""
         size = self.args.per_device_train_batch_size
         accumulation = self.current_gradient_accumulation_steps
-        index = ((self.state.global_step + 1) // self.supervised.every_steps - 1) * accumulation
-        index += self._step % accumulation
-        index = index * self.accelerator.num_processes + self.accelerator.process_index
-        rows = self.supervised_features
-        picked = [rows[(index * size + j) % len(rows)] for j in range(size)]
+        position = ((self.state.global_step + 1) // self.supervised[index].every_steps - 1) * accumulation
+        position += self._step % accumulation
+        position = position * self.accelerator.num_processes + self.accelerator.process_index
+        rows = self.supervised_features[index]
+        picked = [rows[(position * size + j) % len(rows)] for j in range(size)]
         batch = pad_batch(picked, self.processing_class.pad_token_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def supervised_loss(self, model: Any) -> torch.Tensor:
-        """Mean next-token loss over the assistant tokens of the current safety batch."""
-        batch = self.supervised_batch()
+    def supervised_loss(self, model: Any, index: int = 0) -> torch.Tensor:
+        """Mean next-token loss over the assistant tokens of mix ``index``'s current safety batch."""
+        batch = self.supervised_batch(index)
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      labels=batch["labels"]).loss
 

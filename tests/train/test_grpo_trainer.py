@@ -228,3 +228,20 @@ def test_training_logs_reward_kl_and_rollouts(tiny_lora, tmp_path) -> None:
     assert [r["step"] for r in trainer.rollouts] == [1, 1, 1, 2, 2, 2]
     first = trainer.rollouts[0]
     assert first["prompt"].startswith("Question number") and first["reward"] == float(len(first["completion"]))
+
+
+def test_two_supervised_mixes_each_on_its_own_schedule(tiny_lora, safety_features, tmp_path) -> None:
+    model, tokenizer = tiny_lora
+    rows, features = safety_features
+    mixes = [SupervisedMix(rows=rows, every_steps=2, weight=0.5, source="interleaving"),
+             SupervisedMix(rows=rows[::-1], every_steps=3, weight=1.0, source="interleaving_selected")]
+    trainer = make_trainer(model, tokenizer, tmp_path, supervised=mixes, supervised_features=[features, features[::-1]])
+    inputs = update_batch()
+    logged = {}
+    for step in range(6):
+        trainer.state.global_step = step
+        trainer._metrics["train"].clear()
+        trainer._compute_loss(trainer.model, inputs)
+        logged[step + 1] = sorted(k for k in trainer._metrics["train"] if k.startswith("supervised_loss"))
+    both = ["supervised_loss/interleaving", "supervised_loss/interleaving_selected"]
+    assert logged == {1: [], 2: both[:1], 3: both[1:], 4: both[:1], 5: [], 6: both}
