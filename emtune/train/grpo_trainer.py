@@ -34,6 +34,7 @@ from trl import GRPOTrainer
 
 from emtune.data.chat import pad_batch
 from emtune.defenses.base import Defense, SupervisedMix
+from emtune.train.reference import ReferenceOutputs
 
 
 def completion_positions(attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
@@ -126,8 +127,9 @@ class DefendedGRPOTrainer(GRPOTrainer):
         return float(totals[0] / totals[1].clamp(min=1.0))
 
     def defense_terms(self, model: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every loss-term defense's terms on the update's prompt + completion tokens (a forward
-        pass of their own: TRL's fused head returns no hidden states)."""
+        """Every loss-term defense's terms on the update's prompt + completion tokens: a decoder pass
+        of their own (TRL's fused head returns no hidden states; the LM head runs only if a term
+        reads the logits) and the adapter-disabled reference pass, shared by the terms."""
         if not self.term_defenses:
             return {}
         batch = {
@@ -137,22 +139,15 @@ class DefendedGRPOTrainer(GRPOTrainer):
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, :inputs["prompt_ids"].size(1)] = -100
         batch["labels"] = labels
-        hidden = any(d.needs_hidden_states for d in self.term_defenses)
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=hidden)
         unwrapped = self.accelerator.unwrap_model(model)
-        cached: list[Any] = []
-
-        def reference() -> Any:
-            if not cached:
-                with torch.no_grad(), unwrapped.disable_adapter():
-                    cached.append(unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                            output_hidden_states=True))
-            return cached[0]
-
+        base = unwrapped.get_base_model()
+        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=True, use_cache=False)
+        policy = PolicyPass(out.hidden_states, out.last_hidden_state, base.get_output_embeddings())
+        reference = ReferenceOutputs(unwrapped, batch, hidden_states=True)
         terms: dict[str, torch.Tensor] = {}
         for defense in self.term_defenses:
-            terms.update(defense.loss_terms(batch, outputs, reference))
+            terms.update(defense.loss_terms(batch, policy, reference))
         return terms
 
     def set_supervised(self, supervised: Any, features: Any) -> None:
@@ -211,6 +206,23 @@ class DefendedGRPOTrainer(GRPOTrainer):
                 "advantage": float(self._logs["advantages"][i]),
                 **{f"reward/{name}": (None if math.isnan(v) else v) for name, v in per_function.items()},
             })
+
+
+class PolicyPass:
+    """The policy's decoder pass handed to defense terms as ``outputs``: every hidden state (with
+    gradient), and logits through the LM head formed only when a term reads them."""
+
+    def __init__(self, hidden_states: Any, last_hidden_state: torch.Tensor, head: Any):
+        self.hidden_states = hidden_states
+        self.last_hidden_state = last_hidden_state
+        self._head = head
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._head(self.last_hidden_state)
+        return self._logits
 
 
 def _text(value: Any) -> str:
