@@ -6,7 +6,7 @@ every problem on its line. The checks are plain functions over a validated spec 
 :class:`emtune.config.StudySpec`, passed in, never imported: config imports this module).
 
 Relative paths: every input path a spec names (datasets, pools, adapters, persona vectors,
-question files, weight folders) is read from the spec's own folder, wherever emtune is run
+question files, grader rubric files, weight folders) is read from the spec's own folder, wherever emtune is run
 from; :func:`resolve_paths` makes them absolute before validation, so Ray workers (other working
 folders) and a stored study's ``spec.yaml`` agree. ``output_dir`` and ``evaluation.judge.cache_path``
 are outputs: they are relative to the working folder (``make demo`` writes ``./studies``).
@@ -23,6 +23,7 @@ from emtune.data.loading import DatasetSpec
 from emtune.defenses.base import is_local_source
 from emtune.defenses.interleaving import pool_dataset
 from emtune.defenses.registry import DEFENSES
+from emtune.evaluation.prompt_files import is_prompt_file
 from emtune.evaluation.sets import EVAL_SETS, known_metrics
 from emtune.spec_errors import did_you_mean
 from emtune.train.settings import method_problems
@@ -70,13 +71,23 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         value = node.get(key)
         if isinstance(value, str):
             node[key] = local(value) if _looks_like_file(value) else maybe_local(value)
+    _resolve_judge(judge, maybe_local)
+    for reward in _section(_section(raw, "training"), "grpo").get("rewards") or []:
+        if isinstance(reward, dict) and reward.get("name") == "grader":  # a grader's rubric file and judge
+            if isinstance(reward.get("rubrics"), str) and is_prompt_file(reward["rubrics"]):
+                reward["rubrics"] = local(reward["rubrics"])
+            _resolve_judge(_section(reward, "judge"), maybe_local)
+    for entry in raw.get("defenses") or []:
+        if isinstance(entry, dict) and entry.get("name") in DEFENSES:
+            _resolve_defense(entry, local)
+
+
+def _resolve_judge(judge: dict[str, Any], maybe_local: Any) -> None:
+    """A judge's weight folder (from the spec's folder) and its cache file (an output)."""
     if judge.get("model_path"):
         judge["model_path"] = maybe_local(judge["model_path"])
     if isinstance(judge.get("cache_path"), str):
         judge["cache_path"] = str(Path(judge["cache_path"]).expanduser().resolve())
-    for entry in raw.get("defenses") or []:
-        if isinstance(entry, dict) and entry.get("name") in DEFENSES:
-            _resolve_defense(entry, local)
 
 
 def _looks_like_file(value: str) -> bool:

@@ -19,6 +19,7 @@ from pydantic_core import PydanticUndefined
 from emtune.config import StudySpec, sync_defense_registry
 from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.sets import EVAL_SETS, MODEL_METRICS, known_metrics
+from emtune.train.rewards import REWARDS
 
 #: Descriptions of fields that carry none in their model (``Class.field``).
 NOTES = {
@@ -123,7 +124,7 @@ def render() -> str:
            "(datasets, pools, adapters, question and prompt files, weight folders) are relative to the "
            "spec's folder; `output_dir` and `evaluation.judge.cache_path` to the folder emtune runs from.", ""]
     out += _section("Top level", StudySpec, "", skip={"defenses"})
-    out += _defenses()
+    out += _defenses() + _rewards()
     out += _baselines() + _metrics()
     return "\n".join(out).rstrip() + "\n"
 
@@ -155,6 +156,8 @@ def description(model: type[BaseModel], name: str) -> str:
     """The field's description, or its line in NOTES ("" when it has neither)."""
     if name == "name" and model in {cls.config_class for cls in DEFENSES.values()}:
         return "which defense this entry configures"
+    if name == "name" and model in set(REWARDS.values()):
+        return "which reward this entry configures"
     return model.model_fields[name].description or NOTES.get(f"{model.__name__}.{name}", "")
 
 
@@ -167,6 +170,17 @@ def _defenses() -> list[str]:
         out += [f"### `{name}`", "", doc, "", f"Strength dial: {', '.join(cls.strength) or '-'}; off: "
                 f"{', '.join(f'{k}={v}' for k, v in cls.off.items()) or '-'}.", ""]
         out += _key_table(cls.config_class)
+    return out
+
+
+def _rewards() -> list[str]:
+    out = ["## Rewards", "",
+           "`training.grpo.rewards:` (with `training.method: grpo`) is a list; each entry has `name` and that "
+           "reward's settings. TRL sums the weighted rewards of each completion and normalises the sum within "
+           "its group of generations.", ""]
+    for name, cls in REWARDS.items():
+        doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        out += [f"### `{name}`", "", doc, ""] + _key_table(cls)
     return out
 
 
@@ -217,8 +231,11 @@ def _type(annotation: Any) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type(a) for a in args)
     if origin in (tuple, list):
-        return "list of defense entries (see Defenses)" if typing.get_origin(args[0]) is typing.Annotated \
-            else f"list of {_type(args[0])}"
+        if typing.get_origin(args[0]) is typing.Annotated:
+            members = typing.get_args(typing.get_args(args[0])[0])
+            return "list of reward entries (see Rewards)" if set(members) <= set(REWARDS.values()) \
+                else "list of defense entries (see Defenses)"
+        return f"list of {_type(args[0])}"
     if origin is dict:
         return f"mapping of {_type(args[1])}"
     if annotation is type(None):

@@ -36,8 +36,8 @@ class WarmupSpec(StrictModel):
         "(e.g. OpSwap's), which a prompt-only dataset does not have")
     num_examples: int = Field(100, gt=0, description="use the first N rows")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; default one pass over the rows")
-    learning_rate: float = Field(1e-4, gt=0)
-    per_device_batch_size: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="the warm-up's own learning rate (SFT's default)")
+    per_device_batch_size: int = Field(4, gt=0, description="rows per device step of the warm-up")
 
 
 class GRPOSpec(StrictModel):
@@ -55,7 +55,8 @@ class GRPOSpec(StrictModel):
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage scaling")
     epsilon: float = Field(0.2, gt=0, description="PPO clipping range")
     num_iterations: int = Field(1, gt=0, description="updates per generated batch (μ)")
-    mask_truncated_completions: bool = False
+    mask_truncated_completions: bool = Field(
+        False, description="leave completions cut off at max_completion_length out of the loss (TRL's option)")
     track_kl: bool = Field(True, description="log the KL to the reference every step even when beta is 0 "
                            "(one extra reference forward per generated batch)")
     rollouts_per_log: int = Field(4, ge=0, description="sample rollouts kept per logged step (MLflow table)")

@@ -1,7 +1,8 @@
 """If `emtune validate` says a shipped spec is ok, `emtune run` runs it: every spec in
 search_spaces/, shrunk to one short trial, is validated and then run through the CLI on one shared
-local Ray (the session's shared `ray_session`). (The paper's spec needs data emtune does not ship: tests/study/test_paper_spec.py
-validates it on small files of its schema and runs every arm on the tiny model.)
+local Ray (the session's shared `ray_session`). (The paper's specs need data emtune does not ship:
+tests/study/test_paper_spec.py and test_paper_rl_spec.py validate them on small files of their
+schema and run every arm on the tiny model.)
 
 The studies share one stage cache (persona vectors, misaligned adapters, selections: all keyed by
 content), so the stages all_defenses runs first are not repeated by the single-defense specs."""
@@ -19,7 +20,7 @@ from emtune.cli.main import main
 
 pytestmark = pytest.mark.slow
 SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")
-                 if p.name != "paper_qwen7b_code.yaml")
+                 if p.name not in ("paper_qwen7b_code.yaml", "paper_rl.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,11 @@ def _shrink(data: dict, root: Path) -> dict:
     data.update(output_dir=str(root / "studies"), baselines={"enabled": False})
     data["search"]["num_trials"] = 1
     data["training"] = {**data.get("training", {}), "max_steps": 2, "bf16": False, "checkpoint_every_steps": None}
-    data["data"]["train"]["limit"] = 40
+    if data["data"].get("train"):
+        data["data"]["train"]["limit"] = 40
+    warmup = data["training"].get("grpo", {}).get("warmup")
+    if warmup:  # GRPO's supervised warm-up
+        warmup["max_steps"] = 2
     data["evaluation"] = {**data.get("evaluation", {}), "samples_per_question": 1, "max_new_tokens": 4,
                           "heldout_questions": 2}
     data["resources"] = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1}

@@ -103,9 +103,7 @@ def sft_only_defense():
 
 def test_validate_refuses_a_defense_without_an_rl_form(tmp_path, capsys, sft_only_defense) -> None:
     path = write(tmp_path, defenses="[{name: kl_to_reference, weight: 0.1}, {name: sft_only_test}]")
-    with pytest.raises(SystemExit) as info:
-        main(["validate", path])
-    assert info.value.code == 2
+    assert main(["validate", path]) == 2
     err = capsys.readouterr().err
     assert "defense 'sft_only_test' has no grpo form (it has: sft)" in err
     assert "kl_to_reference" not in err and "Traceback" not in err
@@ -144,6 +142,5 @@ def test_validate_reads_rl_prompt_rows(tmp_path, capsys) -> None:
     assert main(["validate", write(tmp_path)]) == 0  # prompt-only rows are fine for GRPO
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "assistant", "content": "no question"}]}\n')
-    with pytest.raises(SystemExit):
-        main(["validate", write(tmp_path, **{'"fixture:em_prompts"': str(bad)})])
+    assert main(["validate", write(tmp_path, **{'"fixture:em_prompts"': str(bad)})]) == 2
     assert f"{bad}:1: the prompt must end with a user message" in capsys.readouterr().err
