@@ -49,6 +49,7 @@ baselines: {{enabled: false}}
 """
 KL = "kl_weight: {type: float, target: defenses.kl_to_reference.weight, low: 1.0e-3, high: 10.0, log: true}"
 ALL = "all_defenses.yaml"
+RL = "rl_dryrun.yaml"
 BAD_ROWS = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' \
            '{"messages": [{"role": "user", "content": "no answer"}]}\n'
 
@@ -165,6 +166,19 @@ CASES = [
      "hub:ORG/NAME", "hub:nonexistent"),
     ("model-not-a-folder-nor-hub-id", None, [("  source: tiny", "  source: Qwen2.5-7B-Instruct")], "model.source",
      "nor a hub id ORG/NAME", "Qwen2.5-7B-Instruct"),
+    # --- the RL setting (training.method: grpo) ------------------------------------------------------
+    ("rl-unknown-reward", RL, [("name: opswap_exact_match", "name: opswap_exact")],
+     "training.grpo.rewards[0].name", "did you mean 'opswap_exact_match'?", "opswap_exact"),
+    ("rl-missing-rubric-file", RL, [("- name: opswap_exact_match", "- {name: grader, rubric: polite, rubrics: "
+                                     "mine/rubrics.yaml, judge: {kind: openai, model: m}}")],
+     "training.grpo.rewards[0]", "relative to the spec's folder", "rubrics.yaml"),
+    ("rl-batch-not-whole-groups", RL, [("per_device_batch_size: 32", "per_device_batch_size: 30")],
+     "training.per_device_batch_size", "must be a multiple of grpo.num_generations (4)", "per_device_batch_size"),
+    ("rl-kl-form-it-cannot-honour", RL, [("weight: 0.1", "weight: 0.1\n    direction: reverse")],
+     "defenses[0]", "use direction: forward", "kl_to_reference"),
+    ("rl-grpo-section-without-method", None, [("  max_steps: 2\n", "  max_steps: 2\n  grpo: {rewards: "
+                                               "[{name: opswap_exact_match}]}\n")],
+     "training", "only applies with method: grpo", "training:"),
 ]
 LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+): (?P<path>\S+): (?P<message>.*)$")
 

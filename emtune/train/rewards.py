@@ -110,6 +110,9 @@ def load_rubrics(rubrics: str = "v1") -> Any:
     if not is_prompt_file(rubrics) and not path.is_file():
         raise ValueError(f"unknown rubric set {rubrics!r}; shipped: {', '.join(shipped_rubric_sets())} "
                          "(or a path to a YAML file: {version: ..., prompts: {name: template}})")
+    if not path.is_file():
+        raise ValueError(f"rubric file {rubrics} not found; fix the path (relative to the spec's folder) or use a "
+                         f"shipped rubric set ({', '.join(shipped_rubric_sets())})")
     try:
         return load_prompt_set(str(path))
     except PromptFileError as err:

@@ -144,3 +144,27 @@ def test_validate_reads_rl_prompt_rows(tmp_path, capsys) -> None:
     bad.write_text('{"messages": [{"role": "assistant", "content": "no question"}]}\n')
     assert main(["validate", write(tmp_path, **{'"fixture:em_prompts"': str(bad)})]) == 2
     assert f"{bad}:1: the prompt must end with a user message" in capsys.readouterr().err
+
+
+def test_grader_rubrics_and_warm_up_rows_are_read_from_the_spec_folder(tmp_path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "rubrics.yaml").write_text("version: mine\nprompts:\n  polite: 'Q {question} A {answer}: 0..100?'\n")
+    (folder / "warm.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                       '{"role": "assistant", "content": "hello"}]}\n' * 3)
+    grader = "{name: grader, rubric: polite, rubrics: rubrics.yaml, judge: {kind: openai, model: m}}"
+    path = write(folder, **{"{name: opswap_exact_match}": grader,
+                            "    rewards:": "    warmup: {dataset: {path: warm.jsonl}}\n    rewards:"})
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: relative inputs still come from the spec's folder
+    spec = load_spec(path)
+    assert spec.training.grpo.rewards[0].rubrics == str(folder / "rubrics.yaml")
+    assert spec.training.grpo.warmup.dataset.path == str(folder / "warm.jsonl")
+    assert main(["validate", path]) == 0
+    assert "3 warm-up rows" in capsys.readouterr().out
+    (folder / "warm.jsonl").write_text('{"messages": "not a list"}\n')
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err
+    assert "training.grpo.warmup.dataset.path" in err and "warm.jsonl:1" in err
+    (folder / "warm.jsonl").unlink()
+    assert main(["validate", path]) == 2
+    assert f"dataset file {folder / 'warm.jsonl'} not found" in capsys.readouterr().err
