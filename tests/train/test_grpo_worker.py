@@ -83,6 +83,36 @@ def test_grpo_trial_writes_history_rollouts_adapter_and_metrics(tmp_path) -> Non
     assert len(files.read_samples("opswap")) == 4  # the held-out OpSwap split, evaluated greedily
 
 
+@pytest.mark.slow
+def test_grpo_resumes_from_its_checkpoints_and_a_finished_one_trains_no_extra_step(tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    spec = spec_for(tmp_path)
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"checkpoint_every_steps": 1})})
+    source = resolve_source(spec.model, model_cache_dir())
+    saved = {}
+
+    def keep(step, folder):
+        saved[step] = shutil.copytree(folder, tmp_path / f"kept-{step}")
+
+    first = run_training(spec, tmp_path / "first", source, cache_dir=tmp_path / "cache", on_checkpoint=keep)
+    assert sorted(saved) == [1, 2]
+    full = TrialFiles(tmp_path / "first").read_history()
+    second = run_training(spec, tmp_path / "second", source, cache_dir=tmp_path / "cache", resume_from=saved[1])
+    history = TrialFiles(tmp_path / "second").read_history()
+    assert [row["step"] for row in history] == [1, 2] and history[0] == full[0]  # step 1 from the checkpoint
+    assert second["train_steps"] == 2
+    # resumed at its last checkpoint: nothing left to train, the whole run's history and adapter
+    last = run_training(spec, tmp_path / "third", source, cache_dir=tmp_path / "cache", resume_from=saved[2])
+    assert TrialFiles(tmp_path / "third").read_history() == full
+    assert last["train_steps"] == 2 and last["train_reward"] == pytest.approx(first["train_reward"], rel=1e-12)
+    trained, restored = (load_file(str(TrialFiles(tmp_path / run).adapter / "adapter_model.safetensors"))
+                         for run in ("first", "third"))
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
+
+
 @pytest.fixture
 def persona_file(tmp_path):
     spec = spec_for(tmp_path)
