@@ -44,7 +44,9 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
     """Read every dataset, question set and prompt set ``spec`` names (see the module docstring)."""
     report = InputReport()
     for where, dataset in dataset_sources(spec):
-        _dataset(report, where, dataset, hub, spec.training.method)
+        rows = _dataset(report, where, dataset, hub, spec.training.method)
+        if where == "data.train.path" and rows is not None:
+            _prompt_row_problems(report, spec, rows)
     ev = spec.evaluation
     _question_set(report, spec, "general", "evaluation.question_set", ev.question_set, "general questions")
     if judged(spec) and ev.triggered_question_set:
@@ -70,31 +72,53 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
     return report
 
 
-def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode, spec_method: str) -> None:
+def _dataset(report: InputReport, where: str, dataset: Any, hub: HubMode, spec_method: str) -> list | None:
+    """Read one dataset (its rows, or None when it was not read or has a problem)."""
     source = dataset.path
     if source.startswith("fixture:") and source[8:] not in FIXTURE_NAMES:
         report.problems.append((where, f"unknown fixture {source[8:]!r}; {did_you_mean(source[8:], FIXTURE_NAMES)} "
-                                "(fixtures ship with emtune: fixture:narrow_bad_advice, fixture:safe_instruct)"))
-        return
+                                "(fixtures ship with emtune: fixture:narrow_bad_advice, fixture:safe_instruct, fixture:em_prompts)"))
+        return None
     if source.startswith("hub:") and hub != "load":
         if hub == "exists":
             _hub_exists(report, where, source[4:], "dataset")
         else:
             report.unchecked.append(source)
-        return
+        return None
     if not source.startswith(("fixture:", "hub:")) and not Path(source).exists():
-        return  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
+        return None  # a missing file is one of the spec's own problems (emtune.spec_checks.local_file_problems)
     # RL trains on prompt rows (emtune.data.prompts); everything else is chat rows
     prompts = where == "data.train.path" and spec_method == "grpo"
     try:
         rows = load_rows(dataset, check=check_prompt_row) if prompts else load_rows(dataset)
     except (DataError, OSError, UnicodeDecodeError) as err:
         report.problems.append((where, _one_line(err)))
-        return
+        return None
     label = {"data.train.path": "train rows", "data.safety_pool.path": "safety pool rows",
              "training.grpo.warmup.dataset.path": "warm-up rows"}.get(where)
     if label:
         report.counts[label] = len(rows)
+    return rows
+
+
+def _prompt_row_problems(report: InputReport, spec: Any, rows: list) -> None:
+    """What GRPO reads from the task prompts must be there (with no OpSwap rows to supply it): the
+    answers the warm-up trains on (unless it has its own dataset), the column an exact-match reward
+    compares with."""
+    grpo = spec.training.grpo
+    if grpo is None or spec.data.opswap is not None:
+        return
+    if grpo.warmup is not None and grpo.warmup.dataset is None and not any(r.get("reference") is not None
+                                                                           for r in rows):
+        report.problems.append(("training.grpo.warmup", "the warm-up trains on the task prompts' answers, but "
+                                "data.train's rows are prompts only: set warmup.dataset to a chat dataset (e.g. the "
+                                "EM dataset), or remove warmup"))
+    for i, reward in enumerate(grpo.rewards):
+        column = getattr(reward, "answer_field", None)
+        if column and reward.applies_to != "safe" and not any(r.get(column) is not None for r in rows):
+            report.problems.append((f"training.grpo.rewards.{i}", f"{reward.name} compares with the prompt rows' "
+                                    f"{column!r} column, which data.train's rows do not have: train on OpSwap "
+                                    "(data.opswap) or set answer_field to the column holding the answer"))
 
 
 def _question_set(report: InputReport, spec: Any, eval_set: str, where: str, name: str, label: str) -> None:

@@ -50,6 +50,8 @@ baselines: {{enabled: false}}
 KL = "kl_weight: {type: float, target: defenses.kl_to_reference.weight, low: 1.0e-3, high: 10.0, log: true}"
 ALL = "all_defenses.yaml"
 RL = "rl_dryrun.yaml"
+RL_OPSWAP = "  opswap:\n    tiers: [1]\n    n_train_per_tier: 8\n    n_test_per_tier: 8\n  opswap_role: task\n"
+RL_PROMPTS = '  train: {path: "fixture:em_prompts"}\n'
 BAD_ROWS = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' \
            '{"messages": [{"role": "user", "content": "no answer"}]}\n'
 
@@ -176,6 +178,10 @@ CASES = [
      "training.per_device_batch_size", "must be a multiple of grpo.num_generations (4)", "per_device_batch_size"),
     ("rl-kl-form-it-cannot-honour", RL, [("weight: 0.1", "weight: 0.1\n    direction: reverse")],
      "defenses[0]", "use direction: forward", "kl_to_reference"),
+    ("rl-warm-up-without-answers", RL, [(RL_OPSWAP, RL_PROMPTS)], "training.grpo.warmup",
+     "set warmup.dataset to a chat dataset", "warmup:"),
+    ("rl-exact-match-without-answers", RL, [(RL_OPSWAP, RL_PROMPTS)], "training.grpo.rewards[0]",
+     "train on OpSwap (data.opswap) or set answer_field", "opswap_exact_match"),
     ("rl-grpo-section-without-method", None, [("  max_steps: 2\n", "  max_steps: 2\n  grpo: {rewards: "
                                                "[{name: opswap_exact_match}]}\n")],
      "training", "only applies with method: grpo", "training:"),

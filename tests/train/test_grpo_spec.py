@@ -21,6 +21,7 @@ output_dir: {out}
 model: {{source: tiny}}
 data:
   train: {{path: "fixture:em_prompts", limit: 20}}
+  opswap: {{tiers: [1], n_train_per_tier: 4, n_test_per_tier: 4}}  # the exact-match reward's answers
 training:
   method: grpo
   per_device_batch_size: 4
