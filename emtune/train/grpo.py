@@ -86,12 +86,12 @@ def train_grpo(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any],
     sample rollouts next to the adapter. Returns the per-step history."""
     from emtune.data.chat import tokenize_chat
     from emtune.train.grpo_trainer import DefendedGRPOTrainer  # torch, trl
-    from emtune.train.trainer import CheckpointHook, LossHistory
+    from emtune.train.trainer import CheckpointHook, LossHistory, WarmupLines
 
     g = spec.training.grpo
-    history_rows: list[dict] = []
+    warm: list[dict] = []
     if g.warmup is not None and resume_from is None:  # a resumed run's checkpoint holds the warmed-up adapter
-        history_rows += warm_up(spec, model, tokenizer, prompt_rows, output_dir)
+        warm = warm_up(spec, model, tokenizer, prompt_rows, output_dir)
     overrides: dict[str, Any] = {}
     for defense in defenses:
         if defense.active:
@@ -105,7 +105,7 @@ def train_grpo(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any],
         model=model, reward_funcs=rewards, args=grpo_arguments(spec, output_dir, {**overrides,
                                                                                   "reward_weights": weights}),
         train_dataset=prompt_dataset(prompt_rows), processing_class=tokenizer,
-        callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
+        callbacks=[WarmupLines(warm), history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
         defenses=defenses, supervised=mixes, supervised_features=features, track_kl=g.track_kl,
         rollouts_per_log=g.rollouts_per_log,
     )
@@ -115,7 +115,7 @@ def train_grpo(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any],
     if trainer.args.process_index == 0 and trainer.rollouts:
         files = TrialFiles(Path(output_dir))
         files.write_jsonl(files.rollouts, trainer.rollouts)
-    return history_rows + history.rows
+    return history.rows
 
 
 def _reward_cache(spec: StudySpec) -> Path | None:

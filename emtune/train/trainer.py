@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from emtune.data.batching import LengthGroupedSampler, feature_lengths
 from emtune.train.reference import ReferenceOutputs
 
-__all__ = ["CheckpointHook", "DefendedTrainer", "DefenseLossMixin", "LossHistory", "ReferenceOutputs",
+__all__ = ["CheckpointHook", "DefendedTrainer", "DefenseLossMixin", "LossHistory", "WarmupLines", "ReferenceOutputs",
            "defended_loss", "defended_trainer_class"]
 
 
@@ -91,9 +91,10 @@ class DefendedTrainer(DefenseLossMixin, Trainer):
 
 
 def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """The training lines of a Trainer ``log_history`` (those with a loss): step and every number."""
+    """The training lines of a Trainer ``log_history`` (those with a loss, or GRPO's warm-up loss):
+    step and every number."""
     return [{"step": entry["step"], **{k: float(v) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}}
-            for entry in log_history if "loss" in entry]
+            for entry in log_history if "loss" in entry or "warmup_loss" in entry]
 
 
 class LossHistory(TrainerCallback):
@@ -112,6 +113,18 @@ class LossHistory(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs:
             self.rows.extend(history_rows([{**logs, "step": state.global_step}]))
+
+
+class WarmupLines(TrainerCallback):
+    """Puts GRPO's warm-up loss lines at the head of a fresh run's log history, so its checkpoints
+    carry them and a run resumed from one reports the whole history (list it before LossHistory)."""
+
+    def __init__(self, rows: list[dict[str, float]]):
+        self.rows = rows
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rows and state.global_step == 0:
+            state.log_history[:0] = [dict(row) for row in self.rows]
 
 
 class CheckpointHook(TrainerCallback):

@@ -89,7 +89,7 @@ def test_grpo_resumes_from_its_checkpoints_and_a_finished_one_trains_no_extra_st
 
     from safetensors.torch import load_file
 
-    spec = spec_for(tmp_path)
+    spec = spec_for(tmp_path, warmup=WARMUP)
     spec = spec.model_copy(update={"training": spec.training.model_copy(update={"checkpoint_every_steps": 1})})
     source = resolve_source(spec.model, model_cache_dir())
     saved = {}
@@ -100,9 +100,12 @@ def test_grpo_resumes_from_its_checkpoints_and_a_finished_one_trains_no_extra_st
     first = run_training(spec, tmp_path / "first", source, cache_dir=tmp_path / "cache", on_checkpoint=keep)
     assert sorted(saved) == [1, 2]
     full = TrialFiles(tmp_path / "first").read_history()
+    assert [(row["step"], "warmup_loss" in row) for row in full] == [(1, True), (2, True), (3, True), (1, False),
+                                                                    (2, False)]
     second = run_training(spec, tmp_path / "second", source, cache_dir=tmp_path / "cache", resume_from=saved[1])
     history = TrialFiles(tmp_path / "second").read_history()
-    assert [row["step"] for row in history] == [1, 2] and history[0] == full[0]  # step 1 from the checkpoint
+    # the warm-up (not rerun) and step 1 come back from the checkpoint, as logged
+    assert [row["step"] for row in history] == [1, 2, 3, 1, 2] and history[:4] == full[:4]
     assert second["train_steps"] == 2
     # resumed at its last checkpoint: nothing left to train, the whole run's history and adapter
     last = run_training(spec, tmp_path / "third", source, cache_dir=tmp_path / "cache", resume_from=saved[2])
