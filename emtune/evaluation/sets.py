@@ -89,7 +89,7 @@ MODEL_METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "the narrow task was learned)", label="in-domain NLL"),
     MetricInfo("train_loss", "mean task loss over the last quarter of the logged steps"),
     MetricInfo("train_reward", "GRPO: mean reward of the rollouts over the last quarter of the logged steps",
-               better="higher"),
+               better="higher", label="train reward (GRPO)"),
 )}
 
 #: The set whose answers ``ood_drift`` is measured on.

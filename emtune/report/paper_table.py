@@ -17,7 +17,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from emtune.evaluation.sets import MetricInfo, paper_columns
+from emtune.evaluation.sets import MODEL_METRICS, MetricInfo, paper_columns
 from emtune.report.data import JUDGE_FREE_COLUMNS, StudyData, fmt_rate, fmt_value, setting_of
 
 BASELINE_LABELS = {"base": "base model (no fine-tuning)", "undefended": "undefended fine-tune"}
@@ -58,7 +58,9 @@ def paper_rows(studies: list[StudyData]) -> tuple[list[MetricInfo], list[PaperRo
             rows.append(PaperRow(study.name, "front", setting_of(study, record), record.metrics, undefended,
                                  member.number))
     present = [m for m in paper_columns() if any(m.name in r.metrics for r in rows)]
-    return present + list(JUDGE_FREE_COLUMNS), rows
+    # RL studies: whether the task was learned is the reward (the paper's RL criterion)
+    rl = [MODEL_METRICS["train_reward"]] if any("train_reward" in r.metrics for r in rows) else []
+    return present + list(JUDGE_FREE_COLUMNS) + rl, rows
 
 
 def markdown_cells(row: PaperRow, columns: list[MetricInfo]) -> list[str]:

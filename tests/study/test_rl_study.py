@@ -73,3 +73,12 @@ def test_rl_dryrun_study_learns_from_reward_and_tracks_it(tmp_path) -> None:
 
     study = optuna.load_study(study_name="rl_dryrun", storage=f"sqlite:///{study_dir / 'optuna.db'}")
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+
+    # the report's paper-format table says whether each arm learned the task: its train reward
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
+    paper = (tmp_path / "report" / "README.md").read_text().split("## Per-defense results")[1].split("## Study")[0]
+    header = next(line for line in paper.splitlines() if line.startswith("| study |"))
+    assert header.endswith("| train reward (GRPO) |")
+    undefended_row = next(line for line in paper.splitlines() if line.startswith("| rl_dryrun | *undefended"))
+    assert undefended_row.endswith(f"| {undefended.data.metrics['train_reward']:.4g} |")
