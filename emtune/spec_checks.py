@@ -132,16 +132,21 @@ def local_file_problems(spec: Any) -> Found:
              ev.triggered_question_set), ("evaluation.in_domain.questions", ev.in_domain.questions),
              ("evaluation.judge.prompt_version", ev.judge.prompt_version)]
     for where, value in named:
-        if value and _looks_like_file(value) and not Path(value).is_file():
+        if value and _looks_like_file(value) and Path(value).is_dir():
+            problems.append((where, f"{value} is a folder, not a file; give the file's path"))
+        elif value and _looks_like_file(value) and not Path(value).is_file():
             problems.append((where, f"file {value} not found; fix the path (relative to the spec's folder), or use "
                              "a shipped set / prompt version"))
     for i, defense in enumerate(spec.defenses):
         for item in DEFENSES[defense.name].local_files(defense):
             path = Path(item.path).expanduser()
-            if not path.is_dir() if item.folder else not path.exists():
-                kind = "folder" if item.folder else "file"
-                hint = f"; {item.hint}" if item.hint else "; fix the path (relative to the spec's folder)"
+            kind = "folder" if item.folder else "file"
+            hint = f"; {item.hint}" if item.hint else "; fix the path (relative to the spec's folder)"
+            if not path.exists():
                 problems.append((f"defenses.{i}.{item.field}", f"{defense.name}: {kind} {item.path} not found{hint}"))
+            elif item.folder and not path.is_dir():
+                problems.append((f"defenses.{i}.{item.field}", f"{defense.name}: {item.path} is a file, not a "
+                                 f"folder{hint}"))
     return problems
 
 

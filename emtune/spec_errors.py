@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from emtune.user_files import UserFileError, load_user_yaml, read_user_text
+
 Problem = tuple[str, str, "int | None"]
 
 
@@ -75,17 +77,14 @@ class SpecError(Exception):
 
 
 def load_yaml_with_lines(path: Path) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and map each dotted path (``a.b.0.c``) to its 1-based line number."""
-    if not path.is_file():
+    """Parse YAML and map each dotted path (``a.b.0.c``) to its 1-based line number. The file is
+    read as :mod:`emtune.user_files` reads any user file (UTF-8, bounded, no YAML bombs)."""
+    if not path.exists():
         raise SpecError(path, [("", "file not found: check the path", None)])
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise SpecError(path, [("", f"not valid YAML: {getattr(err, 'problem', err)}", line)]) from None
+        data, node = load_user_yaml(read_user_text(path, "spec"), str(path))
+    except UserFileError as err:
+        raise SpecError(path, [("", err.detail, err.line)]) from None
     if not isinstance(data, dict):
         raise SpecError(path, [("", "a spec is a YAML mapping (key: value) at the top level", 1)])
     lines: dict[str, int] = {}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from emtune.data.fixtures import FIXTURE_NAMES
 from emtune.data.loading import DataError, load_rows
 from emtune.data.prompts import check_prompt_row
+from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.prompt_files import PromptFileError, load_prompt_set
 from emtune.evaluation.questions import QuestionSetError, shipped_question_sets
 from emtune.evaluation.sets import EVAL_SETS, judged
@@ -61,6 +62,9 @@ def check_inputs(spec: Any, hub: HubMode = "skip") -> InputReport:
         prompts = getattr(defense, "extract_prompts", None)
         if prompts:
             _persona_prompts(report, f"defenses.{i}.extract_prompts", prompts)
+        # adapters, persona vectors, model folders: read as the study will read them
+        report.problems += [(f"defenses.{i}.{key}", message)
+                            for key, message in DEFENSES[defense.name].input_problems(defense, spec)]
     if hub != "skip":
         models = [("model.source", spec.model.source), ("model.base_source", spec.model.base_source)]
         for where, source in models:

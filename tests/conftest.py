@@ -68,20 +68,27 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def _write_tiny_spec(folder: Path, text: str | None = None, **fields) -> Path:
+    values = dict(name="tiny", output_dir=str(folder / "studies"), pretrain_steps=20,
+                  max_steps=2, num_trials=2, baselines="false")
+    values.update(fields)
+    body = textwrap.dedent(text) if text is not None else TINY_SPEC.format(**values)
+    path = folder / f"{values['name']}.yaml"
+    path.write_text(body)
+    return path
+
+
 @pytest.fixture
 def write_spec(tmp_path: Path):
     """Write a tiny study spec (YAML text with overrides) and return its path."""
+    return lambda text=None, **fields: _write_tiny_spec(tmp_path, text, **fields)
 
-    def _write(text: str | None = None, **fields) -> Path:
-        values = dict(name="tiny", output_dir=str(tmp_path / "studies"), pretrain_steps=20,
-                      max_steps=2, num_trials=2, baselines="false")
-        values.update(fields)
-        body = textwrap.dedent(text) if text is not None else TINY_SPEC.format(**values)
-        path = tmp_path / f"{values['name']}.yaml"
-        path.write_text(body)
-        return path
 
-    return _write
+@pytest.fixture(scope="session")
+def write_spec_in():
+    """``write_spec_in(folder, text=None, **fields)``: ``write_spec`` for fixtures wider than one
+    test (the study goes to ``folder/studies``)."""
+    return _write_tiny_spec
 
 
 @pytest.fixture
@@ -334,14 +341,24 @@ class _Factory:
         return record
 
 
-@pytest.fixture
-def chat_server():
-    """The server factory (see _Factory); servers stop at teardown."""
+def _serve_chat():
     factory = _Factory()
     yield factory
     for server in factory.servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    """The server factory (see _Factory); servers stop at teardown."""
+    yield from _serve_chat()
+
+
+@pytest.fixture(scope="module")
+def module_chat_server():
+    """``chat_server`` for a module-scoped fixture (one study shared by a module's tests)."""
+    yield from _serve_chat()
 
 
 # -- a real `mlflow server` on 127.0.0.1 ----------------------------------------------------------
@@ -355,6 +372,8 @@ class MlflowServer:
     log: Path
     port: int
     proc: object = None
+    extra_args: tuple[str, ...] = ()  # e.g. ("--app-name", "basic-auth")
+    extra_env: dict = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -366,10 +385,10 @@ class MlflowServer:
 
         from emtune.cli.ui import server_command
 
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **self.extra_env)
+        command = server_command(self.backend_uri, self.artifacts, "127.0.0.1", self.port) + list(self.extra_args)
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(server_command(self.backend_uri, self.artifacts, "127.0.0.1", self.port),
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -408,11 +427,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    """``mlflow_server(backend_uri, artifacts) -> MlflowServer`` (started); stopped at teardown."""
+    """``mlflow_server(backend_uri, artifacts, extra_args=(), extra_env={}) -> MlflowServer`` (started);
+    stopped at teardown."""
     servers: list[MlflowServer] = []
 
-    def start(backend_uri: str, artifacts: str) -> MlflowServer:
-        server = MlflowServer(backend_uri, artifacts, tmp_path / f"mlflow-server-{len(servers)}.log", free_port())
+    def start(backend_uri: str, artifacts: str, **options) -> MlflowServer:
+        server = MlflowServer(backend_uri, artifacts, tmp_path / f"mlflow-server-{len(servers)}.log", free_port(),
+                              **options)
         servers.append(server)
         return server.start()
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emtune"
 
 #: Lowest first. A top-level module is named ``emtune.<module>``, a subpackage ``emtune.<package>``.
 LAYERS: list[tuple[str, ...]] = [
-    ("emtune.spec_errors", "emtune.numbers", "emtune.tensor_ops", "emtune.trial_files"),
+    ("emtune.spec_errors", "emtune.numbers", "emtune.tensor_ops", "emtune.trial_files", "emtune.user_files"),
     ("emtune.data",),
     ("emtune.tracking",),
     ("emtune.models",),

@@ -84,10 +84,26 @@ def test_autoscaler_config(name: str, provider: str) -> None:
     assert on_demand and on_demand != set(workers)
     assert config["max_workers"] >= max(t["max_workers"] for t in workers.values())
     head_start = " ".join(config["head_start_ray_commands"])
-    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
-    assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
-    assert config["file_mounts"]["/home/ray/emtune"] == "."
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert config["file_mounts"] == {"/home/ray/emtune": "."}  # no token file copied from a laptop
     assert ".venv" in config["rsync_exclude"]
+    _check_token_from_secret_manager(config, provider)
+
+
+def _check_token_from_secret_manager(config: dict[str, Any], provider: str) -> None:
+    """Token auth on every node, the token read from the cloud's secret manager on the host into
+    an owner-only file mounted read-only into the container (never the image, never env files)."""
+    fetch = {"aws": "aws secretsmanager get-secret-value", "gcp": "gcloud secrets versions access"}[provider]
+    init = config["initialization_commands"]
+    token = [c for c in init if fetch in c and "/etc/emtune/ray_token" in c]
+    assert len(token) == 1 and "umask 077" in token[0] and "chown 1000" in token[0], init
+    assert any(fetch in c and "/etc/emtune/node.env" in c and "umask 077" in c for c in init)
+    assert "-v /etc/emtune:/etc/emtune:ro" in config["docker"]["run_options"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/emtune/ray_token" in start, key
+        assert start.index("RAY_AUTH_MODE=token") < start.index("ray start")
+        assert ". /etc/emtune/node.env" in start  # judge key and MLflow login from the secret too
 
 
 def test_raycluster_manifest() -> None:
@@ -156,6 +172,32 @@ def test_emtune_is_installed_with_the_constraints() -> None:
         assert re.search(r"-c \S*constraints\.txt", line), line
 
 
+def test_mlflow_server_needs_a_login_and_ray_pods_have_it() -> None:
+    [deployment] = [d for p, d in KINDS["Deployment"] if d["metadata"]["name"] == "mlflow"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    command = " ".join(container["args"])
+    assert "mlflow server --app-name basic-auth" in command and "Flask-WTF" in command
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "emtune-mlflow-auth"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "emtune-mlflow-auth"
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    [config_map] = [d for _, d in KINDS["ConfigMap"] if d["metadata"]["name"] == "mlflow-auth"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert config_path.rsplit("/", 1)[0] in mounts
+    ini = config_map["data"][config_path.rsplit("/", 1)[1]]
+    assert "default_permission = NO_PERMISSIONS" in ini and "admin_username = emtune" in ini
+    assert "admin_password" not in ini  # from the Secret, never the ConfigMap
+    for kind in ("RayCluster", "RayJob"):
+        for _, doc in KINDS[kind]:
+            containers = [c for c in _walk(doc, "containers") for c in c]
+            assert containers
+            for c in containers:
+                names = {e["name"]: e for e in c["env"]}
+                assert names["MLFLOW_TRACKING_USERNAME"]["value"] == "emtune"
+                ref = names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": "emtune-mlflow-auth", "key": "MLFLOW_TRACKING_PASSWORD"}
+
+
 def test_servers_are_loopback_or_cluster_internal() -> None:
     k8s = [(p, d) for p in YAML_FILES for d in _docs(p) if "kind" in d]
     assert not [d for _, d in k8s if d["kind"] == "Ingress"]
@@ -215,7 +257,11 @@ def test_readme_covers_the_operations() -> None:
     for needle in ("ray up cluster/aws.yaml", "ssh -i", "-L 8265:127.0.0.1:8265 -L 5000:127.0.0.1:5000",
                    "mlflow server", "--artifacts-destination s3://", "tracking:", "http://mlflow:5000",
                    "output_dir", "NFS", "emtune submit", "emtune status", "emtune logs",
-                   "RAY_AUTH_MODE=token", "HF_HUB_OFFLINE", "secretKeyRef"):
+                   "RAY_AUTH_MODE=token", "HF_HUB_OFFLINE", "secretKeyRef",
+                   # authentication set-up: token and MLflow login from secrets, the client's token
+                   "aws secretsmanager create-secret --name emtune/ray-token", "emtune/node-env",
+                   "roles/secretmanager.secretAccessor", "export RAY_AUTH_TOKEN=", "--app-name basic-auth",
+                   "MLFLOW_TRACKING_PASSWORD", "kubectl create secret generic emtune-mlflow-auth"):
         assert needle in text, needle
 
 

@@ -178,3 +178,54 @@ def exit_on_tracking_outage(spec: Any) -> Iterator[None]:
         fail(f"MLflow tracking server {tracking_uri(spec)} unreachable after tracking.retries: "
              f"{str(exc).splitlines()[0][:300]}. Start it, or check tracking.uri / MLFLOW_TRACKING_URI.",
              UNAVAILABLE)
+
+
+@contextmanager
+def exit_on_study_error(spec: Any) -> Iterator[None]:
+    """Around running a study: a tracking outage exits 4 (:func:`exit_on_tracking_outage`), a Ray
+    token file others can read and this user cannot fix exits 2, a failed study stage exits 1
+    with its root cause. No stack trace either way."""
+    from emtune.study.local_ray import TokenFileError
+    from emtune.study.stages import StageFailed
+
+    try:
+        with exit_on_tracking_outage(spec):
+            yield
+    except TokenFileError as err:
+        fail(str(err))
+    except StageFailed as err:  # not the user's input: the work failed, with its cause
+        fail(str(err), FAILED)
+
+
+def check_tracking_login_or_exit(spec: Any) -> None:
+    """For an ``http(s)://`` tracking server behind authentication (MLflow's basic-auth app, an
+    ingress), one authenticated request before anything starts: a refused login exits 2 saying
+    which variables to set. A server that does not answer is left to the study's retries."""
+    import base64
+    import os
+    import urllib.error
+    import urllib.request
+
+    from emtune.tracking.mlflow_runs import tracking_uri
+
+    uri = tracking_uri(spec)
+    if not uri.startswith(("http://", "https://")):
+        return
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            return
+        said = "refused this login" if user and password else "needs a login"
+        fail(f"MLflow tracking server {uri} {said} (HTTP {err.code}): set MLFLOW_TRACKING_USERNAME and "
+             "MLFLOW_TRACKING_PASSWORD in this shell to an MLflow user with access to the experiment "
+             "(cluster/README.md, \"Where MLflow runs\")")
+    except OSError:
+        return  # not answering: `emtune run` says so and MLflow's retries wait for it

@@ -3,9 +3,12 @@
 Both talk to the cluster's dashboard (the Ray Jobs API, ``ray[default]``) at ``--address``,
 by default ``$RAY_ADDRESS``, the variable Ray's own job CLI documents
 (``export RAY_ADDRESS=http://127.0.0.1:8265``); an explicit ``--address`` wins over it. On a
-cluster with token authentication, the client needs ``RAY_AUTH_MODE=token`` and the token
-(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) in its environment; the
-token is never taken on the command line.
+cluster with token authentication (emtune's cluster configs turn it on) the token comes from the
+environment, never the command line (it would land in shell history and the process table):
+``RAY_AUTH_TOKEN``, or a file named by ``RAY_AUTH_TOKEN_PATH``; emtune sends it as the request's
+bearer token itself, so ``RAY_AUTH_MODE`` need not be set. With neither, Ray's own lookup applies
+(``RAY_AUTH_MODE=token`` and ``~/.ray/auth_token``). The token never goes into a job's runtime
+environment.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from emtune.cli.output import add_format_argument, print_csv, print_json
 ADDRESS_ENV = "RAY_ADDRESS"
 #: Ray's job client prefers this variable over its address argument; emtune keeps it in step.
 _RAY_CLIENT_OVERRIDE = "RAY_API_SERVER_ADDRESS"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -36,22 +41,24 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def job_client(address: str | None) -> Any:
-    """A ``JobSubmissionClient`` for ``address``; an unreachable or refusing cluster exits 2."""
+    """A ``JobSubmissionClient`` for ``address``; a refusing cluster exits 2, an unreachable one 4."""
     if not address:
         fail(f"no cluster address: pass --address http://HEAD:8265 or set {ADDRESS_ENV}")
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    token = cluster_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         with _address_wins(address):
-            return JobSubmissionClient(address)
+            return JobSubmissionClient(address, headers=headers)
     except AuthenticationError:
-        fail(f"{address} refused the request: the cluster uses token authentication; set "
-             f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token")
+        fail(f"{address} refused the request: {_token_hint(token)}")
     except (ConnectionError, RuntimeError, ValueError) as err:
-        # Ray wraps authentication failures in RuntimeError/ConnectionError too; say both causes.
-        fail(f"cannot reach the Ray dashboard at {address}: {_first_line(err)} (is the tunnel up? "
-             f"with token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)", UNAVAILABLE)
+        text = _first_line(err)
+        if "Authentication" in text or "401" in text or "403" in text:
+            fail(f"{address} refused the request ({text}): {_token_hint(token)}")
+        fail(f"cannot reach the Ray dashboard at {address}: {text} (is the tunnel up?)", UNAVAILABLE)
 
 
 @contextmanager
@@ -67,6 +74,26 @@ def _address_wins(address: str) -> Iterator[None]:
             os.environ.pop(_RAY_CLIENT_OVERRIDE, None)
         else:
             os.environ[_RAY_CLIENT_OVERRIDE] = before
+
+
+def cluster_token() -> str | None:
+    """The cluster's token from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` names."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip()
+    path = os.environ.get(TOKEN_PATH_ENV)
+    if path:
+        try:
+            return open(os.path.expanduser(path), encoding="utf-8").read().strip() or None
+        except OSError as err:
+            fail(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({err.strerror or err})")
+    return None
+
+
+def _token_hint(token: str | None) -> str:
+    if token:
+        return f"the cluster rejected the token in {TOKEN_ENV}/{TOKEN_PATH_ENV}; set the cluster's own token"
+    return (f"the cluster uses token authentication; set {TOKEN_ENV} to its token (or {TOKEN_PATH_ENV} to a "
+            "file holding it), see cluster/README.md")
 
 
 def job_status(client: Any, job_id: str) -> str:

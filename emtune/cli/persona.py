@@ -46,7 +46,6 @@ def _judge(path: str | None):
     """The judge a YAML JudgeSpec file describes, or None; bad files exit 2."""
     if path is None:
         return None
-    import yaml
     from pydantic import ValidationError
 
     from emtune.cli.common import fail
@@ -54,13 +53,23 @@ def _judge(path: str | None):
     from emtune.evaluation.judges import JudgeError
     from emtune.evaluation.judging import build_judge
 
+    from emtune.user_files import UserFileError, load_user_yaml, read_user_text
+
     file = Path(path).expanduser()
-    if not file.is_file():
-        fail(f"--judge-spec {path!r}: file not found")
     try:
-        spec = JudgeSpec.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")) or {})
+        data = load_user_yaml(read_user_text(file, "judge spec"), str(file))[0] or {}
+    except UserFileError as err:
+        fail(f"--judge-spec: {err}")
+    if not isinstance(data, dict):
+        fail(f"--judge-spec {path}: expected a mapping of judge settings (kind, model, base_url, ...)")
+    try:
+        spec = JudgeSpec.model_validate(data)
         judge = build_judge(spec)
-    except (ValidationError, JudgeError, yaml.YAMLError) as err:
+    except ValidationError as err:
+        first = err.errors()[0]
+        fail(f"--judge-spec {path}: {'.'.join(map(str, first['loc'])) or '(top level)'}: {first['msg']} "
+             f"({err.error_count()} problem(s)); fix that key")
+    except JudgeError as err:
         fail(f"--judge-spec {path}: {err}")
     if judge is None:
         fail(f"--judge-spec {path}: kind is 'none'; give a judge (openai or hf_local) or leave the option out")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from emtune.cli.common import FAILED, OK, exit_on_tracking_outage, load_study_spec, resolve_study_dir
+from emtune.cli.common import (FAILED, OK, check_tracking_login_or_exit, exit_on_study_error, load_study_spec,
+                               resolve_study_dir)
 from emtune.cli.run import check_cluster_address
 
 
@@ -23,7 +24,8 @@ def main(args: argparse.Namespace) -> int:
 
     check_cluster_address()
     spec = load_study_spec(resolve_study_dir(args.study), check_files=True)
-    with exit_on_tracking_outage(spec):
+    check_tracking_login_or_exit(spec)
+    with exit_on_study_error(spec):
         table = resume_study(spec, num_cpus=args.num_cpus)
     print()
     print(format_table(table))

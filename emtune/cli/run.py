@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from emtune.cli.common import FAILED, OK, add_set_option, exit_on_tracking_outage, fail, load_spec_or_exit
+from emtune.cli.common import (FAILED, OK, add_set_option, check_tracking_login_or_exit, exit_on_study_error, fail,
+                               load_spec_or_exit)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,17 +36,18 @@ def main(args: argparse.Namespace) -> int:
     """Validate everything first, then run; print where to look afterwards."""
     check_cluster_address()
     spec = load_spec_or_exit(args.spec, inputs=True, hub="load", overrides=args.overrides)
+    check_tracking_login_or_exit(spec)
     if args.extend is not None and (args.extend < 1 or not (spec.study_dir / "optuna.db").is_file()):
         fail(f"--extend needs N >= 1 and an existing study at {spec.study_dir}; run it first without --extend")
     from emtune.study.runner import run_study
     from emtune.tracking.front import format_table
 
-    with exit_on_tracking_outage(spec):
+    with exit_on_study_error(spec):
         table = run_study(spec, num_cpus=args.num_cpus, extend=args.extend)
     print()
     print(format_table(table))
     print(f"\nstudy folder: {spec.study_dir}")
     print(f"  front:      emtune pareto {spec.study_dir}")
     print(f"  MLflow UI:  emtune ui {spec.study_dir}   (then open http://127.0.0.1:5000)")
-    print(f"  Optuna:     optuna-dashboard sqlite:///{spec.study_dir / 'optuna.db'}")
+    print(f"  Optuna:     optuna-dashboard --host 127.0.0.1 sqlite:///{spec.study_dir / 'optuna.db'}")
     return OK if table.front else FAILED

@@ -121,12 +121,12 @@ def load_runtime_env(path: str | None) -> dict[str, Any]:
     """Extra runtime_env fields from a YAML file (cluster/runtime_env.yaml); bad files exit 2."""
     if path is None:
         return {}
-    import yaml
+    from emtune.user_files import UserFileError, load_user_yaml, read_user_text
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        fail(f"--runtime-env {path}: {err}")
+        data = load_user_yaml(read_user_text(Path(path), "runtime_env"), path)[0] or {}
+    except UserFileError as err:
+        fail(f"--runtime-env: {err}")
     if not isinstance(data, dict):
         fail(f"--runtime-env {path}: expected a mapping of runtime_env fields")
     owned = sorted({"working_dir", "py_modules"} & set(data))

@@ -28,6 +28,18 @@ def server_command(tracking_uri: str, artifacts: str, host: str, port: int) -> l
             "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", "1"]
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: a server bound there is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the MLflow server in the foreground until interrupted."""
     from emtune.tracking.mlflow_runs import tracking_uri
@@ -38,6 +50,11 @@ def main(args: argparse.Namespace) -> int:
     if not uri.startswith("sqlite:"):
         fail(f"study {spec.name!r} tracks to {uri}: open that server's UI instead")
     cmd = server_command(uri, str(study_dir / "mlartifacts"), args.host, args.port)
+    if not is_loopback_host(args.host):
+        print(f"emtune: warning: --host {args.host} opens the MLflow UI to the network, and it has no login: "
+              "anyone who reaches that port can read and change this study's runs and artifacts. "
+              f"Prefer the default 127.0.0.1 and an SSH tunnel (ssh -L {args.port}:127.0.0.1:{args.port} HOST).",
+              file=sys.stderr, flush=True)
     if args.print_command:
         print(" ".join(cmd))
         return 0

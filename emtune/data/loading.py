@@ -25,8 +25,11 @@ from emtune.data.fixtures import fixture_path
 from emtune.data.opswap import OpSwapSpec
 from emtune.data.sources import SourceError, SourceOptions, mapped_rows, needs_mapping
 from emtune.spec_errors import StrictModel
+from emtune.user_files import UserFileError, decode_line
 
 ROLES = ("system", "user", "assistant")
+#: A JSONL line longer than this is refused unread (a chat row a model can train on is far shorter).
+MAX_LINE_BYTES = 16 * 2**20
 
 
 class DatasetSpec(SourceOptions):
@@ -81,6 +84,11 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
             raise DataError(f"{where}: messages[{j}].role is {message.get('role')!r}; use one of {ROLES}")
         if not isinstance(message.get("content"), str):
             raise DataError(f"{where}: messages[{j}].content must be a string")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON allows "\ud800"; no tokenizer can encode it
+            raise DataError(f"{where}: messages[{j}].content holds an unpaired surrogate "
+                            f"(\\u{ord(message['content'][err.start]):04x}); fix that escape in the row") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message: nothing to train on; add the answer")
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
@@ -90,21 +98,49 @@ RowCheck = Callable[[Any, str], dict[str, Any]]
 
 
 def _read_jsonl(path: Path, limit: int | None, check: RowCheck) -> list[dict[str, Any]]:
+    """Rows of a chat JSONL file; every problem (encoding, JSON, a cut-off last line, a line too
+    long to be a chat row) is a DataError naming the file and line, with what to do."""
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            rows.append(check(row, f"{path}:{number}"))
-            if limit is not None and len(rows) >= limit:
-                break
+    try:
+        with open(path, "rb") as handle:
+            number = 0
+            while raw := handle.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{number}: the line is longer than {MAX_LINE_BYTES // 2**20} MiB, far "
+                                    "beyond any chat row a model trains on; shorten or drop that row (or check "
+                                    "that this is a JSONL file)")
+                try:
+                    line = decode_line(raw, str(path), number, first=number == 1)
+                except UserFileError as err:
+                    raise DataError(str(err)) from None
+                if not line.strip():
+                    continue
+                rows.append(check(parse_json_line(line, raw.endswith(b"\n"), path, number), f"{path}:{number}"))
+                if limit is not None and len(rows) >= limit:
+                    break
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err}); check its permissions") from None
     if not rows:
-        raise DataError(f"{path}: the file holds no rows")
+        raise DataError(f"{path}: the file holds no rows; add chat rows, one JSON object per line")
     return rows
+
+
+def parse_json_line(line: str, complete: bool, path: Path | str, number: int) -> Any:
+    """One JSONL line parsed; a DataError names ``path:number`` and what to do (a line without
+    its newline, ``complete=False``, is the file's cut-off last line)."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise DataError(f"{path}:{number}: the JSON is nested too deeply to be a chat row; fix that row") from None
+    except json.JSONDecodeError as err:
+        hint = "fix that row (one JSON object per line)"
+        if not complete:
+            hint = ("the last line is cut off (no newline at the end): the file looks truncated; export or "
+                    "download it again, or delete the partial row")
+        elif number == 1 and line.lstrip().startswith("["):
+            hint = "this looks like a JSON array: emtune reads JSONL, one {\"messages\": [...]} object per line"
+        raise DataError(f"{path}:{number}: not valid JSON at column {err.colno} ({err.msg}); {hint}") from None
 
 
 def resolve_dataset_path(path: str, base_dir: Path | None = None) -> Path | str:
@@ -136,12 +172,31 @@ def load_rows(spec: Any, base_dir: Path | None = None, check: RowCheck = check_r
     if isinstance(source, str):
         return _load_hub(source[len("hub:"):], spec, check)
     if source.is_dir():
-        from datasets import load_from_disk
-
-        return _check_all(load_from_disk(str(source)), str(source), spec.limit, check)
+        return _load_saved(source, spec, check)
     if not source.is_file():
         raise DataError(f"{source}: dataset file not found (data path {spec.path!r}); check the path")
     return _read_jsonl(source, spec.limit, check)
+
+
+def _load_saved(folder: Path, spec: Any, check: RowCheck) -> list[dict[str, Any]]:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict's ``split``)."""
+    if not any((folder / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        raise DataError(f"{folder}: is a folder, not a chat JSONL file (nor a folder written by datasets' "
+                        "save_to_disk); give the .jsonl file's path")
+    from datasets import load_from_disk
+
+    try:
+        dataset = load_from_disk(str(folder))
+        if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict: pick the split
+            if spec.split not in dataset:
+                raise DataError(f"{folder}: no split {spec.split!r} (splits: {', '.join(dataset)}); set split")
+            dataset = dataset[spec.split]
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the folder and the cause
+        raise DataError(f"{folder}: cannot load it with datasets.load_from_disk ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); save it again or give a JSONL file") from None
+    return _check_all(dataset, str(folder), spec.limit, check)
 
 
 def _load_hub(name: str, spec: Any, check: RowCheck) -> list[dict[str, Any]]:

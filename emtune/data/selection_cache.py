@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from emtune.data import selection
+from emtune.data.adapter_files import adapter_folder, check_adapter_dir
 
 SCHEMA_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+__all__ = ["check_adapter_dir"]  # re-exported: `emtune data select` and the defenses check adapters here
 
 
 def _sha256(data: bytes) -> str:
@@ -44,20 +46,9 @@ def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
     return _sha256(json.dumps(list(rows), sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
-def check_adapter_dir(path: str | Path) -> Path:
-    """The adapter folder as a Path; ValueError naming the path when it is not a saved LoRA adapter."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"misaligned adapter {str(path)!r} not found; give the folder of a saved LoRA adapter")
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"misaligned adapter {str(path)!r} has no adapter_config.json; "
-                         f"give a folder written by peft's save_pretrained")
-    return folder
-
-
 def adapter_digest(path: str | Path) -> str:
     """sha256 over the adapter's config and weight files (the model card is ignored)."""
-    folder = check_adapter_dir(path)
+    folder = adapter_folder(path)
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:
         file = folder / name

@@ -107,7 +107,10 @@ def read_table(spec: Any, source: Path | str) -> Any:
         builder = "json" if fmt == "jsonl" else fmt
         return datasets.load_dataset(builder, data_files=str(source), split="train")
     except Exception as err:  # datasets raises many types; the user needs the source and the cause
-        raise SourceError(f"{label}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+        said = str(err).strip().splitlines()[0][:300].rstrip(".") if str(err).strip() else ""
+        fix = ("check the dataset name, config and split (and that it is in the local cache when offline)"
+               if fmt == "hub" else f"check that it is a complete {fmt} file (export it again), or set `format`")
+        raise SourceError(f"{label}: cannot read as {fmt}: {type(err).__name__}: {said}; {fix}") from None
 
 
 def check_columns(spec: Any, columns: Iterable[str], label: str) -> None:

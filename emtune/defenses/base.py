@@ -9,6 +9,7 @@ The study asks the class, never attribute names of its config:
   must be an exact no-op; the contract test checks it);
 - ``spec_problems(config, spec)``: checks that need the whole spec (run by ``emtune validate``);
 - ``local_files(config)``: the local files and folders it reads (made absolute and checked to exist);
+- ``input_problems(config, spec)``: those files read before anything starts (bad ones exit 2);
 - ``prepare(config, stage)``: a study stage run once before the trials (persona vectors, a
   misaligned ensemble), returning the config with the stage's outputs filled in;
 - ``training_methods``: the training methods it has a form for: ``sft``, and ``grpo`` where the
@@ -65,12 +66,37 @@ class DefenseContext:
 @dataclass(frozen=True)
 class LocalFile:
     """A local path a defense reads: the config field holding it (``field`` or ``field.N`` for a
-    list entry), the path, whether it must be a folder, and what to do when it is missing."""
+    list entry), the path, whether it must be a folder, what to do when it is missing, and what
+    it holds (``kind``: ``adapter``, ``persona_vectors``, ``model`` or ``other``), which says how
+    :meth:`Defense.input_problems` reads it before anything starts (datasets, question and prompt
+    sets are read by the spec's own input checks)."""
 
     field: str
     path: str
     folder: bool = False
     hint: str = ""
+    kind: str = "other"
+
+
+def read_problem(item: LocalFile) -> str | None:
+    """Read a local file the way its trial will, and say what is wrong (None when it is fine)."""
+    if item.kind == "adapter":
+        from emtune.data.adapter_files import check_adapter_dir
+
+        try:
+            check_adapter_dir(item.path)
+        except ValueError as err:
+            return str(err)
+    elif item.kind == "persona_vectors":
+        from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_vectors
+
+        try:
+            load_persona_vectors(item.path)
+        except PersonaVectorError as err:
+            return str(err)
+    elif item.kind == "model" and not (Path(item.path).expanduser() / "config.json").is_file():
+        return f"{item.path}: no config.json; give a model folder written by save_pretrained (or a hub id)"
+    return None
 
 
 def is_local_source(path: str) -> bool:
@@ -142,6 +168,18 @@ class Defense:
     def local_files(cls, config: Any) -> list[LocalFile]:
         """Local files and folders the settings name (``fixture:`` and ``hub:`` sources excluded)."""
         return []
+
+    @classmethod
+    def input_problems(cls, config: Any, spec: Any) -> list[tuple[str, str]]:
+        """Read every local file the settings name (each by its ``LocalFile.kind``) and return
+        what is wrong, as (config field, problem) pairs (run by ``emtune validate`` and before a
+        study starts, so a bad file never fails a trial)."""
+        found = []
+        for item in cls.local_files(config):
+            problem = read_problem(item) if Path(item.path).expanduser().exists() else None  # missing: spec_checks
+            if problem:
+                found.append((item.field, problem))
+        return found
 
     @classmethod
     def prepare(cls, config: Any, stage: StageServices) -> Any:

@@ -132,7 +132,7 @@ class SelectedInterleaving(RLInterleavingForm, Defense):
     def local_files(cls, config: SelectedInterleavingConfig) -> list[LocalFile]:
         """The pool (when local), every given adapter folder, and local EM datasets."""
         files = pool_files(config)
-        files += [LocalFile(f"misaligned_adapters.{i}", p, folder=True,
+        files += [LocalFile(f"misaligned_adapters.{i}", p, folder=True, kind="adapter",
                             hint="list LoRA adapter folders fine-tuned undefended on EM datasets")
                   for i, p in enumerate(config.misaligned_adapters)]
         for i, dataset in enumerate(config.misaligned_datasets):

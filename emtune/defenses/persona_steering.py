@@ -165,7 +165,7 @@ class PersonaSteering(Defense):
         """The persona vector file, and a prompt-set file given as a path."""
         files = []
         if config.vector_path:
-            files.append(LocalFile("vector_path", config.vector_path,
+            files.append(LocalFile("vector_path", config.vector_path, kind="persona_vectors",
                                    hint="create it with `emtune persona extract`, or set extract_prompts instead"))
         if config.extract_prompts and config.extract_prompts.endswith((".yaml", ".yml")):
             files.append(LocalFile("extract_prompts", config.extract_prompts,
@@ -190,6 +190,30 @@ class PersonaSteering(Defense):
         if config.mode == "decode_only" and spec.training.method != "grpo":
             problems.append("persona_steering mode decode_only exists only for training.method grpo; use mode: all")
         return problems
+
+    @classmethod
+    def input_problems(cls, config: PersonaSteeringConfig, spec: Any) -> list[tuple[str, str]]:
+        """The vector file read as a trial reads it, and checked against the spec's model and layer."""
+        problems = super().input_problems(config, spec)
+        if problems or not config.vector_path or not Path(config.vector_path).expanduser().is_file():
+            return problems  # a missing file is one of the spec's own problems
+        from emtune.defenses.persona_vectors import load_persona_vectors
+
+        problem = cls.vector_problem(config, load_persona_vectors(config.vector_path), spec.model)
+        return [("vector_path", problem)] if problem else []
+
+    @staticmethod
+    def vector_problem(config: PersonaSteeringConfig, persona: Any, model_spec: Any) -> str | None:
+        """Why a loaded vector file cannot steer this model at ``config.layer`` (None when it can)."""
+        recorded = persona.meta.get("model")
+        if model_spec is not None and recorded != model_identity(model_spec):
+            return (f"persona_steering.vector_path {config.vector_path!r} was extracted from model {recorded!r}, "
+                    f"but this study trains {model_identity(model_spec)!r}: extract a vector for this model")
+        num_states = persona.vectors.shape[0]
+        if config.layer >= num_states:
+            return (f"persona_steering.layer {config.layer} is out of range: the vector file has hidden states "
+                    f"0..{num_states - 1} (steerable layers 1..{num_states - 1})")
+        return None
 
     @classmethod
     def prepare(cls, config: PersonaSteeringConfig, stage: StageServices) -> PersonaSteeringConfig:
@@ -234,20 +258,10 @@ class PersonaSteering(Defense):
 
         persona = load_persona_vectors(Path(self.config.vector_path))
         spec = getattr(self.context, "spec", None)
-        recorded = persona.meta.get("model")
-        if spec is not None and getattr(spec, "model", None) is not None:
-            expected = model_identity(spec.model)
-            if recorded != expected:
-                raise PersonaVectorError(
-                    f"persona_steering.vector_path {self.config.vector_path!r} was extracted from model "
-                    f"{recorded!r}, but this trial trains {expected!r}: extract a vector for this model"
-                )
+        problem = self.vector_problem(self.config, persona, getattr(spec, "model", None))
+        if problem:
+            raise PersonaVectorError(problem)
         num_states, hidden = persona.vectors.shape
-        if self.config.layer >= num_states:
-            raise PersonaVectorError(
-                f"persona_steering.layer {self.config.layer} is out of range: the vector file has "
-                f"hidden states 0..{num_states - 1} (steerable layers 1..{num_states - 1})"
-            )
         model_hidden = getattr(getattr(model, "config", None), "hidden_size", hidden)
         if model_hidden != hidden:
             raise PersonaVectorError(f"persona vector width {hidden} does not match the model's hidden size "

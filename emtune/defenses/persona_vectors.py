@@ -24,6 +24,7 @@ model id, prompt version and counts without torch.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -31,13 +32,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
 from emtune.data.chat import pad_batch, prompt_ids
 from emtune.defenses.persona_filter import PairFilter, judge_pairs
 from emtune.evaluation.generation import Prompt, generate_answers
 from emtune.evaluation.judging import build_judge
 from emtune.models import load_model, load_tokenizer, model_identity
+from emtune.user_files import UserFileError, load_user_yaml, read_user_text
 
 __all__ = ["model_identity"]  # re-exported: vector files record it
 
@@ -63,8 +64,11 @@ class PersonaPrompts:
 def load_persona_prompts(name: str = "evil_v1") -> PersonaPrompts:
     """A shipped prompt set by name (``persona_prompts/<name>.yaml``) or a YAML file path."""
     path = Path(name).expanduser()
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        text, where = path.read_text(encoding="utf-8"), str(path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        try:
+            text, where = read_user_text(path, "persona prompt set"), str(path)
+        except UserFileError as err:
+            raise PersonaVectorError(str(err)) from None
     else:
         shipped = resources.files("emtune.defenses") / "persona_prompts" / f"{name}.yaml"
         if not shipped.is_file():
@@ -74,14 +78,18 @@ def load_persona_prompts(name: str = "evil_v1") -> PersonaPrompts:
                                      f"(or give a path to a YAML file)")
         text, where = shipped.read_text(encoding="utf-8"), f"persona_prompts/{name}.yaml"
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise PersonaVectorError(f"{where}: not valid YAML: {err}") from None
+        data = load_user_yaml(text, where)[0] or {}
+    except UserFileError as err:
+        raise PersonaVectorError(str(err)) from None
     if not isinstance(data, dict):
         raise PersonaVectorError(f"{where}: expected a mapping with version, positive, negative, questions")
     for key in ("version", "positive", "negative", "questions"):
         if not data.get(key):
-            raise PersonaVectorError(f"{where}: missing or empty field {key!r}")
+            raise PersonaVectorError(f"{where}: missing or empty field {key!r}; add it")
+    for key in ("positive", "negative", "questions"):
+        items = data[key]
+        if not isinstance(items, list) or not all(isinstance(item, str) and item.strip() for item in items):
+            raise PersonaVectorError(f"{where}: field {key!r} must be a list of non-empty strings")
     if len(data["positive"]) != len(data["negative"]):
         raise PersonaVectorError(f"{where}: positive ({len(data['positive'])}) and negative "
                                  f"({len(data['negative'])}) must pair up one to one")
@@ -129,15 +137,33 @@ def save_persona_vectors(persona: PersonaVectors, path: str | Path) -> Path:
 def load_persona_vectors(path: str | Path) -> PersonaVectors:
     """Read a vector file written by :func:`save_persona_vectors` (tensors and plain data only)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise PersonaVectorError(f"{path}: is a folder; give the vector file written by `emtune persona extract`")
     if not path.is_file():
         raise PersonaVectorError(f"persona vector file {str(path)!r} not found (from {Path.cwd()}); "
                                  f"create it with `emtune persona extract --model ... --out FILE`")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or not isinstance(data.get("vectors"), torch.Tensor) or "meta" not in data:
-        raise PersonaVectorError(f"{path}: not a persona vector file (expected keys 'vectors' and 'meta')")
+    remake = "create it again with `emtune persona extract --model ... --out FILE`"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a file it cannot read
+        text = str(err)
+        unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            what = (f"it holds Python objects ({found.group(1)}) besides tensors and plain data, which emtune "
+                    "never unpickles")
+        else:
+            detail = unpickler.group(1) if unpickler else (text.strip().splitlines() or [""])[0]
+            what = f"not a file written by torch.save ({type(err).__name__}: {detail.strip()[:200]})"
+        raise PersonaVectorError(f"{path}: {what}; {remake}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("vectors"), torch.Tensor) \
+            or not isinstance(data.get("meta"), dict):
+        raise PersonaVectorError(f"{path}: not a persona vector file (expected keys 'vectors' and 'meta'); {remake}")
     if data["vectors"].dim() != 2:
         raise PersonaVectorError(f"{path}: vectors must be [num_hidden_states, hidden], "
-                                 f"got shape {tuple(data['vectors'].shape)}")
+                                 f"got shape {tuple(data['vectors'].shape)}; {remake}")
+    if not torch.isfinite(data["vectors"]).all():
+        raise PersonaVectorError(f"{path}: the vectors hold NaN or infinite values; {remake}")
     return PersonaVectors(data["vectors"], dict(data["meta"]))
 
 

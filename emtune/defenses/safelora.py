@@ -244,7 +244,7 @@ class SafeLoRA(Defense):
     @classmethod
     def local_files(cls, config: SafeLoRAConfig) -> list[LocalFile]:
         """Weight folders given as local paths (hub ids and ``tiny`` are resolved at run time)."""
-        return [LocalFile(name, value, folder=True) for name in ("base_source", "aligned_source")
+        return [LocalFile(name, value, folder=True, kind="model") for name in ("base_source", "aligned_source")
                 if (value := getattr(config, name)) and _looks_local(value)]
 
     def __init__(self, config: SafeLoRAConfig, context: Any):

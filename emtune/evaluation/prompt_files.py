@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from emtune.user_files import UserFileError, load_user_yaml, read_user_text
+
 #: The placeholders emtune fills in a judge prompt.
 PLACEHOLDERS = ("question", "answer")
 
@@ -58,7 +60,8 @@ def is_prompt_file(source: str) -> bool:
 
 
 def check_template(template: str, where: str) -> None:
-    """Raise PromptFileError when a template uses a placeholder emtune does not fill."""
+    """Raise PromptFileError when a template uses a placeholder emtune does not fill, or never
+    shows the judge the answer."""
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:
@@ -66,7 +69,10 @@ def check_template(template: str, where: str) -> None:
     unknown = sorted(n for n in names if n not in PLACEHOLDERS)
     if unknown:
         raise PromptFileError(f"{where}: uses placeholder(s) {', '.join('{' + n + '}' for n in unknown)}, "
-                              f"which emtune does not fill (it fills {{question}} and {{answer}})")
+                              f"which emtune does not fill (it fills {{question}} and {{answer}}); remove it, "
+                              f"or write literal braces as {{{{ }}}}")
+    if "answer" not in names:
+        raise PromptFileError(f"{where}: never shows the judge the answer; put {{answer}} where it should read it")
 
 
 def load_prompt_set(source: str) -> PromptSet:
@@ -74,6 +80,8 @@ def load_prompt_set(source: str) -> PromptSet:
     if not is_prompt_file(source):
         return _shipped(source)
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a folder, not a judge prompt file; give the YAML file's path")
     if not path.is_file():
         raise PromptFileError(f"judge prompt file {source!r} not found (from {Path.cwd()}); give a shipped "
                               f"version ({', '.join(shipped_prompt_versions())}) or a path to a YAML file")
@@ -95,11 +103,11 @@ def _shipped(version: str) -> PromptSet:
 
 @lru_cache(maxsize=32)
 def _from_file(path: str, mtime_ns: int, size: int) -> PromptSet:
-    raw = Path(path).read_bytes()
     try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise PromptFileError(f"{path}: not valid YAML: {err}") from None
+        doc, _ = load_user_yaml(read_user_text(Path(path), "judge prompt"), path)
+        raw = Path(path).read_bytes()  # the version hashes the file's own bytes
+    except UserFileError as err:  # encoding, syntax, YAML bombs, recursive aliases, keys written twice
+        raise PromptFileError(str(err)) from None
     if isinstance(doc, dict) and isinstance(doc.get("prompts"), dict):
         prompts = doc["prompts"]
     elif isinstance(doc, list):

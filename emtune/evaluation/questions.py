@@ -27,14 +27,14 @@ file, the sha256 of its bytes (the report names both).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import yaml
+from emtune.data.loading import DataError, parse_json_line
+from emtune.user_files import UserFileError, check_regular_file, decode_text, load_user_yaml
 
 #: Used when an entry gives no samples_per_paraphrase (the paper authors' code default).
 DEFAULT_SAMPLES = 10
@@ -97,11 +97,18 @@ def load_question_set(name_or_path: str | Path, samples_per_question: int | None
         digest = None
     else:
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise QuestionSetError(
                 f"{text}: no such question file, and not a shipped set (shipped: {', '.join(shipped_question_sets())})"
             )
-        data, source, name = path.read_bytes(), str(path), path.stem
+        try:
+            check_regular_file(path, "question")
+            data = path.read_bytes()
+        except UserFileError as err:
+            raise QuestionSetError(str(err)) from None
+        except OSError as err:
+            raise QuestionSetError(f"{path}: cannot read it ({err.strerror or err}); check its permissions") from None
+        source, name = str(path), path.stem
         digest = hashlib.sha256(data).hexdigest()
     if source.endswith(".jsonl"):
         parsed = parse_jsonl_questions(data, source=source, name=name, samples_per_question=samples_per_question)
@@ -115,9 +122,9 @@ def parse_question_set(
 ) -> QuestionSet:
     """Parse question-file bytes (see module docs); `source` names the file in errors."""
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise QuestionSetError(f"{source}: not valid YAML: {exc}") from None
+        doc, _ = load_user_yaml(decode_text(data, source), source)
+    except UserFileError as exc:  # encoding, syntax, YAML bombs and recursive aliases
+        raise QuestionSetError(str(exc)) from None
     description = ""
     if isinstance(doc, list):
         version, entries = "user:" + hashlib.sha256(data).hexdigest()[:12], doc
@@ -139,7 +146,7 @@ def parse_question_set(
     for index, entry in enumerate(entries):
         for question in _parse_entry(entry, index, source, samples_per_question):
             if question.id in seen:
-                raise QuestionSetError(f"{source}: entry {index} (id {question.id!r}), field 'id': duplicate id")
+                raise QuestionSetError(f"{source}: entry {index} (id {question.id!r}), field 'id': duplicate id; give each question its own id")
             seen.add(question.id)
             questions.append(question)
     return QuestionSet(name=name, version=version, questions=tuple(questions), description=description)
@@ -150,16 +157,16 @@ def parse_jsonl_questions(data: bytes, *, source: str, name: str,
     """Questions from chat rows, one JSON object per line (see module docs)."""
     questions: list[Question] = []
     try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise QuestionSetError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        lines = decode_text(data, source).split("\n")
+    except UserFileError as exc:
+        raise QuestionSetError(str(exc)) from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuestionSetError(f"{source}:{number}: not valid JSON ({err.msg})") from None
+            row = parse_json_line(line, number < len(lines), source, number)
+        except DataError as err:
+            raise QuestionSetError(str(err)) from None
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise QuestionSetError(f"{source}:{number}: a row needs a 'messages' list of {{role, content}} objects")

@@ -73,7 +73,7 @@ class StudyProgress(Callback):
         self._failed = 0
         self._started = time.monotonic()
 
-    def _line(self, trials: list[Any], event: str) -> None:
+    def _line(self, trials: list[Any], event: str, reason: str | None = None) -> None:
         states: dict[str, int] = {}
         for trial in trials:
             states[trial.status] = states.get(trial.status, 0) + 1
@@ -87,6 +87,8 @@ class StudyProgress(Callback):
             f"(baselines included); front size {self._front_size}",
             file=sys.stdout, flush=True,  # looked up per call: Tune pickles callbacks
         )
+        if reason:  # the root cause and its last frames, indented under the line
+            print("\n".join("    " + line.strip() for line in str(reason).splitlines()), file=sys.stdout, flush=True)
 
     def _refresh(self) -> None:
         try:
@@ -105,8 +107,32 @@ class StudyProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._refresh()
-        self._line(trials, f"trial {trial.trial_id} finished")
+        error = (trial.last_result or {}).get("error")
+        self._line(trials, f"trial {trial.trial_id} {'FAILED' if error else 'finished'}", error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._refresh()
-        self._line(trials, f"trial {trial.trial_id} FAILED")
+        reason = self._stored_reason(trial.trial_id)
+        self._close_trial_run(trial.trial_id, reason)
+        self._line(trials, f"trial {trial.trial_id} FAILED", reason)
+
+    def _close_trial_run(self, trial_id: str, reason: str | None) -> None:
+        """The MLflow run of a trial whose function raised or died, closed FAILED with the reason
+        (the function could not close it itself)."""
+        try:
+            experiment_id = self._client.get_run(self._parent).info.experiment_id
+            run = runs.find_trial_run(self._client, experiment_id, self._parent, trial_id)
+            if run is not None and run.info.status == "RUNNING":
+                runs.finish_run(self._client, run.info.run_id, "FAILED", reason or "the trial raised an error")
+        except Exception as exc:  # noqa: BLE001 - the tracking server may be down: the study goes on
+            if not runs.tracking_outage(exc):
+                raise
+
+    def _stored_reason(self, trial_id: str) -> str | None:
+        """The reason the searcher told Optuna for a trial whose function raised."""
+        try:
+            stored = [t for t in self._searcher.study.get_trials(deepcopy=False)
+                      if t.user_attrs.get("ray_trial_id") == trial_id]
+        except Exception:  # noqa: BLE001 - progress output never fails the study
+            return None
+        return stored[-1].user_attrs.get("fail_reason") if stored else None

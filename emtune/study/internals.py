@@ -39,3 +39,13 @@ def tuner_searcher(tuner: Any) -> Any:
     while alg is not None and not hasattr(alg, "study"):
         alg = getattr(alg, "searcher", None)
     return alg
+
+
+def keep_ray_on_this_machine() -> None:
+    """Make an already imported Ray treat this machine as the whole cluster: its node address
+    becomes 127.0.0.1 and every server it starts binds loopback. Ray reads the switch
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) into ``ray._private.ray_constants`` once, at import;
+    the processes it starts read the environment variable, which the caller sets."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

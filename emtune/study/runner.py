@@ -22,7 +22,8 @@ from typing import Any
 from emtune.config import StudySpec, spec_to_yaml
 from emtune.models import model_cache_dir, resolve_source
 from emtune.study.internals import set_stored_user_attr, tuner_searcher
-from emtune.study.stages import prepare_stages
+from emtune.study.local_ray import LOOPBACK, close_local_ray
+from emtune.study.stages import run_stages
 from emtune.study.trial import run_trial
 
 OPTUNA_FILE = "optuna.db"
@@ -64,7 +65,9 @@ LOCAL_TRAIN_ENV = {
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray (dashboard on 127.0.0.1 only).
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray closed to the network: every Ray
+    server on 127.0.0.1, token authentication on, the token readable by its owner only
+    (:mod:`emtune.study.local_ray`).
 
     The local dashboard is not optional: it serves Ray's state API, through which Ray Train's
     placement-group cleaner learns that a stopped trial's controller died and frees that trial's
@@ -83,8 +86,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     for name, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
         env[name] = os.environ[name]
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
-             log_to_driver=False, configure_logging=False)
+    close_local_ray()
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+             runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
 
 
 class StudySession:
@@ -100,7 +104,7 @@ class StudySession:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.model_source = resolve_source(spec.model, model_cache_dir())
         init_ray(num_cpus)
-        spec = prepare_stages(spec, self.paths.cache, self.model_source)
+        spec = run_stages(spec, self.paths.cache, self.model_source)
         self.spec = spec
         spec_yaml = spec_to_yaml(spec)
         if not self.paths.spec_file.is_file():
@@ -114,6 +118,7 @@ class StudySession:
         self.parent_run_id = runs.start_parent_run(self.client, spec, spec_yaml)
         self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
         self.searcher = EmtuneSearcher(spec, self.paths.optuna_url)
+        self.searcher.trials_root = self.paths.tune_dir
 
     def trainable(self) -> Any:
         """The trial function with its resources (:func:`driver_resources`)."""
@@ -335,4 +340,6 @@ def resume_study(spec: StudySpec, num_cpus: int | None = None) -> Any:
         return session.fit(session.new_tuner("tune", count), lost=lost)
     tuner = tune.Tuner.restore(str(candidates[-1]), trainable=session.trainable(),
                                resume_unfinished=True, param_space=session.param_space())
-    return session.fit(tuner, tuner_searcher(tuner) or session.searcher, lost)
+    searcher = tuner_searcher(tuner) or session.searcher
+    searcher.trials_root = session.paths.tune_dir
+    return session.fit(tuner, searcher, lost)

@@ -13,12 +13,14 @@ Ray Tune for execution and owns the Optuna side:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
+from emtune.study.failures import tune_trial_error
 from emtune.study.internals import reattach_trial
 from emtune.study.outcomes import (
     RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
@@ -65,6 +67,9 @@ class EmtuneSearcher(Searcher):
         self._live: dict[str, optuna.Trial | int] = {}  # Ray trial id -> Optuna trial (number once pickled)
         self._baselines_live: dict[str, str] = {}  # Ray trial id -> baseline kind
         self._deferred: list[tuple[int, dict | None, bool]] = []  # results waiting for a baseline
+        #: Where Ray Tune keeps its trial folders: the error it recorded for a trial whose
+        #: function raised (or whose process died) is read from there, so FAIL says why.
+        self.trials_root: Path | None = None
 
     @property
     def study(self) -> optuna.Study:
@@ -96,6 +101,11 @@ class EmtuneSearcher(Searcher):
         return {"params": params, "optuna_trial": trial.number}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        root = getattr(self, "trials_root", None)  # absent from searchers pickled by older versions
+        if error and not (result or {}).get("error") and root is not None:
+            reason = tune_trial_error(root, trial_id)
+            if reason:
+                result = {**(result or {}), "error": reason}
         if trial_id in self._baselines_live:
             kind = self._baselines_live.pop(trial_id)
             self.study.set_user_attr(baseline_key(kind), baseline_record(result, error))

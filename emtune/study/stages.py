@@ -21,6 +21,7 @@ from typing import Any, Callable
 from emtune.config import DatasetSpec, StudySpec, TrainingSpec
 from emtune.defenses.base import StageServices
 from emtune.defenses.registry import DEFENSES
+from emtune.study.failures import failure_report
 from emtune.study.trial import fit_training
 from emtune.trial_files import TrialFiles
 
@@ -103,3 +104,33 @@ def prepare_stages(spec: StudySpec, cache_dir: Path, model_source: str,
     if defenses == list(spec.defenses):
         return spec
     return StudySpec.model_validate({**spec.model_dump(mode="python"), "defenses": [d.model_dump() for d in defenses]})
+
+
+class StageFailed(RuntimeError):
+    """A study stage raised: the message is its root cause and last frames (where it ran)."""
+
+
+def run_stages(spec: StudySpec, cache_dir: Path, model_source: str) -> StudySpec:
+    """:func:`prepare_stages`; a failure becomes :class:`StageFailed` naming its root cause,
+    recorded first on the study's MLflow parent run (FAILED, ``fail_reason`` tag)."""
+    try:
+        return prepare_stages(spec, cache_dir, model_source)
+    except Exception as exc:  # noqa: BLE001 - any stage error: say its cause, not Ray's wrapper
+        reason = "study stage failed: " + failure_report(exc)
+        _record_on_parent_run(spec, reason)
+        raise StageFailed(reason) from exc
+
+
+def _record_on_parent_run(spec: StudySpec, reason: str) -> None:
+    from mlflow.tracking import MlflowClient  # mlflow loads when a study runs
+
+    from emtune.config import spec_to_yaml
+    from emtune.tracking import mlflow_runs as runs
+
+    try:
+        client = MlflowClient(runs.tracking_uri(spec))
+        parent = runs.start_parent_run(client, spec, spec_to_yaml(spec))
+        runs.finish_run(client, parent, "FAILED", reason)
+    except Exception as exc:  # noqa: BLE001 - tracking down too: the reason is still printed
+        if not runs.tracking_outage(exc):
+            raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from emtune.evaluation.judges import JudgeUnavailable
 from emtune.evaluation.judging import score_trial
 from emtune.evaluation.server_backend import GenerationError, GenerationUnavailable, generate_with_judge_stream
 from emtune.numbers import finite_numbers
+from emtune.study.failures import failure_reason, failure_report
 from emtune.study.pending import PendingEvaluation, save_pending
 from emtune.trial_files import TrialFiles
 
@@ -40,6 +40,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
     from ray.train.torch import TorchTrainer
 
     from emtune.train.launch import train_in_trial_process, train_loop_per_worker  # torch
+    from emtune.train.process_group import LoopbackTorchConfig
 
     res = trial_spec.resources
     storage = trial_spec.study_dir / "ray_results" / "train"
@@ -63,6 +64,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
         per_worker["GPU"] = res.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
+        torch_config=LoopbackTorchConfig(),  # a local study's rendezvous store stays on loopback
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -137,8 +139,8 @@ def run_trial(config: dict[str, Any]) -> None:
         fit_started = time.perf_counter()
         result = fit_training(trial_spec, trial_id, config)
     except Exception as exc:  # noqa: BLE001 - a failed fine-tune (OOM, worker crash) is an outcome
-        reason = _failure_reason(exc)
-        close_run(client, run_id, reason + "\n" + traceback.format_exc(limit=5))
+        reason = failure_report(exc)  # the worker's exception and last frames, not Ray's wrapper
+        close_run(client, run_id, reason, details=str(exc))
         tune.report({"error": reason, "mlflow_run_id": run_id})
         return
     except BaseException as exc:  # interrupted: close the run, let Ray handle the stop
@@ -204,13 +206,16 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
     return metrics
 
 
-def close_run(client: Any, run_id: str, reason: str, pending: bool = False) -> None:
-    """Close the run FAILED with the reason, if the tracking server lets us (it may be the fault)."""
+def close_run(client: Any, run_id: str, reason: str, pending: bool = False, details: str | None = None) -> None:
+    """Close the run FAILED with the reason (and Ray's full error text as ``failure.txt`` when
+    given), if the tracking server lets us (it may be the fault)."""
     from emtune.tracking import mlflow_runs as runs  # mlflow
 
     try:
         if pending:
             client.set_tag(run_id, "evaluation_pending", "true")
+        if details:
+            client.log_text(run_id, f"{reason}\n\n{details}\n", "failure.txt")
         runs.finish_run(client, run_id, FAILED, reason)
     except Exception:  # noqa: BLE001 - the outcome still reaches Optuna through the report
         pass
@@ -220,7 +225,7 @@ def _tracking_reason(uri: str, spec: StudySpec, exc: BaseException) -> str:
     from emtune.tracking.mlflow_runs import RETRY_ENV  # mlflow
 
     retries = os.environ.get(RETRY_ENV["max_retries"], spec.tracking.retries.max_retries)  # what MLflow used
-    return f"MLflow tracking server {uri} unreachable after {retries} retries (tracking.retries): {_failure_reason(exc)}"
+    return f"MLflow tracking server {uri} unreachable after {retries} retries (tracking.retries): {failure_reason(exc)}"
 
 
 def evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
@@ -235,15 +240,4 @@ def evaluation_reason(exc: BaseException, uri: str, spec: StudySpec) -> str:
         return f"evaluation failed: generation server error ({exc})"
     if tracking_outage(exc):
         return "evaluation failed: " + _tracking_reason(uri, spec, exc)
-    return "evaluation failed: " + _failure_reason(exc)
-
-
-def _failure_reason(exc: Exception) -> str:
-    """One line naming the root cause (Ray wraps worker errors; OOM gets a hint)."""
-    root: BaseException = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = f"{type(root).__name__}: {root}".splitlines()[0][:500]
-    if "OutOfMemory" in text or "out of memory" in text.lower():
-        text += " (out of memory: lower training.per_device_batch_size or data.max_length, or use more GPUs)"
-    return text
+    return "evaluation failed: " + failure_report(exc)

@@ -54,8 +54,12 @@ def test_ui_binds_loopback_by_default(write_spec, tmp_path, capsys) -> None:
     spec = write_spec(name="x")
     (study / "spec.yaml").write_text(spec.read_text())
     assert main(["ui", str(study), "--print-command"]) == 0
-    cmd = capsys.readouterr().out
-    assert "--host 127.0.0.1" in cmd and f"sqlite:///{study.resolve()}/mlflow.db" in cmd
+    out, err = capsys.readouterr()
+    assert "--host 127.0.0.1" in out and f"sqlite:///{study.resolve()}/mlflow.db" in out and not err
+    assert main(["ui", str(study), "--print-command", "--host", "0.0.0.0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0 opens the MLflow UI to the network, and it has no login" in err
+    assert "ssh -L 5000:127.0.0.1:5000 HOST" in err
 
 
 @pytest.mark.slow

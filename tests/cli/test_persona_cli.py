@@ -109,7 +109,7 @@ def test_defaults():
     (["--samples", "0"], "--samples must be at least 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prompts", "evil_v9"], "unknown persona prompt set 'evil_v9'"),
-    (["--judge-spec", "missing.yaml"], "--judge-spec 'missing.yaml': file not found"),
+    (["--judge-spec", "missing.yaml"], "--judge-spec: missing.yaml: judge spec file not found; check the path"),
 ])
 def test_bad_options_exit_2(setup, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -1,8 +1,12 @@
 """`emtune submit` against a real two-node Ray cluster on this machine (token auth, loopback only).
 
-The cluster is two `ray start --block` processes (head + worker) in their own sessions; teardown
-stops only those, their children, and any process carrying this cluster's token (the job driver
-runs in a session of its own), never other Ray instances on the machine (`ray stop` would).
+The cluster is two `ray start --block` processes (head + worker) in their own sessions, started
+as cluster/README.md says for one machine: token authentication on, the dashboard on 127.0.0.1.
+The emtune client gets only ``RAY_AUTH_TOKEN`` (no ``RAY_AUTH_MODE``, no token file): it sends
+the token itself. A client without the token, and one with a wrong token, are refused. Teardown
+stops only those processes, their children, and any process carrying this cluster's token (the
+job driver runs in a session of its own), never other Ray instances on the machine (`ray stop`
+would).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -93,21 +99,35 @@ def _stop(procs: list[subprocess.Popen], token: str) -> None:
                 pass
 
 
+@dataclass
+class Cluster:
+    dashboard: str
+    token: str
+    client_env: dict[str, str]  # RAY_AUTH_TOKEN only: the emtune client sends it itself
+    home: Path  # the clients' HOME: no ~/.ray/auth_token to fall back on
+
+
 @pytest.fixture
-def ray_cluster():
-    """A head (2 CPUs) and a worker node (1 CPU) on 127.0.0.1: (dashboard URL, client env)."""
+def ray_cluster(tmp_path):
+    """A head (2 CPUs) and a worker node (1 CPU) on 127.0.0.1 with token authentication."""
     token = secrets.token_hex(32)
     # Short folder: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="emrt", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # An earlier in-process local study leaves Ray's single-machine switch set; a worker node
+    # refuses to start under it (cluster/README.md, section 7).
+    dropped = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k not in dropped}
+    # Token authentication guards every port. A multi-node cluster cannot stay on loopback: Ray maps
+    # a worker's 127.0.0.1 to the machine's address (cluster/README.md, section 7); the dashboard
+    # and Jobs API bind 127.0.0.1.
+    env = {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    home = tmp_path / "client-home"
+    home.mkdir()
+    client_env = {**clean, "RAY_AUTH_TOKEN": token, "HOME": str(home), "PATH": path}
     ray = str(Path(sys.executable).parent / "ray")
     gcs, dash = _free_port(), _free_port()
-    # Ray binds its GCS and raylets on every interface whatever the flags (token auth guards
-    # them); the dashboard and Jobs API bind loopback.
-    common = ["--block", "--disable-usage-stats",
-              "--object-store-memory", str(200 * 2**20)]
+    common = ["--block", "--disable-usage-stats", "--object-store-memory", str(200 * 2**20)]
     head_cmd = [ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(dash), "--include-dashboard=true", "--num-cpus", "2",
                 "--temp-dir", temp_dir, "--ray-client-server-port", str(_free_port())]
@@ -137,7 +157,7 @@ def ray_cluster():
                 logs = "".join((Path(temp_dir) / f"{n}.log").read_text()[-2000:] for n in ("head", "worker"))
                 pytest.fail(f"the local Ray cluster did not come up:\n{logs}")
             time.sleep(1)
-        yield dashboard, env
+        yield Cluster(dashboard, token, client_env, home)
     finally:
         _stop(procs, token)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -149,7 +169,7 @@ def _cli(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
 
 
 def test_submit_runs_study_on_two_node_cluster(ray_cluster, write_spec, tmp_path) -> None:
-    dashboard, env = ray_cluster
+    dashboard, env = ray_cluster.dashboard, ray_cluster.client_env
     spec_path = write_spec(name="clustered", num_trials=1, max_steps=2)
     job_cache = tmp_path / "job-cache"
     started = time.monotonic()
@@ -170,6 +190,19 @@ def test_submit_runs_study_on_two_node_cluster(ray_cluster, write_spec, tmp_path
     assert logs.returncode == 0 and re.search(r"\[emtune \d+:\d\d\] trial", logs.stdout)
     unknown = _cli(["status", "no-such-job", "--address", dashboard], env, timeout=60)
     assert unknown.returncode == 2 and "no job 'no-such-job'" in unknown.stderr
+
+    # Without the token, and with a wrong one, the cluster refuses the client: exit 2, what to set.
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    refused = _cli(["status", job_id, "--address", dashboard], anonymous, timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{dashboard} refused the request" in refused.stderr and "set RAY_AUTH_TOKEN" in refused.stderr
+    assert job_id not in refused.stdout
+    wrong = _cli(["logs", job_id, "--address", dashboard], {**env, "RAY_AUTH_TOKEN": "0" * 64}, timeout=60)
+    assert wrong.returncode == 2 and "rejected the token" in wrong.stderr, wrong.stdout + wrong.stderr
+    with pytest.raises(urllib.error.HTTPError) as denied:  # the HTTP API itself, without a token
+        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=5)
+    assert denied.value.code == 401
+    assert not list(ray_cluster.home.rglob("*"))  # the clients wrote no token file anywhere
 
     study_dir = spec_path.parent / "studies" / "clustered"
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")

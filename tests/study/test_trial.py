@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from emtune.study.trial import evaluation_reason, _failure_reason
+from emtune.study.failures import failure_reason
+from emtune.study.trial import evaluation_reason
 
 
 def test_failure_reason_unwraps_the_root_cause_and_hints_on_oom() -> None:
@@ -15,10 +16,10 @@ def test_failure_reason_unwraps_the_root_cause_and_hints_on_oom() -> None:
         except RuntimeError as inner:
             raise ValueError("Training failed on worker 0") from inner
     except ValueError as outer:
-        reason = _failure_reason(outer)
+        reason = failure_reason(outer)
     assert reason.startswith("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "lower training.per_device_batch_size" in reason
-    assert _failure_reason(KeyError("x")) == "KeyError: 'x'"
+    assert failure_reason(KeyError("x")) == "KeyError: 'x'"
 
 
 def test_concurrent_trials_fit_the_cluster() -> None:

@@ -142,7 +142,7 @@ def _raises_oom(device: torch.device) -> None:
 
 @pytest.mark.gpu
 def test_real_cuda_oom_wrapped_like_ray_is_classified_with_hint(device) -> None:
-    from emtune.study.trial import _failure_reason  # no Ray at import time (the GPU image has none)
+    from emtune.study.failures import failure_reason  # no Ray at import time (the GPU image has none)
 
     def worker() -> None:
         try:
@@ -153,7 +153,7 @@ def test_real_cuda_oom_wrapped_like_ray_is_classified_with_hint(device) -> None:
     with pytest.raises(RuntimeError, match="worker failed") as info:
         worker()
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
-    reason = _failure_reason(info.value)
+    reason = failure_reason(info.value)
     assert reason.startswith("OutOfMemoryError: "), reason
     assert "out of memory" in reason.lower() and "\n" not in reason
     assert reason.endswith("(out of memory: lower training.per_device_batch_size or data.max_length, "
