@@ -129,7 +129,7 @@ def _vectors(write: Callable[[Path], None], *fragments: str, folder: bool = Fals
         else:
             write(path)
         _defense(f"  - {{name: persona_steering, alpha: 1.0, layer: 1, vector_path: '{path}'}}")(spec)
-        return ["run", str(spec)], [str(path), "defenses.1 (persona_steering).vector_path"] + list(fragments)
+        return ["run", str(spec)], [str(path), "defenses[1].vector_path: "] + list(fragments)
     return setup
 
 
@@ -261,7 +261,7 @@ CASES: dict[str, Callable] = {
                                                 "{file}: entry 0 (id 'q1'), field 'paraphrases'", "must be a non-empty list"),
     "questions: duplicate id": _question_file(json.dumps([json.loads(_entry())[0]] * 2), "{file}: entry 1 (id 'q1')",
                                               "field 'id'", "give each question its own id"),
-    "questions: a folder": _question_file("", "evaluation.question_set: '{file}' is a folder, not a file",
+    "questions: a folder": _question_file("", "evaluation.question_set: {file} is a folder, not a file",
                                           "give the file's path", folder=True),
     "questions: YAML bomb": _question_file(_laughs(), "{file}:", "billion laughs", "write the values out"),
     "questions: samples 0": _question_file(_entry(samples_per_paraphrase=0), "{file}: entry 0",
@@ -276,7 +276,7 @@ CASES: dict[str, Callable] = {
                                                "not a valid template", "write literal braces as {{ }}"),
     "judge prompt: not UTF-8": _judge_prompts(b"version: m\nprompts: {aligned: 'caf\xe9 {answer}'}\n",
                                               "{file}:2: not UTF-8", "save it as UTF-8"),
-    "judge prompt: a folder": _judge_prompts("", "evaluation.judge.prompt_version: '{file}' is a folder, not a file",
+    "judge prompt: a folder": _judge_prompts("", "evaluation.judge.prompt_version: {file} is a folder, not a file",
                                              "give the file's path", folder=True),
     "judge prompt: a key written twice": _judge_prompts(
         "version: m\nprompts:\n  aligned: '{answer}'\n  aligned: 'again {answer}'\n", "{file}:4: key 'aligned' appears twice",
