@@ -129,6 +129,27 @@ def ray_session():
     yield
 
 
+#: Where each training path trains: the trial's own process (a Tune function actor, Ray Train
+#: local mode), or the actors of Ray Train's worker group.
+TRAINING_ACTOR = {"trial": "ImplicitFunc", "workers": "RayTrainWorker"}
+
+
+@pytest.fixture
+def training_pids():
+    """``training_pids(train_process)``: process ids of this test's live Ray actors that train
+    (:data:`TRAINING_ACTOR`), from this Ray's state API: never another Ray's on the machine."""
+    def pids(train_process: str) -> list[int]:
+        import ray
+        from ray.util.state import list_actors
+
+        if not ray.is_initialized():
+            return []
+        actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                             filters=[("class_name", "=", TRAINING_ACTOR[train_process]), ("state", "=", "ALIVE")])
+        return [a.pid for a in actors if a.pid]
+    return pids
+
+
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real 2-trial study (local Ray, SQLite MLflow, Optuna) shared by every test that only

@@ -23,12 +23,16 @@ import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 #: Frames kept from the end of a traceback (where it was raised, and its two callers).
 MAX_FRAMES = 3
 #: One summary line at most this long.
 MAX_LINE = 500
 OOM_HINT = " (out of memory: lower training.per_device_batch_size or data.max_length, or use more GPUs)"
+#: Ray actor classes as a user knows them (Tune runs a trial's function in an ``ImplicitFunc``).
+ACTOR_NAMES = {"ImplicitFunc": "the trial's process", "RayTrainWorker": "Train worker",
+               "TrainController": "Ray Train's controller"}
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)\s*$')
 _SNIPPET = re.compile(r"^\[Rank (?P<ranks>[\d,]+) Error Snippet\]:$", re.MULTILINE)
 _EXIT_DETAIL = re.compile(r"Worker exit detail: (?P<detail>.*?)(?: Some common causes include|$)", re.DOTALL)
@@ -88,12 +92,15 @@ def _rank_snippets(message: str) -> dict[int, str]:
 
 def _died(exc: BaseException, who: str) -> RootCause:
     """A dead Ray worker process: Ray's exit detail (signal, OOM killer, crash), no frames."""
-    text = str(exc)
+    return _death(type(exc).__name__, str(exc), who)
+
+
+def _death(kind: str, text: str, who: str) -> RootCause:
     detail = _EXIT_DETAIL.search(text)
     pid = re.search(r"\bpid: (\d+)", text)
     said = " ".join(detail["detail"].split()) if detail else text.strip().splitlines()[0] if text.strip() else ""
     where = who + (f", pid {pid.group(1)}" if pid else "")
-    return RootCause(type(exc).__name__, f"the process died: {said}", where)
+    return RootCause(kind, f"the process died: {said}", where)
 
 
 def root_cause(exc: BaseException) -> RootCause:
@@ -114,8 +121,9 @@ def root_cause(exc: BaseException) -> RootCause:
     if getattr(exc, "health_check_failure", None) is not None:
         return _died(exc.health_check_failure, "Train worker")
     if type(exc).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
-        actor = re.search(r"class_name: (\S+)", str(exc))
-        return _died(exc, actor.group(1) if actor else "Ray actor")
+        actor = re.search(r"class_name: (\w+)", str(exc))
+        name = actor.group(1) if actor else "Ray actor"
+        return _died(exc, ACTOR_NAMES.get(name, name))
     task_cause = getattr(exc, "cause", None)
     if isinstance(task_cause, BaseException) and hasattr(exc, "as_instanceof_cause"):  # RayTaskError
         cause = root_cause(task_cause)
@@ -136,12 +144,13 @@ def failure_report(exc: BaseException) -> str:
     return root_cause(exc).report()
 
 
-def tune_trial_error(trials_root: Path, trial_id: str) -> str | None:
+def tune_trial_error(folders: Iterable[Path]) -> str | None:
     """The report of the error Ray Tune recorded for a trial whose function raised or whose
-    process died (``error.pkl`` in the trial's folder; ``error.txt`` when it did not pickle)."""
+    process died, from the first of the trial's ``folders`` that holds it (``error.pkl``;
+    ``error.txt`` when it did not pickle)."""
     import pickle
 
-    for folder in sorted(Path(trials_root).glob(f"*/*{trial_id}*")):
+    for folder in folders:
         pickled, text = folder / "error.pkl", folder / "error.txt"
         if pickled.is_file():
             try:
@@ -150,9 +159,18 @@ def tune_trial_error(trials_root: Path, trial_id: str) -> str | None:
             except Exception:  # noqa: BLE001 - an error class this process cannot load: use the text
                 pass
         if text.is_file():
-            lines = [ln for ln in text.read_text(errors="replace").splitlines() if ln.strip()]
-            last = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)), None)
-            frames = _frames_from_text("\n".join(lines))
-            return "\n".join([last or (lines[-1] if lines else "the trial raised an error"),
-                              *(f"  {f}" for f in frames)])
+            return _recorded_text(text.read_text(errors="replace"))
     return None
+
+
+def _recorded_text(recorded: str) -> str:
+    """The report of an error Tune recorded as text only: a dead actor's exit detail, or the last
+    ``...Error`` line and the traceback's last frames."""
+    if "Worker exit detail:" in recorded:
+        actor = re.search(r"class_name: (\w+)", recorded)
+        name = actor.group(1) if actor else "Ray actor"
+        return _death("ActorDiedError", recorded, ACTOR_NAMES.get(name, name)).line()
+    lines = [ln for ln in recorded.splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)), None)
+    frames = _frames_from_text("\n".join(lines))
+    return "\n".join([last or (lines[-1] if lines else "the trial raised an error"), *(f"  {f}" for f in frames)])

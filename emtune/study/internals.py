@@ -6,6 +6,7 @@ says why a public API does not do: when a pinned version moves, this module is t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -49,3 +50,21 @@ def keep_ray_on_this_machine() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def tune_trial_folders(trials_root: Path | None, trial_id: str) -> list[Path]:
+    """The folders where Ray Tune may have recorded a trial's error: first its staging folder on
+    this (the driver's) machine, written the moment the trial fails (``<Ray session>/artifacts/
+    <timestamp>/<experiment>/driver_artifacts/<trial folder>``, ``ray.train.constants``), then
+    its folder under the study's storage (``trials_root``), where Tune copies it later."""
+    from ray.train.constants import _get_ray_train_session_dir
+
+    found: list[Path] = []
+    try:
+        staging = Path(_get_ray_train_session_dir())
+        found += sorted(staging.glob(f"*/*/driver_artifacts/*{trial_id}*"))
+    except Exception:  # noqa: BLE001 - Ray not started here: only the storage folder is left
+        pass
+    if trials_root is not None:
+        found += sorted(Path(trials_root).glob(f"*/*{trial_id}*"))
+    return found

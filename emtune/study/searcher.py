@@ -21,7 +21,7 @@ from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
 from emtune.study.failures import tune_trial_error
-from emtune.study.internals import reattach_trial
+from emtune.study.internals import reattach_trial, tune_trial_folders
 from emtune.study.outcomes import (
     RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
 )
@@ -102,8 +102,8 @@ class EmtuneSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         root = getattr(self, "trials_root", None)  # absent from searchers pickled by older versions
-        if error and not (result or {}).get("error") and root is not None:
-            reason = tune_trial_error(root, trial_id)
+        if error and not (result or {}).get("error"):
+            reason = tune_trial_error(tune_trial_folders(root, trial_id))
             if reason:
                 result = {**(result or {}), "error": reason}
         if trial_id in self._baselines_live:

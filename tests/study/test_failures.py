@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from emtune.study.failures import failure_reason, failure_report, root_cause, tune_trial_error
+from emtune.study.internals import tune_trial_folders
 
 TRACEBACK = '''Traceback (most recent call last):
   File "/site-packages/ray/train/v2/_internal/execution/worker_group/thread_runner.py", line 48, in _run_target
@@ -50,12 +51,12 @@ def test_several_failing_workers_report_the_lowest_rank_and_the_count() -> None:
     assert failure_reason(error) == "ValueError: a (Train worker rank 0, 2 workers failed)"
 
 
-def _actor_died(pid: int = 4242):
+def _actor_died(pid: int = 4242, class_name: str = "RayTrainWorker"):
     from ray.core.generated.common_pb2 import ActorDiedErrorContext
     from ray.exceptions import ActorDiedError
 
     return ActorDiedError(ActorDiedErrorContext(
-        class_name="RayTrainWorker", actor_id=bytes(16), pid=pid,
+        class_name=class_name, actor_id=bytes(16), pid=pid,
         error_message=("The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
                        "Worker exit detail: Worker unexpectedly exits with a connection error code 2. End of file. "
                        "Some common causes include: (1) the process was killed by the OOM killer")))
@@ -66,12 +67,18 @@ def test_a_dead_worker_says_how_it_died_through_the_controller_or_the_health_che
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
     expected = ("ActorDiedError: the process died: Worker unexpectedly exits with a connection error code 2. "
-                "End of file. (RayTrainWorker, pid 4242)")
+                "End of file. (Train worker, pid 4242)")
     assert failure_reason(ControllerError(_actor_died())) == expected
     health = WorkerHealthCheckFailedError("Worker health check failed.", _actor_died(77))
     error = _worker_group_error({0: health}, {"0": str(health)})
     assert failure_reason(error) == ("ActorDiedError: the process died: Worker unexpectedly exits with a connection "
                                      "error code 2. End of file. (Train worker rank 0, pid 77)")
+
+
+def test_a_dead_trial_process_is_named_as_the_user_knows_it() -> None:
+    """Tune runs a trial's function in an ``ImplicitFunc`` actor: the reason says the trial's process."""
+    assert failure_reason(_actor_died(31, "ImplicitFunc")).endswith("End of file. (the trial's process, pid 31)")
+    assert failure_reason(_actor_died(31, "SomethingElse")).endswith("End of file. (SomethingElse, pid 31)")
 
 
 def test_a_ray_task_error_reports_its_cause_and_remote_frames() -> None:
@@ -104,16 +111,28 @@ def test_plain_exceptions_follow_their_cause_chain_and_hint_on_oom() -> None:
 
 @pytest.mark.parametrize("pickled", [True, False])
 def test_the_error_tune_recorded_for_a_trial_is_found_by_its_id(tmp_path, pickled) -> None:
-    folder = tmp_path / "tune" / "run_trial_a1b2c3d4_00002_2_kl_weight=0.1_2026-11-28_04-00-00"
+    folder = tmp_path / "tune" / "run_trial_a1b2c3d4_2_kl_weight=0.1_2026-11-28_04-00-00"
     folder.mkdir(parents=True)
     error = _worker_group_error({0: TypeError("bad operand")}, {"0": TRACEBACK.replace(
         'can only concatenate str (not "int") to str', "bad operand")})
     if pickled:
         (folder / "error.pkl").write_bytes(pickle.dumps(error))
     (folder / "error.txt").write_text(f"Failure # 1 (occurred at 2026-11-28_04-00-05)\n{TRACEBACK}")
-    report = tune_trial_error(tmp_path, "a1b2c3d4_00002")
+    report = tune_trial_error(tune_trial_folders(tmp_path, "a1b2c3d4"))
     first = "TypeError: bad operand (Train worker rank 0)" if pickled else (
         'TypeError: can only concatenate str (not "int") to str')
     assert report.splitlines()[0] == first
     assert report.splitlines()[-1] == "  /work/emtune/evaluation/scoring.py:42 in exact_match: return answer + 1"
-    assert tune_trial_error(tmp_path, "ffffffff_00009") is None
+    assert tune_trial_folders(tmp_path, "ffffffff") == [] and tune_trial_error([]) is None
+
+
+def test_a_dead_trial_process_recorded_as_text_says_it_died(tmp_path) -> None:
+    """Tune's error.txt for a trial whose process was killed (the words Ray 2.60 writes)."""
+    (tmp_path / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-11-28_07-56-55)\nThe actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: ImplicitFunc\n\tactor_id: 48ad291e9a652fb0f423fdb701000000\n\tpid: 15906\n\tip: 127.0.0.1\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: "
+        "Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the "
+        "process was killed by the OOM killer due to high memory usage\n")
+    assert tune_trial_error([tmp_path]) == ("ActorDiedError: the process died: Worker unexpectedly exits with a "
+                                            "connection error code 2. End of file. (the trial's process, pid 15906)")

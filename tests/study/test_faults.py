@@ -83,23 +83,6 @@ def test_nan_trial_fails_with_reason_and_the_study_goes_on(write_spec, fresh_ray
     assert runs["0.01"].info.status == "FINISHED" and runs["0.01"].data.tags["pareto_rank"] == "0"
 
 
-def _training_pids(actor_class: str) -> list[int]:
-    """Process ids of this test's Ray actors of ``actor_class`` (never another Ray's on the machine)."""
-    import ray
-    from ray.util.state import list_actors
-
-    if not ray.is_initialized():
-        return []
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
-
-
-# where each path trains: the trial's own process (a Tune function actor, Ray Train local mode),
-# or the actors of Ray Train's worker group
-TRAINING_PROCESS = {"trial": "ImplicitFunc", "workers": "RayTrainWorker"}
-
-
 # A checkpoint in the trial's own process is usable once its folder exists (renamed into place);
 # Ray Train's controller registers a worker's at its next poll, so give that a moment. Training
 # must still be running then: MAX_STEPS leaves a fast machine (~60 steps/s) seconds to spare.
@@ -107,8 +90,9 @@ REGISTERED_AFTER_S = {"trial": 0.0, "workers": 2.0}
 MAX_STEPS = 300
 
 
-@pytest.mark.parametrize("train_process", sorted(TRAINING_PROCESS))
-def test_killed_training_process_resumes_from_its_checkpoint(write_spec, fresh_ray, train_process) -> None:
+@pytest.mark.parametrize("train_process", ["trial", "workers"])
+def test_killed_training_process_resumes_from_its_checkpoint(write_spec, fresh_ray, train_process,
+                                                              training_pids) -> None:
     path = write_spec(name="workerkill", num_trials=1, max_steps=MAX_STEPS)
     text = path.read_text().replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  checkpoint_every_steps: 5\n")
     path.write_text(text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1, "
@@ -123,7 +107,7 @@ def test_killed_training_process_resumes_from_its_checkpoint(write_spec, fresh_r
             if first_seen is None and list((study_dir / "ray_results" / "train").glob("train-*/checkpoint_*")):
                 first_seen = time.time()
             if first_seen is not None and time.time() - first_seen >= REGISTERED_AFTER_S[train_process]:
-                for pid in _training_pids(TRAINING_PROCESS[train_process]):
+                for pid in training_pids(train_process):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)
