@@ -104,10 +104,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], path: Path) -
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(path, [("--set", f"{item!r}: expected KEY=VALUE, e.g. model.source=tiny", None)])
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as err:
-            raise SpecError(path, [("--set", f"{item!r}: the value is not valid YAML ({err})", None)]) from None
+        try:  # read as the spec file is: no tags, bombs or recursive aliases
+            value = load_user_yaml(text, "--set")[0] if text.strip() else ""
+        except UserFileError as err:
+            raise SpecError(path, [("--set", f"{item!r}: {err.detail}", None)]) from None
         parts = key.strip().split(".")
         node: Any = raw
         for i, part in enumerate(parts):

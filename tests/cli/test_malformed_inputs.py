@@ -190,6 +190,13 @@ def _spec_edit(edit: Callable[[str], str], *fragments: str):
     return setup
 
 
+def _spec_set(value: str, *fragments: str):
+    """A ``--set`` override on a valid spec: its value is read as YAML, as the file is."""
+    def setup(tmp: Path, spec: Path):
+        return ["run", str(spec), "--set", value], [str(spec), f"--set: {value!r}: "] + list(fragments)
+    return setup
+
+
 def _laughs(levels: int = 9) -> str:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, levels + 1):
@@ -323,6 +330,9 @@ CASES: dict[str, Callable] = {
     "spec: a folder": _spec_text("", "is a folder, not a spec file", "give the file's path", folder=True),
     "spec: a Python tag": _spec_text("name: !!python/object/apply:os.system [echo]\n", ":1: not valid YAML",
                                      "remove the tag"),
+    "spec: --set with a recursive alias": _spec_set("defenses=&d [*d]", "a recursive alias", "write it out"),
+    "spec: --set with a Python tag": _spec_set("training.max_steps=!!python/object/apply:os.system [echo]",
+                                               "not valid YAML", "remove the tag"),
     "spec: misspelled key": _spec_edit(lambda t: t.replace("max_steps:", "max_stepz:"), "training.max_stepz",
                                        "did you mean 'max_steps'"),
 }

@@ -4,7 +4,7 @@ the environment reaches the judge and nothing else (study folder, MLflow store a
 logs, printed output).
 
 One study (`emtune run` in a subprocess, one trial judged by the loopback ``chat_server``) serves
-the three tests; a thread samples the operating system's socket table while it runs. The
+the three tests; the fixture samples the operating system's socket table while it runs. The
 subprocess gets its own HOME (so Ray's token file is the one emtune creates) and its own Ray
 temp folder (so its Ray logs are its own).
 """
@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
