@@ -146,7 +146,8 @@ def parse_question_set(
     for index, entry in enumerate(entries):
         for question in _parse_entry(entry, index, source, samples_per_question):
             if question.id in seen:
-                raise QuestionSetError(f"{source}: entry {index} (id {question.id!r}), field 'id': duplicate id; give each question its own id")
+                raise QuestionSetError(f"{source}: entry {index} (id {question.id!r}), field 'id': duplicate id; "
+                                       "give each question its own id")
             seen.add(question.id)
             questions.append(question)
     return QuestionSet(name=name, version=version, questions=tuple(questions), description=description)
