@@ -52,7 +52,6 @@ def _judge(path: str | None):
     from emtune.evaluation.config import JudgeSpec
     from emtune.evaluation.judges import JudgeError
     from emtune.evaluation.judging import build_judge
-
     from emtune.user_files import UserFileError, load_user_yaml, read_user_text
 
     file = Path(path).expanduser()
