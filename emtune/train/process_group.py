@@ -6,7 +6,9 @@ whatever ``MASTER_ADDR`` says, so a local study on loopback would still leave on
 network per trial. When the Train workers' node address is loopback (a local study, see
 ``emtune.study.local_ray``), rank 0 first opens the store itself on a socket bound to 127.0.0.1
 (``TCPStore(master_listen_fd=...)``, multi-tenant), and torch's rendezvous then reuses that store
-instead of binding its own. On a cluster (a routable node address) Ray's own set-up runs unchanged.
+instead of binding its own; gloo's and NCCL's own collective sockets are pointed at the loopback
+interface too (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless set). On a cluster (a
+routable node address) Ray's own set-up runs unchanged.
 
 Written against ray 2.60.0: ``_TorchBackend``, ``_setup_torch_process_group`` and
 ``_set_torch_distributed_env_vars`` are private names of ``ray.train.torch.config``; the
@@ -45,10 +47,32 @@ def open_loopback_store(world_size: int, timeout_s: float) -> int:
 
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # not waiting for the other ranks here: they learn the port only after this returns
     store = dist.TCPStore("127.0.0.1", port, world_size, True, timedelta(seconds=timeout_s),
-                          multi_tenant=True, master_listen_fd=sock.fileno())
+                          wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.fileno())
     _HELD.extend([sock, store])
     return port
+
+
+#: The variables naming the network interface gloo and NCCL open their collective sockets on.
+COLLECTIVE_INTERFACE_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def keep_collectives_on_loopback() -> None:
+    """In a Train worker on a loopback node: gloo and NCCL open their own sockets for the
+    collectives, by default on the address the machine's hostname resolves to (a LAN address on
+    many laptops); name the loopback interface for both, unless the user chose one already."""
+    name = loopback_interface()
+    if name is None:
+        return
+    for variable in COLLECTIVE_INTERFACE_ENV:
+        os.environ.setdefault(variable, name)
 
 
 def _node_address() -> str:
@@ -77,6 +101,7 @@ class LoopbackStoreBackend(_TorchBackend):
         size = len(worker_group)
         port = worker_group.execute_single(0, open_loopback_store, size, backend_config.timeout_s)
         worker_group.execute(_set_master, address="127.0.0.1", port=port)
+        worker_group.execute(keep_collectives_on_loopback)
         worker_group.execute(_set_torch_distributed_env_vars)
         ray.get([worker_group.execute_single_async(rank, _setup_torch_process_group, backend=backend,
                                                    world_rank=rank, world_size=size, init_method="env://",

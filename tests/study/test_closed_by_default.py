@@ -133,10 +133,11 @@ def judged_study(tmp_path_factory, module_chat_server, write_spec_in) -> StudyRu
 
     server = module_chat_server(script)
     spec = write_spec_in(root, name="closed", num_trials=1)
-    # Ray Train's worker group: the path with the most listeners (a Train controller, workers and
-    # the torch rendezvous store on top of the trial process that trains on the default path).
-    spec.write_text(spec.read_text().replace("resources: {max_concurrent_trials: 2}",
-                                             "resources: {max_concurrent_trials: 2, train_process: workers}"))
+    # Ray Train's worker group of two: the path with the most listeners (a Train controller,
+    # workers, the torch rendezvous store and gloo's sockets between the ranks, on top of the
+    # trial process that trains on the default path).
+    spec.write_text(spec.read_text().replace("resources: {max_concurrent_trials: 2}", (
+        "resources: {max_concurrent_trials: 1, num_workers: 2, train_process: workers}")))
     spec.write_text(spec.read_text().replace("evaluation:\n", (
         f"evaluation:\n  judge: {{kind: openai, base_url: '{server.url}', model: judge-test, "
         "api_key_env: EMTUNE_TEST_JUDGE_KEY, max_retries: 0}\n"), 1))
@@ -180,8 +181,9 @@ def test_every_listener_of_a_local_study_is_loopback(judged_study) -> None:
     # the sampling saw Ray's servers, not an empty table: GCS, raylet, and worker processes
     assert {"gcs_server", "raylet"} <= names, names
     assert any(name.startswith("ray::") for name in names), names
-    # the worker group's rendezvous store was up (rank 0 listens on it) and seen too
-    assert any("RayTrainWorker" in item.process or "RayTrainWorker" in item.cmdline for item in run.listeners), names
+    # both Train workers were seen listening (rank 0's rendezvous store, gloo's sockets)
+    workers = {item.cmdline for item in run.listeners if "RayTrainWorker" in item.process + item.cmdline}
+    assert len(workers) >= 1 and len({i.port for i in run.listeners if i.cmdline in workers}) >= 3, workers
     exposed = [item for item in run.listeners if not _is_loopback(item.address)]
     assert not exposed, "\n".join(f"{i.process} {i.address}:{i.port}  {i.cmdline}" for i in exposed)
 
