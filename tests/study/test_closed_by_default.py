@@ -1,7 +1,7 @@
 """A real local study is closed by default: every process it starts listens on loopback only,
-Ray's token authentication is on with a token only its owner can read, and a judge key planted in
-the environment reaches the judge and nothing else (study folder, MLflow store and artifacts, Ray
-logs, printed output).
+Ray's token authentication is on with a token only its owner can read, and the keys planted in
+the environment for the judge and the generation server reach their servers and nothing else
+(study folder, MLflow store and artifacts, Ray logs, printed output).
 
 One study (`emtune run` in a subprocess, one trial judged by the loopback ``chat_server``) serves
 the three tests; the fixture samples the operating system's socket table while it runs. The
@@ -27,9 +27,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from emtune.config import load_spec
+from emtune.evaluation.lora_server import LoraServer
+from emtune.models import model_cache_dir, resolve_source
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 JUDGE_KEY = "sk-planted-" + uuid.uuid4().hex  # never a real key; unique so a hit is this study's
+GENERATION_KEY = "sk-planted-gen-" + uuid.uuid4().hex  # the generation server's
 MARKER = "EMTUNE_TEST_STUDY_MARKER"
 
 
@@ -53,6 +58,7 @@ class StudyRun:
     listeners: list[Listener] = field(default_factory=list)
     dashboard_probes: dict[str, int] = field(default_factory=dict)
     judge_headers: list[dict] = field(default_factory=list)
+    generation_requests: int = 0
 
 
 def _study_processes(root: psutil.Process, marker: str) -> list[psutil.Process]:
@@ -133,6 +139,15 @@ def judged_study(tmp_path_factory, module_chat_server, write_spec_in) -> StudyRu
 
     server = module_chat_server(script)
     spec = write_spec_in(root, name="closed", num_trials=1)
+    # a generation server on loopback that demands its key (evaluation.backend: server): the
+    # OpSwap answers go through it; the general answers stay in the worker (ood_drift needs them)
+    generation = LoraServer(resolve_source(load_spec(spec).model, model_cache_dir()), api_key=GENERATION_KEY)
+    generation.start()
+    spec.write_text(spec.read_text().replace("  heldout_fraction: 0.2\n", (
+        "  heldout_fraction: 0.2\n  opswap: {tiers: [1], n_train_per_tier: 8, n_test_per_tier: 4}\n")).replace(
+        "evaluation:\n", ("evaluation:\n  backend: server\n  server: {base_url: '" + generation.url + "', "
+                          "api_key_env: EMTUNE_TEST_GEN_KEY, max_concurrency: 4, max_retries: 3, backoff_base_s: 0.05, "
+                          "timeout_s: 120}\n"), 1))
     # Ray Train's worker group of two: the path with the most listeners (a Train controller,
     # workers, the torch rendezvous store and gloo's sockets between the ranks, on top of the
     # trial process that trains on the default path).
@@ -143,7 +158,7 @@ def judged_study(tmp_path_factory, module_chat_server, write_spec_in) -> StudyRu
         "api_key_env: EMTUNE_TEST_JUDGE_KEY, max_retries: 0}\n"), 1))
     marker = uuid.uuid4().hex
     env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), MARKER: marker,
-           "EMTUNE_TEST_JUDGE_KEY": JUDGE_KEY}
+           "EMTUNE_TEST_JUDGE_KEY": JUDGE_KEY, "EMTUNE_TEST_GEN_KEY": GENERATION_KEY}
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         env.pop(name, None)
     log = root / "output.txt"
@@ -168,6 +183,8 @@ def judged_study(tmp_path_factory, module_chat_server, write_spec_in) -> StudyRu
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        run.generation_requests = generation.requests
+        generation.stop()
     run.returncode = proc.returncode
     run.output = log.read_text(errors="replace")
     run.judge_headers = list(server.headers)
@@ -209,7 +226,7 @@ def _files_holding(folder: Path, needle: bytes) -> list[Path]:
     return hits
 
 
-def test_a_planted_judge_key_reaches_the_judge_and_nothing_else(judged_study) -> None:
+def test_planted_keys_reach_their_servers_and_nothing_else(judged_study) -> None:
     run = judged_study
     assert run.returncode == 0, run.output[-3000:]
     # the key was used: every judge request carried it, and the study judged its samples
@@ -223,7 +240,9 @@ def test_a_planted_judge_key_reaches_the_judge_and_nothing_else(judged_study) ->
     ray_logs = list(run.ray_tmp.rglob("*.log")) + list(run.ray_tmp.rglob("*.out")) + list(run.ray_tmp.rglob("*.err"))
     assert ray_logs  # Ray's own logs were there to search
     token = (run.home / ".ray" / "auth_token").read_text().strip()
-    for secret in (JUDGE_KEY, token):
+    # the generation server answered the OpSwap set (it refuses a request without its key)
+    assert run.generation_requests > 0 and "opswap_exact_match" in child.data.metrics, child.data.metrics
+    for secret in (JUDGE_KEY, GENERATION_KEY, token):
         needle = secret.encode()
         assert secret not in run.output
         # the study folder holds the MLflow store (mlflow.db), its artifacts, Optuna, Ray results
@@ -231,4 +250,4 @@ def test_a_planted_judge_key_reaches_the_judge_and_nothing_else(judged_study) ->
         assert not _files_holding(run.ray_tmp, needle)
     for run_info in client.search_runs([child.info.experiment_id]):
         text = repr(run_info.data.params) + repr(run_info.data.tags)
-        assert JUDGE_KEY not in text and token not in text
+        assert JUDGE_KEY not in text and GENERATION_KEY not in text and token not in text
