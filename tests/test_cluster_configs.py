@@ -252,6 +252,39 @@ def test_runtime_env_file_is_accepted_by_submit() -> None:
     assert "working_dir" not in extra and "py_modules" not in extra
 
 
+def test_generation_server_demands_its_key_and_the_trials_have_it() -> None:
+    """vLLM starts only with VLLM_API_KEY from a secret (k8s: a required Secret; VMs: the node env
+    secret's line, and only that line, in an owner-only env file); the Ray pods get the same Secret."""
+    [deployment] = [d for p, d in KINDS["Deployment"] if d["metadata"]["name"] == "vllm"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    ref = {e["name"]: e for e in container["env"]}["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "emtune-vllm", "key": "VLLM_API_KEY"}  # not optional: no key, no server
+    for kind in ("RayCluster", "RayJob"):
+        for _, doc in KINDS[kind]:
+            for c in (c for group in _walk(doc, "containers") for c in group):
+                ref = {e["name"]: e for e in c["env"]}["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "emtune-vllm" and ref["key"] == "VLLM_API_KEY"
+    for path, config in KINDS["autoscaler"]:
+        commands = config["available_node_types"]["gpu_vllm"]["initialization_commands"]
+        [extract] = [c for c in commands if "/etc/emtune/vllm.env" in c and "docker run" not in c]
+        assert "umask 077" in extract and 'grep "^VLLM_API_KEY=."' in extract and "/etc/emtune/node.env" in extract
+        run = next(c for c in commands if "docker run" in c)
+        assert "--env-file /etc/emtune/vllm.env" in run and commands.index(extract) < commands.index(run), path.name
+    assert "api_key_env: VLLM_API_KEY" in (CLUSTER / "README.md").read_text()
+
+
+def test_a_node_type_with_its_own_commands_still_gets_the_secrets() -> None:
+    """A node type's initialization_commands replace the global list: every one of them must still
+    mount the shared storage and fetch the Ray token and the node env, or its Ray cannot join the
+    token-authenticated cluster."""
+    for path, config in KINDS["autoscaler"]:
+        for name, node in config["available_node_types"].items():
+            own = node.get("initialization_commands")
+            if own is not None:
+                missing = [c for c in config["initialization_commands"] if c not in own]
+                assert not missing, (path.name, name, missing)
+
+
 def test_readme_covers_the_operations() -> None:
     text = (CLUSTER / "README.md").read_text()
     for needle in ("ray up cluster/aws.yaml", "ssh -i", "-L 8265:127.0.0.1:8265 -L 5000:127.0.0.1:5000",
