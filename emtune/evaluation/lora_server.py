@@ -35,6 +35,14 @@ from emtune.evaluation.decoding import DecodeLoop, Job
 from emtune.evaluation.merging import merged_copy, shared_copy
 
 
+class _ListeningServer(ThreadingHTTPServer):
+    """The HTTP server with a connection backlog for a study's concurrent clients: the standard
+    library's default of 5 resets connections when a trial's generation client opens 32 at once."""
+
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class LoraServer:
     """The server (see module docs): ``start()``, ``url`` (ending in /v1), ``stop()``; ``adapters``
     maps loaded names to their paths; ``requests`` counts completion requests."""
@@ -64,8 +72,7 @@ class LoraServer:
 
     def start(self) -> "LoraServer":
         """Listen (again, on the same port after a ``stop``) and serve in background threads."""
-        self._http = ThreadingHTTPServer((self.host, self.port), _handler(self))
-        self._http.daemon_threads = True
+        self._http = _ListeningServer((self.host, self.port), _handler(self))
         self.port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         threading.Thread(target=self._schedule, daemon=True).start()
