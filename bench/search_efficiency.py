@@ -22,6 +22,11 @@ sees the same noise draws in the same order (common random numbers).
 Target (issue 7): the default sampler (TPE) reaches random search's 2N-trial hypervolume in N
 trials. Run: ``.venv/bin/python bench/search_efficiency.py`` (about 4-5 minutes on 2 cores);
 writes ``reports/bench/search_efficiency.md``.
+
+Part two (issue 17, ``--part checkpoints``, :mod:`search_checkpoints`): plain TPE on final points
+against TPE with every checkpoint a candidate, and with pruning: hypervolume against training steps,
+on the surrogates (with training dynamics) and on real tiny-model fine-tunes, and the monitor's rank
+correlation with a scripted judge. It writes its own section of the same report and keeps the rest.
 """
 
 from __future__ import annotations
@@ -344,10 +349,70 @@ def write_report(result: dict, args: argparse.Namespace, wall: float) -> Path:
     lines += ["## Time per sampler", "", "| problem | sampler | trials | seconds | ms/trial |", "|---|---|---|---|---|"]
     for (pname, label), (secs, count) in result["timing"].items():
         lines.append(f"| {pname} | {label} | {count} | {secs:.1f} | {1000 * secs / max(count, 1):.1f} |")
-    out = ROOT / "reports" / "bench" / "search_efficiency.md"
+    out = REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    kept = _section(out.read_text()) if out.is_file() else ""
+    out.write_text("\n".join(lines) + "\n" + (f"\n{BEGIN}\n{kept}\n{END}\n" if kept else ""))
     return out
+
+
+REPORT = ROOT / "reports" / "bench" / "search_efficiency.md"
+BEGIN, END = "<!-- section:checkpoints -->", "<!-- /section:checkpoints -->"
+
+
+def _section(text: str) -> str:
+    """The checkpoints part's section of the report text ('' when absent)."""
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in text and END in text else ""
+
+
+def write_checkpoints_section(body: str) -> Path:
+    """Put the checkpoints part's section into the report, keeping the samplers part."""
+    text = REPORT.read_text() if REPORT.is_file() else "# Search efficiency\n"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + body.strip() + "\n" + END + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{body.strip()}\n{END}\n"
+    REPORT.write_text(text)
+    return REPORT
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    """Part two: checkpoint candidates and pruning against plain TPE, and the monitor (issue 17)."""
+    import tempfile
+    import warnings
+
+    import search_checkpoints as sc
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    problems = sc.surrogate_problems(args.problems)
+    surrogate = []
+    for name, problem in problems.items():
+        for n in args.cp_n:
+            t0 = time.perf_counter()
+            surrogate.append((name, n, sc.summarise(sc.surrogate_runs(problem, n, args.cp_seeds), n, sc.STEPS)))
+            print(f"  {name} N={n}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print("\n".join(sc.results_table(surrogate) + sc.verdicts(surrogate)), flush=True)
+    real, real_info, overhead, monitor = [], None, None, None
+    with tempfile.TemporaryDirectory(prefix="emtune-bench-") as tmp:
+        cache = Path(tmp)
+        if args.real_seeds:
+            runs, real_info = sc.real_runs(args.real_n, args.real_seeds, cache)
+            real = [("dry run, real", args.real_n, sc.summarise(runs, args.real_n, sc.REAL_STEPS))]
+            print("\n".join(sc.results_table(real) + sc.verdicts(real)), flush=True)
+            overhead = sc.evaluation_overhead(cache)
+            print(overhead, flush=True)
+        if args.monitor_weights:
+            monitor = sc.monitor_trust(cache, args.monitor_weights)
+            print({k: v for k, v in monitor["correlations"].items()}, flush=True)
+    wall = time.perf_counter() - start
+    body = sc.section(surrogate, problems, real, real_info, overhead, monitor, wall, machine())
+    if not args.no_report:
+        print(f"wrote {write_checkpoints_section(body).relative_to(ROOT)}")
+    print(f"wall time {wall:.0f} s")
+    return 0
 
 
 def main() -> int:
@@ -359,7 +424,19 @@ def main() -> int:
     parser.add_argument("--problems", nargs="+", default=["dryrun", "all_defenses", "zdt1"])
     parser.add_argument("--no-variants", action="store_true", help="skip the TPE-settings table")
     parser.add_argument("--no-report", action="store_true", help="print only; do not write reports/bench")
+    parser.add_argument("--part", choices=("samplers", "checkpoints", "all"), default="all",
+                        help="samplers = issue 7's comparison; checkpoints = issue 17's (candidates, pruning, monitor)")
+    parser.add_argument("--cp-n", type=int, nargs="+", default=[6, 12], help="checkpoints part: trial budgets N")
+    parser.add_argument("--cp-seeds", type=int, default=10, help="checkpoints part: seeds per surrogate")
+    parser.add_argument("--real-seeds", type=int, default=5, help="real tiny studies: seeds (0 = skip)")
+    parser.add_argument("--real-n", type=int, default=6, help="real tiny studies: trials per search")
+    parser.add_argument("--monitor-weights", type=float, nargs="*", default=[0.0, 0.003, 0.03, 0.3, 3.0],
+                        help="KL weights of the judged monitor study (0 = undefended; none = skip)")
     args = parser.parse_args()
+    if args.part in ("checkpoints", "all"):
+        run_checkpoints(args)
+        if args.part == "checkpoints":
+            return 0
     start = time.perf_counter()
     result = bench(args.n, args.seeds, args.gp_seeds, args.gp_max_n, args.problems, not args.no_variants)
     wall = time.perf_counter() - start

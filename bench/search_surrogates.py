@@ -46,8 +46,9 @@ def isotonic(y: np.ndarray, increasing: bool) -> np.ndarray:
     return sign * np.concatenate([[m] * int(c) for m, c in blocks])
 
 
-def dryrun_study_points() -> tuple[list[tuple[float, float, float]], str]:
-    """(λ, drift, nll) of every completed dry-run trial, and where they came from."""
+def dryrun_study_rows() -> tuple[list[dict[str, Any]], str]:
+    """Every completed candidate of the dry-run study (``emtune pareto --all --format json`` rows:
+    the trials' own points and, with ``evaluation.at``, their checkpoints), and where they came from."""
     study = ROOT / "studies" / "dryrun"
     if not study.is_dir():
         return [], "no studies/dryrun"
@@ -56,33 +57,43 @@ def dryrun_study_points() -> tuple[list[tuple[float, float, float]], str]:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     if done.returncode != 0:
         return [], f"`emtune pareto` failed: {done.stderr.strip()[-200:]}"
-    table = json.loads(done.stdout)
-    points = [
-        (float(t["params"]["kl_weight"]), float(t["values"]["ood_drift"]), float(t["values"]["indomain_nll"]))
-        for t in table["trials"]
-        if t["state"] == "COMPLETE" and t.get("values") and "kl_weight" in t["params"]
-    ]
-    return points, "studies/dryrun via `emtune pareto studies/dryrun --all --format json`"
+    rows = [t for t in json.loads(done.stdout)["trials"]
+            if t["state"] == "COMPLETE" and t.get("values") and "kl_weight" in t["params"]]
+    return rows, "studies/dryrun via `emtune pareto studies/dryrun --all --format json`"
+
+
+def dryrun_study_points() -> tuple[list[tuple[float, float, float]], str]:
+    """(λ, drift, nll) of every completed dry-run trial's own (final) point, and their source."""
+    rows, source = dryrun_study_rows()
+    finals = [r for r in rows if r.get("trial", r["number"]) == r["number"]]
+    return [(float(r["params"]["kl_weight"]), float(r["values"]["ood_drift"]), float(r["values"]["indomain_nll"]))
+            for r in finals], source
+
+
+def monotone_fit(points: list[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(log λ knots, drift, nll, NLL residual RMS): drift made non-increasing and NLL non-decreasing
+    in λ by pool-adjacent-violators, trials at (nearly) the same λ merged (np.interp needs
+    increasing abscissae)."""
+    points = sorted(points)
+    x = np.log([p[0] for p in points])
+    drift = isotonic(np.array([p[1] for p in points]), increasing=False)
+    nll = isotonic(np.array([p[2] for p in points]), increasing=True)
+    keep = np.concatenate([[True], np.diff(x) > 1e-3])
+    groups = np.cumsum(keep) - 1
+    merged = [np.array([v[groups == g].mean() for g in range(groups.max() + 1)]) for v in (x, drift, nll)]
+    rms = float(np.sqrt(np.mean((np.array([p[2] for p in points]) - nll) ** 2)))
+    return merged[0], merged[1], merged[2], rms
 
 
 class DryRunSurrogate:
     """kl_weight -> (ood_drift, indomain_nll): monotone interpolation of measured trials."""
 
-    def __init__(self) -> None:
-        points, source = dryrun_study_points()
+    def __init__(self, points: list[tuple[float, float, float]] | None = None, source: str = "") -> None:
+        if points is None:
+            points, source = dryrun_study_points()
         self.points = sorted(points)
         if len(self.points) >= 2:
-            x = np.log([p[0] for p in self.points])
-            drift = isotonic(np.array([p[1] for p in self.points]), increasing=False)
-            nll = isotonic(np.array([p[2] for p in self.points]), increasing=True)
-            # Trials at (nearly) the same λ are merged: np.interp needs increasing abscissae.
-            keep = np.concatenate([[True], np.diff(x) > 1e-3])
-            groups = np.cumsum(keep) - 1
-            self.x = np.array([x[groups == g].mean() for g in range(groups.max() + 1)])
-            self.drift = np.array([drift[groups == g].mean() for g in range(groups.max() + 1)])
-            self.nll = np.array([nll[groups == g].mean() for g in range(groups.max() + 1)])
-            raw_nll = np.array([p[2] for p in self.points])
-            self.nll_residual_rms = float(np.sqrt(np.mean((raw_nll - nll) ** 2)))
+            self.x, self.drift, self.nll, self.nll_residual_rms = monotone_fit(self.points)
             self.provenance = (
                 f"measured: {len(self.points)} completed trials from {source}; monotone (PAV) fit, "
                 f"linear in log λ between {self.points[0][0]:.3g} and {self.points[-1][0]:.3g}, "

@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError, ValidationInfo, model_validator
 from emtune.data.loading import DatasetSpec, DataSpec
 from emtune.defenses.registry import DEFENSES
 from emtune.evaluation.config import EvaluationSpec
+from emtune.evaluation.points import Points
 from emtune.models import LoraSpec, ModelSpec, TinyModelSpec
 from emtune.search_spec import Baseline, ConstraintSpec, ObjectiveSpec, SearchSpec, search_problems
 from emtune.spec_checks import (
@@ -84,10 +85,16 @@ class ResourcesSpec(StrictModel):
 
 class BaselinesSpec(StrictModel):
     """Reference trials every study runs first (unless switched off), evaluated like the others:
-    ``base`` (the aligned model, no fine-tuning) and ``undefended`` (fine-tuned, no defense)."""
+    ``base`` (the aligned model, no fine-tuning), ``undefended`` (fine-tuned, no defense) and
+    ``stopped_early`` (the undefended fine-tune evaluated at ``stop_points``: early stopping as a
+    defense arm of its own, the cheapest thing that might work). One undefended fine-tune serves
+    both ``undefended`` (its final point) and ``stopped_early`` (every point)."""
 
     enabled: bool = True
-    kinds: tuple[Baseline, ...] = ("base", "undefended")
+    kinds: tuple[Baseline, ...] = ("base", "undefended", "stopped_early")
+    stop_points: Points = Field(
+        (), description="where stopped_early is evaluated (fractions or steps); default: evaluation.at, "
+        "else 0.25, 0.5, 0.75 (the final point always)")
 
 
 def _defense_union() -> Any:

@@ -127,13 +127,38 @@ class SamplerSpec(StrictModel):
         return getattr(optuna.samplers, SAMPLERS[self.name])
 
 
+class PruningSpec(StrictModel):
+    """Multi-objective pruning at evaluation points (:mod:`emtune.train.checkpoints`).
+
+    At each evaluation point before the final one, a trial whose judge-free ``metrics`` are
+    dominated by the same point's values of at least ``min_share`` of the earlier trials (and at
+    least ``min_trials`` earlier trials reached that point) stops training and is told PRUNED
+    with the reason; the checkpoints it evaluated stay candidates. Off by default: a short study
+    has too few earlier trials to compare with; the paper's recipe turns it on.
+    """
+
+    enabled: bool = False
+    metrics: tuple[str, ...] = Field(
+        (), description="judge-free metrics compared; default: the study's judge-free objectives")
+    min_share: float = Field(0.75, gt=0, le=1, description="share of earlier trials that must dominate")
+    min_trials: int = Field(4, ge=1, description="earlier trials needed at a point before it prunes")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            _known_metric(name)
+        return value
+
+
 class SearchSpec(StrictModel):
-    """The search space, the sampler and the trial budget."""
+    """The search space, the sampler, the trial budget and pruning."""
 
     parameters: dict[str, SearchParameter]
     sampler: SamplerSpec = SamplerSpec()
     num_trials: int = Field(8, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
+    pruning: PruningSpec = PruningSpec()
 
     @field_validator("parameters")
     @classmethod
@@ -143,13 +168,14 @@ class SearchSpec(StrictModel):
         return value
 
 
-def sampler_arguments(space: SearchSpec) -> dict[str, Any]:
+def sampler_arguments(space: SearchSpec, candidates_per_trial: int = 1) -> dict[str, Any]:
     """The keyword arguments (seed aside) the study's sampler is built with: the spec's ``args``
-    plus emtune's defaults for TPE (multivariate, and start-up trials scaled to the budget)."""
+    plus emtune's defaults for TPE (multivariate, and start-up trials scaled to the budget: that
+    many fine-tunes, each told to Optuna as ``candidates_per_trial`` trials)."""
     args = dict(space.sampler.args)
     if space.sampler.name == "tpe":
         args.setdefault("multivariate", True)
-        args.setdefault("n_startup_trials", min(10, max(2, space.num_trials // 3)))
+        args.setdefault("n_startup_trials", min(10, max(2, space.num_trials // 3)) * max(1, candidates_per_trial))
     return args
 
 
@@ -261,13 +287,15 @@ def _plain(hint: Any) -> bool:
     return all(_plain(a) for a in typing.get_args(hint) if a is not Ellipsis)
 
 
-Baseline = Literal["base", "undefended"]
+#: Reference trials a study can run: the model without fine-tuning, the undefended fine-tune, and
+#: the undefended fine-tune stopped early (evaluated at stop points; each point a reference).
+Baseline = Literal["base", "undefended", "stopped_early"]
 
 
 class Relative(StrictModel):
     """A metric stated relative to a baseline trial of the same study."""
 
-    to: Baseline = Field(description="base = the model without fine-tuning; undefended = fine-tuned, no defense")
+    to: Literal["base", "undefended"] = Field(description="base = the model without fine-tuning; undefended = fine-tuned, no defense")
     how: Literal["difference", "ratio"] = Field(
         "difference", description="difference = metric - baseline; ratio = metric / baseline"
     )

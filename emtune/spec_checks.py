@@ -23,8 +23,9 @@ from emtune.data.loading import DatasetSpec
 from emtune.defenses.base import is_local_source
 from emtune.defenses.interleaving import pool_dataset
 from emtune.defenses.registry import DEFENSES
+from emtune.evaluation.points import resolve_points
 from emtune.evaluation.prompt_files import is_prompt_file
-from emtune.evaluation.sets import EVAL_SETS, known_metrics
+from emtune.evaluation.sets import known_metrics, metric_unavailable
 from emtune.spec_errors import did_you_mean
 from emtune.train.settings import method_problems
 
@@ -71,6 +72,9 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         value = node.get(key)
         if isinstance(value, str):
             node[key] = local(value) if _looks_like_file(value) else maybe_local(value)
+    monitor = _section(evaluation, "monitor")
+    if isinstance(monitor.get("persona_vector"), str):
+        monitor["persona_vector"] = local(monitor["persona_vector"])
     _resolve_judge(judge, maybe_local)
     for reward in _section(_section(raw, "training"), "grpo").get("rewards") or []:
         if isinstance(reward, dict) and reward.get("name") == "grader":  # a grader's rubric file and judge
@@ -137,6 +141,11 @@ def local_file_problems(spec: Any) -> Found:
         elif value and _looks_like_file(value) and not Path(value).is_file():
             problems.append((where, f"file {value} not found; fix the path (relative to the spec's folder), or use "
                              "a shipped set / prompt version"))
+    vector = ev.monitor.persona_vector
+    if vector and not Path(vector).is_file():
+        problems.append(("evaluation.monitor.persona_vector", f"persona vector file {vector} not found; create it "
+                         "with `emtune persona extract` (a relative path is read from the spec's folder), or set "
+                         "extract_prompts instead"))
     for i, defense in enumerate(spec.defenses):
         for item in DEFENSES[defense.name].local_files(defense):
             path = Path(item.path).expanduser()
@@ -198,7 +207,8 @@ def dataset_sources(spec: Any) -> list[tuple[str, Any]]:
 def cross_field_problems(spec: Any) -> Found:
     """Problems that need several sections at once: defenses (listed twice, or what a defense
     needs from the rest of the spec), objectives and constraints (their metric's evaluation and
-    judge, their baseline), the training method (each defense's form for it)."""
+    judge, their baseline), the training method (each defense's form for it), evaluation points,
+    pruning and the monitor (:func:`checkpoint_problems`)."""
     problems: Found = []
     names = [d.name for d in spec.defenses]
     for i, defense in enumerate(spec.defenses):
@@ -222,10 +232,61 @@ def cross_field_problems(spec: Any) -> Found:
             problems.append((where, f"metric {name!r} needs a judge: set evaluation.judge.kind to openai or hf_local, "
                              "or use a judge-free metric (ood_drift, indomain_nll)"))
             continue
-        home = next((s for s in EVAL_SETS.values() if any(m.name == name for m in s.metrics)), None)
-        if home is not None and not home.enabled(spec):
-            problems.append((where, f"metric {name!r} comes from the {home.name!r} evaluation, which this spec does "
-                             f"not run: {home.doc}"))
+        missing = metric_unavailable(spec, name)
+        if missing:
+            problems.append((where, missing))
+    return problems + checkpoint_problems(spec)
+
+
+# --- evaluation points, pruning, the monitor -----------------------------------------------------
+
+
+def pruning_metrics(spec: Any) -> list[tuple[str, str]]:
+    """(metric, direction) pairs pruning compares: ``search.pruning.metrics`` (an objective's own
+    direction, else the metric's better side), or the study's judge-free objectives."""
+    metrics = known_metrics()
+    directions = {o.name: o.direction for o in spec.objectives}
+    names = spec.search.pruning.metrics or tuple(o.name for o in spec.objectives if not metrics[o.name].judged)
+    return [(n, directions.get(n) or ("minimize" if metrics[n].better == "lower" else "maximize")) for n in names]
+
+
+def checkpoint_problems(spec: Any) -> list[tuple[str, str]]:
+    """Evaluation points, pruning and the stopped-early baseline against the rest of the spec."""
+    problems: list[tuple[str, str]] = []
+    max_steps = spec.training.max_steps
+    if max_steps is not None:
+        late = [v for v in spec.evaluation.at if isinstance(v, int) and v >= max_steps]
+        if late:
+            problems.append(("evaluation.at", f"steps {late} are not before training.max_steps = {max_steps} "
+                             "(the final point is always evaluated)"))
+    if (len(spec.evaluation.at) or spec.evaluation.monitor.every_steps) and spec.training.method != "sft":
+        problems.append(("evaluation.at", "evaluation during training (evaluation.at, evaluation.monitor.every_steps) "
+                         "is for training.method sft only; leave both out for grpo"))
+    if len(spec.evaluation.at) and spec.resources.strategy == "fsdp" and spec.resources.num_workers > 1:
+        problems.append(("evaluation.at", "evaluation points during training need whole adapters on rank 0: "
+                         "use resources.strategy ddp, or leave evaluation.at empty"))
+    monitor = spec.evaluation.monitor
+    if monitor.extract_prompts and not monitor.persona_vector and monitor.extract_filter == "judge" \
+            and spec.evaluation.judge.kind == "none":
+        problems.append(("evaluation.monitor.extract_filter", "'judge' keeps the contrastive pairs the judge "
+                         "confirms, but evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none"))
+    pruning = spec.search.pruning
+    if not pruning.enabled:
+        return problems
+    if not resolve_points(spec.evaluation.at, max_steps or 10**9)[:-1]:
+        problems.append(("search.pruning", "pruning acts at evaluation points before the final one: add "
+                         "some to evaluation.at (e.g. [0.25, 0.5])"))
+    metrics = known_metrics()
+    chosen = pruning_metrics(spec)
+    if not chosen:
+        problems.append(("search.pruning.metrics", "every objective needs a judge: name the judge-free metrics "
+                         "to prune on, e.g. [ood_drift, indomain_nll]"))
+    for name, _ in chosen:
+        if metrics[name].judged:
+            problems.append(("search.pruning.metrics", f"{name!r} needs a judge, but pruning compares judge-free "
+                             "metrics only (the judge scores a trial after its training)"))
+        elif metric_unavailable(spec, name):
+            problems.append(("search.pruning.metrics", metric_unavailable(spec, name)))
     return problems
 
 

@@ -11,17 +11,27 @@ a pending evaluation is finished from it later. Every one of them reads the name
     <root>/trial_meta.json          question-set versions and row counts
     <root>/defenses.json            what each active defense reported (e.g. SafeLoRA's scores)
     <root>/rollouts.jsonl           RL only: sample rollouts per logged step (prompt, completion, reward)
+    <root>/point.json               the evaluation point: label, step, judge-free metrics (and why
+                                    training stopped there, for a pruned trial)
+    <root>/monitor.json             the monitor every M training steps (evaluation.monitor.every_steps)
+    <root>/checkpoints/step-<N>/    a checkpoint evaluated during training (``evaluation.at``), laid
+                                    out as above: adapter/, samples_<set>.jsonl, point.json
+
+The root itself holds the final point (the end of training), except for a pruned trial, whose
+training stopped at its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 _SAMPLES_PREFIX, _SAMPLES_SUFFIX = "samples_", ".jsonl"
+_CHECKPOINT_PREFIX = "step-"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,43 @@ class TrialFiles:
     def rollouts(self) -> Path:
         """RL trials: sample rollouts (step, prompt, completion, reward, advantage), JSONL."""
         return self.root / "rollouts.jsonl"
+
+    @property
+    def point(self) -> Path:
+        """The evaluation point of this folder: label, step and judge-free metrics (JSON)."""
+        return self.root / "point.json"
+
+    @property
+    def monitor(self) -> Path:
+        """Monitor rows logged every M training steps (JSON list)."""
+        return self.root / "monitor.json"
+
+    def checkpoint(self, step: int) -> "TrialFiles":
+        """The folder of the checkpoint evaluated at optimizer step ``step``."""
+        return TrialFiles(self.root / "checkpoints" / f"{_CHECKPOINT_PREFIX}{int(step)}")
+
+    def checkpoints(self) -> list["TrialFiles"]:
+        """Every checkpoint evaluated during training that wrote its point, by step."""
+        folder = self.root / "checkpoints"
+        if not folder.is_dir():
+            return []
+        found = [p for p in folder.iterdir() if p.name.startswith(_CHECKPOINT_PREFIX)
+                 and p.name[len(_CHECKPOINT_PREFIX):].isdigit() and (p / "point.json").is_file()]
+        return [TrialFiles(p) for p in sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))]
+
+    def carry_evaluations(self, into: "TrialFiles") -> None:
+        """Copy the checkpoints evaluated during training and the monitor rows into ``into``
+        (merged with what it holds): a periodic Trainer checkpoint carries them, and a trial
+        resumed from it takes them back."""
+        if (self.root / "checkpoints").is_dir():
+            shutil.copytree(self.root / "checkpoints", into.root / "checkpoints", dirs_exist_ok=True)
+        if self.monitor.is_file():
+            into.root.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.monitor, into.monitor)
+
+    def read_point(self) -> dict[str, Any]:
+        """The evaluation point record (empty when absent)."""
+        return json.loads(self.point.read_text(encoding="utf-8")) if self.point.is_file() else {}
 
     def samples(self, set_name: str) -> Path:
         """Generated answers of one evaluation set (JSONL, one sample per line)."""

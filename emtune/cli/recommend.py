@@ -1,9 +1,12 @@
 """`emtune recommend STUDY --max METRIC=VALUE ...`: the best setting under stated ceilings.
 
-Among the study's COMPLETE trials that meet the study's own constraints and every
+Among the study's completed candidates that meet the study's own constraints and every
 ``--max METRIC=VALUE`` (value <= VALUE) and ``--min METRIC=VALUE`` (value >= VALUE), pick the one
 with the best task score and print its evidence: params, every metric, the MLflow run id (with
-the tracking URI and a UI link) and the adapter URI.
+the tracking URI and a UI link) and the adapter URI. Candidates are the trials' own (final) points
+and, with ``evaluation.at``, every checkpoint evaluated during training ("trial 7 @ step 300":
+trial 7's fine-tune stopped at step 300, with its own adapter); ``--final-only`` considers the
+trials' own points alone.
 
 Task score: ``--maximize METRIC`` or ``--minimize METRIC``; by default ``--minimize indomain_nll``
 (held-out NLL on the narrow task: how well the requested task was learned) when the trials report
@@ -77,6 +80,7 @@ class Recommendation:
     qualifying: int
     eliminated: list[tuple[str, int, int]]  # (constraint, trials eliminated, of which lacked the metric)
     candidates: list[Any] = field(default_factory=list)  # the qualifying records, best first
+    noun: str = "completed trials"  # what was counted: trials, or trials and their checkpoints
 
 
 class NotYet(UserError):
@@ -119,12 +123,16 @@ def check_metric(study: Any, name: str, known: set[str]) -> None:
     raise UserError("; ".join(parts))
 
 
-def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = None) -> Recommendation:
-    """Pick the best qualifying trial of ``study`` (a StudyData); raises UserError when none does."""
-    done = [r for r in study.trials if r.row.state == "COMPLETE" and r.row.values]
+def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = None,
+              final_only: bool = False) -> Recommendation:
+    """Pick the best qualifying candidate of ``study`` (a StudyData; checkpoints included unless
+    ``final_only``); raises UserError when none does."""
+    done = [r for r in study.trials if r.row.state == "COMPLETE" and r.row.values
+            and not (final_only and r.row.checkpoint)]
     if not done:
         counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(study.table.counts().items())) or "no trials"
         raise NotYet(f"study {study.name!r} has no completed trial yet ({counts})")
+    noun = "candidates (trials and their checkpoints)" if any(r.row.checkpoint for r in done) else "completed trials"
     known = {k for r in done for k in r.metrics}
     name, direction = score or default_score(study, known)
     for metric in [b.metric for b in bounds] + [name]:
@@ -146,11 +154,11 @@ def recommend(study: Any, bounds: list[Bound], score: tuple[str, str] | None = N
     if not qualifying:
         detail = "; ".join(f"{label} eliminated {n}" + (f" ({m} lack the metric)" if m else "")
                            for label, n, m in eliminated)
-        raise NothingQualifies(f"no trial of study {study.name!r} qualifies: of {len(done)} completed trials, {detail}",
+        raise NothingQualifies(f"no trial of study {study.name!r} qualifies: of {len(done)} {noun}, {detail}",
                                len(done), eliminated, _reachable(feasible, bounds, name, direction))
     sign = 1.0 if direction == "minimize" else -1.0
-    ranked = sorted(qualifying, key=lambda r: (sign * r.metrics[name], r.row.number))
-    return Recommendation(ranked[0], name, direction, len(done), len(qualifying), eliminated, ranked)
+    ranked = sorted(qualifying, key=lambda r: (sign * r.metrics[name], r.row.trial, r.row.step or 0))
+    return Recommendation(ranked[0], name, direction, len(done), len(qualifying), eliminated, ranked, noun)
 
 
 def _reachable(records: list[Any], bounds: list[Bound], score: str, direction: str) -> list[dict[str, Any]]:
@@ -160,11 +168,12 @@ def _reachable(records: list[Any], bounds: list[Bound], score: str, direction: s
     for metric, way, label in wanted + [(score, direction, "task score")]:
         have = [r for r in records if r.metrics.get(metric) is not None]
         if not have:
-            out.append({"metric": metric, "bound": label, "best": None, "trial": None})
+            out.append({"metric": metric, "bound": label, "best": None, "trial": None, "step": None})
             continue
         sign = 1.0 if way == "minimize" else -1.0
         best = min(have, key=lambda r: (sign * r.metrics[metric], r.row.number))
-        out.append({"metric": metric, "bound": label, "best": best.metrics[metric], "trial": best.row.number})
+        out.append({"metric": metric, "bound": label, "best": best.metrics[metric], "trial": best.row.trial,
+                    "step": best.row.step if best.row.checkpoint else None})
     return out
 
 
@@ -183,6 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--minimize", metavar="METRIC",
                        help=f"task score to minimize (default: {DEFAULT_SCORE} when reported, "
                             "else the first objective)")
+    p.add_argument("--final-only", action="store_true",
+                   help="consider the trials' own (final) points only, not their checkpoints")
     add_format_argument(p, "candidate trial")
     p.set_defaults(func=main)
 
@@ -202,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
             score = (args.maximize, "maximize")
         elif getattr(args, "minimize", None):
             score = (args.minimize, "minimize")
-        rec = recommend(study, bounds, score)
+        rec = recommend(study, bounds, score, final_only=getattr(args, "final_only", False))
     except NothingQualifies as none:
         _print_none(study, none, bounds, fmt)
         fail(str(none), NOTHING_QUALIFIES)
@@ -248,27 +259,37 @@ def _print_none(study: Any, none: NothingQualifies, bounds: list[Bound], fmt: st
         from emtune.report import fmt_value
 
         lines = ["nothing qualifies; best values reached by a completed trial (that meets the study's constraints):"]
-        lines += [f"  {r['metric']}: {fmt_value(r['best'])}" + (f" (trial {r['trial']})" if r["trial"] is not None else "")
-                  + f"   [{r['bound']}]" for r in none.reachable]
+        for r in none.reachable:
+            where = "" if r["trial"] is None else f" (trial {r['trial']}" + (
+                f" @ step {r['step']})" if r["step"] is not None else ")")
+            lines.append(f"  {r['metric']}: {fmt_value(r['best'])}{where}   [{r['bound']}]")
         print("\n".join(lines))
+
+
 def _evidence(study: Any, rec: Recommendation, bounds: list[Bound]) -> dict[str, Any]:
     from emtune.report import shown_path
 
     row = rec.record.row
     baseline = _baseline(study)
     compared = list(dict.fromkeys([rec.score, *(b.metric for b in bounds), *study.table.objectives]))
-    candidates = [{"rank": i + 1, "trial": r.row.number, "score": r.metrics[rec.score],
+    candidates = [{"rank": i + 1, "trial": r.row.trial, "step": r.row.step if r.row.checkpoint else None,
+                   "candidate": r.row.label, "score": r.metrics[rec.score],
                    **{f"delta_{n}": d for n, d in _deltas(r.metrics, compared, baseline).items()},
                    "params": r.row.params, "mlflow_run_id": r.row.mlflow_run_id}
                   for i, r in enumerate(rec.candidates[:CANDIDATES])]
     return {
         "study": study.name,
         "study_dir": shown_path(study.study_dir),
-        "trial": row.number,
+        "trial": row.trial,
+        "step": row.step,
+        "checkpoint": row.checkpoint,
+        "candidate": row.label,
+        "optuna_trial": row.number,
         "score": {"metric": rec.score, "direction": rec.direction, "value": rec.record.metrics[rec.score]},
         "constraints": [str(b) for b in bounds],
         "qualifying": rec.qualifying,
         "completed": rec.completed,
+        "counted": rec.noun,
         "eliminated": [{"by": label, "trials": n} for label, n, _ in rec.eliminated],
         "pareto_rank": row.rank,
         "params": row.params,
@@ -289,9 +310,11 @@ def _text(ev: dict[str, Any]) -> str:
     from emtune.report import fmt_value
 
     under = ", ".join(ev["constraints"]) or "no ceilings"
-    lines = [f"recommended: trial {ev['trial']} of study {ev['study']!r}: best {ev['score']['metric']} "
+    lines = [f"recommended: trial {ev['candidate']} of study {ev['study']!r}: best {ev['score']['metric']} "
              f"({ev['score']['direction']}) = {fmt_value(ev['score']['value'])} among {ev['qualifying']} of "
-             f"{ev['completed']} completed trials meeting {under}"]
+             f"{ev['completed']} {ev['counted']} meeting {under}"]
+    if ev["checkpoint"]:
+        lines.append(f"  a checkpoint: trial {ev['trial']}'s fine-tune stopped at step {ev['step']} (its own adapter below)")
     lines += [f"  eliminated by {e['by']}: {e['trials']}" for e in ev["eliminated"]]
     lines.append(f"pareto rank: {'infeasible' if ev['pareto_rank'] is None else ev['pareto_rank']}")
     lines += ["params:", *(f"  {k} = {fmt_value(v)}" for k, v in sorted(ev["params"].items()))]
@@ -305,13 +328,13 @@ def _text(ev: dict[str, Any]) -> str:
     lines.append(f"candidates (best {len(ev['candidates'])} of {ev['qualifying']} qualifying):")
     for c in ev["candidates"]:
         deltas = ", ".join(f"{k[6:]} {_signed(v)}" for k, v in c.items() if k.startswith("delta_") and v is not None)
-        lines.append(f"  {c['rank']}. trial {c['trial']}: {ev['score']['metric']} = {fmt_value(c['score'])}"
+        lines.append(f"  {c['rank']}. trial {c['candidate']}: {ev['score']['metric']} = {fmt_value(c['score'])}"
                      + (f"; vs undefended: {deltas}" if deltas else ""))
     run = f"runs:/{ev['mlflow_run_id']}" if ev["mlflow_run_id"] else "-"
     lines += ["evidence:", f"  MLflow run: {run}", f"  tracking URI: {ev['tracking_uri']}"]
     if ev["mlflow_ui"]:
         lines.append(f"  MLflow UI: {ev['mlflow_ui']} (local stores: start it with `emtune ui {ev['study_dir']}`)")
-    lines.append(f"  adapter: {ev['adapter_uri'] or '-'}")
+    lines.append(f"  adapter: {ev['adapter_uri'] or '- (not kept: see evaluation.keep_adapters)'}")
     lines.append(f"  Ray trial: {ev['ray_trial_id'] or '-'}")
     return "\n".join(lines)
 

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from emtune.defenses.base import Defense, LocalFile, StageServices
+from emtune.defenses.block_hooks import block_output_hook, decoder_blocks, register_block_hook
 from emtune.defenses.persona_filter import PairFilter
 from emtune.evaluation.judges import resolved_prompt_version
 from emtune.models import model_identity
@@ -89,46 +91,14 @@ class PersonaSteeringConfig(StrictModel):
         return self
 
 
-def decoder_blocks(model: Any) -> Any:
-    """The decoder blocks (a ModuleList) of a causal LM, looking through peft wrappers.
-
-    Supports architectures that keep them at ``<causal LM>.model.layers`` (Qwen2, Llama,
-    Mistral, Gemma, ...); anything else gets a clear error.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if layers is None or not hasattr(layers, "__getitem__") or not hasattr(layers, "__len__"):
-        raise ValueError(
-            f"persona_steering: cannot find the decoder blocks of {type(base).__name__} (looked for "
-            f"`.model.layers`, as in Qwen2/Llama-style models); this architecture is not supported"
-        )
-    return layers
-
-
 def make_steering_hook(vector: Any, alpha: float, positions: Any = None) -> Any:
     """A forward hook that adds ``alpha * vector`` to a block's hidden-state output.
 
     With ``positions`` (a callable returning a [batch, tokens] mask, or None) the shift is added
     only where the mask is 1, and not at all while it returns None (decode-only steering).
     """
-    cache: dict[tuple[Any, Any], Any] = {}
-
-    def hook(module: Any, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        mask = positions() if positions is not None else None
-        if positions is not None and mask is None:
-            return output  # decode-only steering outside an update pass: no shift
-        if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
-            raise RuntimeError(f"steering positions {tuple(mask.shape)} do not match the hidden states "
-                               f"{tuple(hidden.shape[:2])}")
-        key = (hidden.device, hidden.dtype)
-        if key not in cache:
-            cache[key] = (alpha * vector.float()).to(device=hidden.device, dtype=hidden.dtype)
-        shift = cache[key] if mask is None else mask.to(hidden.device, hidden.dtype).unsqueeze(-1) * cache[key]
-        steered = hidden + shift
-        return (steered,) + tuple(output[1:]) if isinstance(output, tuple) else steered
-
-    return hook
+    return block_output_hook(alpha * vector.float(),
+                             lambda hidden, shift, where: hidden + (shift if where is None else where * shift), positions)
 
 
 def pair_filter(config: PersonaSteeringConfig) -> PairFilter:
@@ -136,20 +106,102 @@ def pair_filter(config: PersonaSteeringConfig) -> PairFilter:
     return PairFilter(config.trait_prompt, config.positive_trait_min, config.negative_trait_max, config.coherent_min)
 
 
-def vector_cache_path(config: PersonaSteeringConfig, spec: Any, cache_dir: Path) -> Path:
+@dataclass(frozen=True)
+class PersonaExtraction:
+    """How a study stage extracts persona vectors: the prompt set, answer length and count, and
+    the judge filter (``rule``; None keeps every pair)."""
+
+    prompts: str
+    max_new_tokens: int = 64
+    samples: int = 1
+    rule: PairFilter | None = PairFilter()
+
+
+def extraction(config: Any) -> PersonaExtraction:
+    """The stage extraction a config's ``extract_*`` fields describe (persona steering, CAFT)."""
+    rule = pair_filter(config) if config.extract_filter == "judge" else None
+    return PersonaExtraction(str(config.extract_prompts), config.extract_max_new_tokens,
+                             getattr(config, "extract_samples", 1), rule)
+
+
+def judge_filter_problem(who: str, config: Any, spec: Any) -> list[str]:
+    """A stage extraction with the judge filter needs the study's judge."""
+    stage = config.extract_prompts and not getattr(config, "vector_path", None)
+    if stage and config.extract_filter == "judge" and spec.evaluation.judge.kind == "none":
+        return [f"{who}: extract_filter 'judge' keeps the contrastive pairs the judge confirms, but "
+                "evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none (every pair)"]
+    return []
+
+
+def tiny_layer_problems(who: str, layers: tuple[int, ...], spec: Any) -> list[str]:
+    """On the tiny model (whose depth is known before it is built) every layer must be one of its blocks."""
+    blocks = spec.model.tiny.num_layers
+    if spec.model.source != "tiny":
+        return []
+    return [f"{who}: layer {layer} is past the tiny model's {blocks} blocks; use 1..{blocks} (or raise "
+            "model.tiny.num_layers)" for layer in layers if layer > blocks]
+
+
+def vector_cache_path(how: PersonaExtraction, spec: Any, cache_dir: Path) -> Path:
     """Where the study stage keeps the vectors extracted for this model, prompt set (by content),
     answer length, samples, seed, and judge filter (judge, prompt version, rule)."""
     from emtune.defenses.persona_vectors import load_persona_prompts  # torch
 
-    prompts = load_persona_prompts(str(config.extract_prompts))
+    prompts = load_persona_prompts(how.prompts)
     judge = None
-    if config.extract_filter == "judge":
+    if how.rule is not None:
         judge_spec = spec.evaluation.judge
-        judge = [judge_spec.judge_id, resolved_prompt_version(judge_spec.prompt_version), pair_filter(config).describe()]
+        judge = [judge_spec.judge_id, resolved_prompt_version(judge_spec.prompt_version), how.rule.describe()]
     payload = [model_identity(spec.model), prompts.version, prompts.positive, prompts.negative, prompts.questions,
-               config.extract_max_new_tokens, config.extract_samples, spec.seed, judge]
+               how.max_new_tokens, how.samples, spec.seed, judge]
     key = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]
-    return Path(cache_dir) / "persona" / f"{Path(str(config.extract_prompts)).stem}-{key}.pt"
+    return Path(cache_dir) / "persona" / f"{Path(how.prompts).stem}-{key}.pt"
+
+
+def stage_vectors(stage: StageServices, how: PersonaExtraction) -> str:
+    """The study stage of every user of persona vectors (persona steering, CAFT, the EM monitor):
+    extract them once, where the trials run (a Ray task with a trial worker's GPU), judge-filtered
+    when ``how.rule`` is set, cached in the study folder by content hash; returns the file's path."""
+    from emtune.defenses.persona_vectors import extract_to_file, sidecar_path  # torch
+
+    path = vector_cache_path(how, stage.spec, stage.cache_dir)
+    if not path.is_file():
+        judge_spec = None
+        if how.rule is not None:
+            judge_spec = stage.spec.evaluation.judge
+            if judge_spec.cache_path is None:  # verdicts shared with the study's evaluations
+                judge_spec = judge_spec.model_copy(update={"cache_path": str(Path(stage.cache_dir) / "judge.db")})
+        rule = how.rule or PairFilter()
+        kept = "every pair" if how.rule is None else (
+            f"pairs with {rule.trait_prompt} >= {rule.positive_trait_min:g} (positive), <= "
+            f"{rule.negative_trait_max:g} (negative), coherent >= {rule.coherent_min:g}")
+        stage.log(f"stage: extracting persona vectors ({how.prompts}, {kept}) into {path.name}")
+        stage.run_task(extract_to_file, stage.spec.model, stage.model_source, how.prompts, how.max_new_tokens,
+                       stage.spec.seed, str(path), judge_spec, rule, how.samples)
+    meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    stage.log(f"stage: persona vectors {path.name}: kept {meta['n_kept']} of {meta['n_pairs']} pairs")
+    return str(path)
+
+
+def checked_persona_vectors(path: str, spec: Any, model: Any, where: str) -> Any:
+    """The vectors ``[num_hidden_states, hidden]`` of a persona vector file, after checking that
+    they were extracted from ``spec``'s model and match ``model``'s width (``where`` names the
+    spec field in errors)."""
+    from emtune.defenses.persona_vectors import PersonaVectorError, load_persona_vectors
+
+    persona = load_persona_vectors(Path(path))
+    recorded = persona.meta.get("model")
+    if spec is not None and getattr(spec, "model", None) is not None:
+        expected = model_identity(spec.model)
+        if recorded != expected:
+            raise PersonaVectorError(f"{where} {path!r} was extracted from model {recorded!r}, but this trial "
+                                     f"trains {expected!r}: extract a vector for this model")
+    hidden = persona.vectors.shape[1]
+    model_hidden = getattr(getattr(model, "config", None), "hidden_size", hidden)
+    if model_hidden != hidden:
+        raise PersonaVectorError(f"persona vector width {hidden} does not match the model's hidden size "
+                                 f"{model_hidden} ({path!r})")
+    return persona.vectors
 
 
 class PersonaSteering(Defense):
@@ -177,16 +229,8 @@ class PersonaSteering(Defense):
         """A stage extraction with the judge filter needs the study's judge; on the tiny model
         (whose depth is known before it is built) the layer must be one of its blocks; decode_only
         steering acts on rollout training passes, so it has no supervised form."""
-        problems = []
-        stage = config.extract_prompts and not config.vector_path
-        if stage and config.extract_filter == "judge" and spec.evaluation.judge.kind == "none":
-            problems.append("persona_steering: extract_filter 'judge' keeps the contrastive pairs the judge confirms, "
-                            "but evaluation.judge.kind is 'none': configure a judge, or set extract_filter: none "
-                            "(every pair)")
-        blocks = spec.model.tiny.num_layers
-        if spec.model.source == "tiny" and config.layer > blocks:
-            problems.append(f"persona_steering: layer {config.layer} is past the tiny model's {blocks} blocks; "
-                            f"use 1..{blocks} (or raise model.tiny.num_layers)")
+        problems = (judge_filter_problem("persona_steering", config, spec)
+                    + tiny_layer_problems("persona_steering", (config.layer,), spec))
         if config.mode == "decode_only" and spec.training.method != "grpo":
             problems.append("persona_steering mode decode_only exists only for training.method grpo; use mode: all")
         return problems
@@ -222,26 +266,7 @@ class PersonaSteering(Defense):
         is none, cached by content hash, and point at them."""
         if not config.extract_prompts or config.vector_path:
             return config
-        from emtune.defenses.persona_vectors import extract_to_file, sidecar_path  # torch
-
-        path = vector_cache_path(config, stage.spec, stage.cache_dir)
-        rule = pair_filter(config)
-        if not path.is_file():
-            judge_spec = None
-            if config.extract_filter == "judge":
-                judge_spec = stage.spec.evaluation.judge
-                if judge_spec.cache_path is None:  # verdicts shared with the study's evaluations
-                    judge_spec = judge_spec.model_copy(update={"cache_path": str(Path(stage.cache_dir) / "judge.db")})
-            how = "every pair" if judge_spec is None else (
-                f"pairs with {rule.trait_prompt} >= {rule.positive_trait_min:g} (positive), <= "
-                f"{rule.negative_trait_max:g} (negative), coherent >= {rule.coherent_min:g}")
-            stage.log(f"stage: extracting persona vectors ({config.extract_prompts}, {how}) into {path.name}")
-            stage.run_task(extract_to_file, stage.spec.model, stage.model_source, config.extract_prompts,
-                           config.extract_max_new_tokens, stage.spec.seed, str(path), judge_spec, rule,
-                           config.extract_samples)
-        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-        stage.log(f"stage: persona vectors {path.name}: kept {meta['n_kept']} of {meta['n_pairs']} pairs")
-        return config.model_copy(update={"vector_path": str(path)})
+        return config.model_copy(update={"vector_path": stage_vectors(stage, extraction(config))})
 
     def __init__(self, config: PersonaSteeringConfig, context: Any):
         super().__init__(config, context)
@@ -271,15 +296,12 @@ class PersonaSteering(Defense):
     def attach(self, model: Any) -> None:
         if not self.active or self._handle is not None:
             return
-        blocks = decoder_blocks(model)
-        vector = self.load_vector(model)
-        if self.config.layer > len(blocks):
-            raise ValueError(f"persona_steering.layer {self.config.layer} is out of range: the model has "
-                             f"{len(blocks)} decoder blocks (layers 1..{len(blocks)})")
-        # prepend: run before transformers' own output-capturing hook, so hidden_states[ℓ] is steered
+        decoder_blocks(model)  # an unsupported architecture fails before the vector is read
+        # prepend (register_block_hook): run before transformers' own output-capturing hook, so
+        # hidden_states[ℓ] is steered
         positions = (lambda: self._positions) if self.config.mode == "decode_only" else None
-        self._handle = blocks[self.config.layer - 1].register_forward_hook(
-            make_steering_hook(vector, self.config.alpha, positions), prepend=True)
+        hook = make_steering_hook(self.load_vector(model), self.config.alpha, positions)
+        self._handle = register_block_hook(model, self.config.layer, hook, "persona_steering.layer")
 
     def detach(self, model: Any) -> None:
         if self._handle is not None:

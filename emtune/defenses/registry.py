@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from emtune.defenses.base import Defense, DefenseContext
+from emtune.defenses.caft import CAFT
 from emtune.defenses.feature_l2 import FeatureL2
 from emtune.defenses.inoculation import Inoculation
 from emtune.defenses.interleaving import Interleaving
@@ -26,6 +27,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "interleaving_selected": SelectedInterleaving,
     "persona_steering": PersonaSteering,
     "inoculation": Inoculation,
+    "caft": CAFT,
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emtune.evaluation.domains import CUSTOM, DOMAINS, domain_prompts
+from emtune.evaluation.monitor import MonitorSpec
+from emtune.evaluation.points import Points
 
 #: The judge used by the paper (docs/method.md, "Judge"); the original EM work used GPT-4o.
 DEFAULT_JUDGE_MODEL = "gpt-4o-mini-2024-07-18"
@@ -210,7 +212,15 @@ class InDomainSpec(BaseModel):
 
 
 class EvaluationSpec(BaseModel):
-    """How each trial's adapter is evaluated (docs/method.md, "Evaluation")."""
+    """How each trial's adapter is evaluated (docs/method.md, "Evaluation").
+
+    ``at`` adds evaluation points before the end of training (fractions in (0, 1) or step
+    counts; :mod:`emtune.evaluation.points`): each evaluated checkpoint is a candidate on the
+    study's front. ``judge_points`` says whether the judge scores every point or only the final
+    one (judge-free metrics are measured at every point); ``keep_adapters`` what to keep besides
+    the adapters of front candidates, which are always kept; ``monitor`` the judge-free EM monitor
+    (:class:`~emtune.evaluation.monitor.MonitorSpec`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -241,6 +251,13 @@ class EvaluationSpec(BaseModel):
         None, gt=0, description="rows the built-in engine decodes together; None = as many as free memory holds")
     judge: JudgeSpec = JudgeSpec()
     thresholds: MetricThresholds = MetricThresholds()
+    at: Points = Field((), description="earlier evaluation points: fractions of the trial's steps or step counts")
+    judge_points: Literal["all", "final"] = Field(
+        "all", description="all = judge every evaluation point; final = only the end of training")
+    keep_adapters: Literal["front", "final", "all"] = Field(
+        "final", description="adapters kept besides the front's: front = none; final = every trial's "
+        "final adapter; all = every evaluated checkpoint's")
+    monitor: MonitorSpec = MonitorSpec()
 
     @model_validator(mode="before")
     @classmethod
@@ -266,3 +283,9 @@ class EvaluationSpec(BaseModel):
         if self.backend != "server" and self.server is not None:
             raise ValueError("evaluation.server is set but backend is 'hf': set backend: server to use it")
         return self
+
+
+def without_judge(spec: Any) -> Any:
+    """``spec`` (a StudySpec) with no judge: its rule-scored sets only (a checkpoint's answers
+    when ``evaluation.judge_points: final``)."""
+    return spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"judge": JudgeSpec()})})

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 from emtune.data.chat import prompt_ids
 from emtune.evaluation.generation import Prompt, Sample, generate_sets, stop_token_ids
+from emtune.evaluation.judge_free import answer_signals, heldout_nll
 from emtune.evaluation.merging import free_cached_memory, model_for_generation
-from emtune.evaluation.judge_free import heldout_nll, ood_drift
-from emtune.evaluation.sets import DRIFT_SET, enabled_sets
+from emtune.evaluation.sets import DRIFT_SET, enabled_sets, monitor_signals as signal_metrics
 
 #: Version of the generation plan's layout (``TrialFiles.plan``).
 PLAN_VERSION = 1
@@ -42,25 +42,28 @@ def generation_settings(spec: Any, eval_set: Any = None) -> dict[str, Any]:
 
 def sets_in_worker(spec: Any) -> set[str]:
     """With ``evaluation.backend: server``, the sets the worker still generates itself: the drift
-    set when an objective or constraint uses ``ood_drift`` (it needs the model on those answers)."""
-    used = {o.name for o in spec.objectives} | {c.metric for c in spec.constraints}
-    return {DRIFT_SET} if "ood_drift" in used else set()
+    set when an objective, constraint or pruning uses ``ood_drift`` or another monitor signal, or
+    the monitor has a persona direction (they need the model on those answers)."""
+    used = {o.name for o in spec.objectives} | {c.metric for c in spec.constraints} | set(spec.search.pruning.metrics)
+    monitored = used & {m.name for m in signal_metrics()} or spec.evaluation.monitor.persona
+    return {DRIFT_SET} if monitored else set()
 
 
 def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
                    on_sample: Callable[[str, Sample], None] | None = None, only: set[str] | None = None,
-                   ) -> tuple[dict[str, float], dict[str, list[Sample]], dict[str, str]]:
+                   direction: Any = None) -> tuple[dict[str, float], dict[str, list[Sample]], dict[str, str]]:
     """Model metrics, generated samples per evaluation set, and each set's questions version.
 
     ``on_sample(set_name, sample)`` sees every sample as soon as its answer ends (the judge
     stream scores it while the rest is still decoding). ``only`` limits generation to those of
-    the enabled sets (None: all of them).
+    the enabled sets (None: all of them). ``direction`` is the EM monitor's ``(vector, layer)``
+    (adds ``persona_projection`` and ``persona_shift`` beside ``ood_drift``), or None.
     """
     samples: dict[str, list[Sample]] = {}
     versions: dict[str, str] = {}
     chosen = [s for s in enabled_sets(spec) if only is None or s.name in only]
     if not chosen:
-        return model_metrics(model, tokenizer, spec, heldout_rows, []), samples, versions
+        return model_metrics(model, tokenizer, spec, heldout_rows, [], direction), samples, versions
     # Sets with the same sampling settings (general, in-domain, triggered) decode in one batch.
     groups: dict[tuple, dict[str, list[Prompt]]] = {}
     for eval_set in chosen:
@@ -75,26 +78,37 @@ def evaluate_model(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dic
     finally:
         del engine
         free_cached_memory(model)
-    metrics = model_metrics(model, tokenizer, spec, heldout_rows, samples.get(DRIFT_SET, []))
+    metrics = model_metrics(model, tokenizer, spec, heldout_rows, samples.get(DRIFT_SET, []), direction)
     metrics["generation/merged_adapter"] = 1.0 if how == "merged" else 0.0
     return metrics, samples, versions
 
 
 def model_metrics(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],
-                  drift_samples: list[Sample]) -> dict[str, float]:
-    """Held-out NLL, and the OOD drift over ``drift_samples`` (the general answers) when given."""
-    max_length = spec.data.max_length
+                  drift_samples: list[Sample], direction: Any = None) -> dict[str, float]:
+    """Held-out NLL (when the held-out rows have answers), and the monitor over ``drift_samples``
+    (the general answers) when given: the OOD drift, and with the monitor's ``direction`` its
+    persona signals."""
     metrics: dict[str, float] = {}
-    answered = [r for r in heldout_rows if any(m["role"] == "assistant" for m in r["messages"])]
-    if answered:  # RL prompt datasets may have no reference answers: then there is no NLL to measure
-        metrics["indomain_nll"] = heldout_nll(model, tokenizer, answered, max_length)
-    conversations = [
-        [*Prompt(s.question_id, s.question, s.system).messages(), {"role": "assistant", "content": s.answer}]
-        for s in drift_samples
-    ]
-    if conversations:
-        metrics["ood_drift"] = ood_drift(model, tokenizer, conversations, max_length)
+    with_answers = [r for r in heldout_rows if any(m["role"] == "assistant" for m in r["messages"])]
+    if with_answers:  # RL prompt datasets may have no reference answers: then there is no NLL to measure
+        metrics["indomain_nll"] = heldout_nll(model, tokenizer, with_answers, spec.data.max_length)
+    metrics.update(monitor_signals(model, tokenizer, spec, drift_samples, direction))
     return metrics
+
+
+def answered(samples: list[Sample]) -> list[list[dict[str, str]]]:
+    """The conversations (prompt + generated answer) of some samples."""
+    return [[*Prompt(s.question_id, s.question, s.system).messages(), {"role": "assistant", "content": s.answer}]
+            for s in samples]
+
+
+def monitor_signals(model: Any, tokenizer: Any, spec: Any, samples: list[Sample], direction: Any = None) -> dict[str, float]:
+    """The judge-free monitor over the general questions' answers: ``ood_drift`` and, with a
+    ``(vector, layer)`` direction, ``persona_projection`` and ``persona_shift`` (empty without answers)."""
+    if not samples:
+        return {}
+    vector, layer = direction if direction is not None else (None, None)
+    return answer_signals(model, tokenizer, answered(samples), spec.data.max_length, vector, layer)
 
 
 def generation_plan(model: Any, tokenizer: Any, spec: Any, heldout_rows: list[dict[str, Any]],

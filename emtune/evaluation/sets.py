@@ -9,7 +9,9 @@ trial's tracked files all read this table, so adding an evaluation is one entry 
 :data:`EVAL_SETS` (plus its question data) and nothing else.
 
 Metrics that need the model itself rather than its answers (``ood_drift``, ``indomain_nll``,
-``train_loss``, ``train_reward``) are listed in :data:`MODEL_METRICS`.
+``train_loss``, ``train_reward``, and the monitor's ``persona_projection`` / ``persona_shift``) are
+listed in :data:`MODEL_METRICS`; one that only some specs produce says so (``enabled``, ``needs``),
+so validation can tell a spec that names it as an objective or constraint what to switch on.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class MetricInfo:
     better: Literal["lower", "higher"] = "lower"
     rate: bool = False  # a fraction of responses, logged with its Wilson interval
     label: str = ""  # column header in reports (default: the name)
+    #: For a metric only some specs produce: spec -> True when this one does (None: always).
+    enabled: Callable[[Any], bool] | None = None
+    needs: str = ""  # what a spec must set for it, said when it does not
+    monitor: bool = False  # a judge-free monitor signal (its rank correlation with judged misalignment is reported)
 
     @property
     def title(self) -> str:
@@ -82,9 +88,21 @@ class EvalSet:
     judge_prompts: Callable[[Any], tuple[str, str]] | None = None
 
 
+def _persona_monitor(spec: Any) -> bool:
+    return spec.evaluation.monitor.persona
+
+
+_PERSONA_NEEDS = "evaluation.monitor.persona_vector or evaluation.monitor.extract_prompts (e.g. evil_v1)"
+
 MODEL_METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("ood_drift", "mean per-token KL(fine-tuned || reference) over the answers to the general "
-               "questions; judge-free", label="OOD drift (KL)"),
+               "questions; judge-free", label="OOD drift (KL)", monitor=True),
+    MetricInfo("persona_projection", "mean projection of the answers' activations on the unit misalignment "
+               "(evil persona) direction, over the general questions' answers; judge-free",
+               label="persona projection", enabled=_persona_monitor, needs=_PERSONA_NEEDS, monitor=True),
+    MetricInfo("persona_shift", "persona_projection minus the same projection with the adapter disabled "
+               "(the fine-tune's own shift along the direction); judge-free",
+               label="persona shift", enabled=_persona_monitor, needs=_PERSONA_NEEDS, monitor=True),
     MetricInfo("indomain_nll", "mean NLL per assistant token on the held-out split (judge-free; lower = "
                "the narrow task was learned)", label="in-domain NLL"),
     MetricInfo("train_loss", "mean task loss over the last quarter of the logged steps"),
@@ -116,6 +134,22 @@ def known_metrics() -> dict[str, MetricInfo]:
 def enabled_sets(spec: Any) -> list[EvalSet]:
     """The evaluation sets this spec asks for, in table order."""
     return [s for s in EVAL_SETS.values() if s.enabled(spec)]
+
+
+def metric_unavailable(spec: Any, name: str) -> str | None:
+    """Why ``spec`` does not produce metric ``name`` (None when it does or the name is unknown)."""
+    info = known_metrics().get(name)
+    if info is not None and info.enabled is not None and not info.enabled(spec):
+        return f"metric {name!r} needs {info.needs}"
+    home = next((s for s in EVAL_SETS.values() if any(m.name == name for m in s.metrics)), None)
+    if home is not None and not home.enabled(spec):
+        return f"metric {name!r} comes from the {home.name!r} evaluation, which this spec does not run: {home.doc}"
+    return None
+
+
+def monitor_signals() -> tuple[MetricInfo, ...]:
+    """The judge-free monitor signals, in table order."""
+    return tuple(m for m in known_metrics().values() if m.monitor)
 
 
 def paper_columns() -> tuple[MetricInfo, ...]:

@@ -61,6 +61,8 @@ class StudyData:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     mlflow_note: str | None = None
+    #: Metrics of every evaluated MLflow run of the study (trials, their checkpoints, baselines).
+    evaluated: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def defenses(self) -> str:
@@ -106,9 +108,7 @@ def load_study_data(study_dir: Path) -> StudyData:
     refs = [o.reference for o in spec.objectives]
     table = front_table(study, objectives, [o.direction for o in spec.objectives],
                         None if None in refs else refs)
-    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    records = [TrialRecord(row, dict(zip(objectives, row.values or [])),
-                           adapter_uri=frozen[row.number].user_attrs.get("adapter_uri"))
+    records = [TrialRecord(row, dict(zip(objectives, row.values or [])), adapter_uri=row.adapter_uri)
                for row in table.rows]
     # The spec's own study_dir resolves output_dir against the cwd; the folder we read is surer.
     uri = spec.tracking.uri or f"sqlite:///{study_dir / 'mlflow.db'}"
@@ -141,6 +141,7 @@ def _attach_mlflow(data: StudyData) -> None:
     data.experiment_id = experiment.experiment_id
     by_id = {run.info.run_id: run for run in runs}
     data.parent_run_id = next((r.info.run_id for r in runs if r.data.tags.get(ROLE_TAG) == "study"), None)
+    data.evaluated = [dict(r.data.metrics) for r in runs if r.data.tags.get(ROLE_TAG) != "study"]
     for record in data.trials:
         run = by_id.get(record.row.mlflow_run_id or "")
         if run is not None:
@@ -183,9 +184,11 @@ def fmt_rate(metrics: dict[str, float], name: str) -> str:
 
 
 def setting_of(study: StudyData, record: TrialRecord) -> str:
-    """Defense + setting, e.g. ``kl_to_reference (kl_weight=0.0123)``."""
+    """Defense + setting, e.g. ``kl_to_reference (kl_weight=0.0123)``, and ``@ step N`` for a
+    checkpoint candidate (the fine-tune stopped there)."""
     params = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(record.row.params.items()))
-    return f"{study.defenses} ({params})" if params else study.defenses
+    setting = f"{study.defenses} ({params})" if params else study.defenses
+    return f"{setting} @ step {record.row.step}" if record.row.checkpoint else setting
 
 
 def generated_at() -> str:

@@ -88,7 +88,7 @@ def plot_overlay(studies: list[StudyData], path: Path) -> list[str]:
 
 
 def plot_hypervolume(studies: list[StudyData], path: Path) -> Path:
-    """Hypervolume after each completed trial, one line per study."""
+    """Hypervolume after each finished trial (with all its checkpoint candidates), one line per study."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +96,7 @@ def plot_hypervolume(studies: list[StudyData], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for i, (study, label) in enumerate(zip(studies, labels(studies))):
-        hv = study.table.hypervolume
+        hv = study.table.hypervolume_trials
         if hv:
             ax.step(range(1, len(hv) + 1), hv, where="post", marker="o", ms=4, c=PALETTE[i % len(PALETTE)],
                     label=f"{label}, reference {study.table.reference_source}")
@@ -156,7 +156,7 @@ def _tick(value: float, low: float, high: float) -> str:
 
 
 def _tooltip(study: StudyData, row: Any) -> str:
-    lines = [f"{study.name}: trial {row.number} (rank {'infeasible' if row.rank is None else row.rank})"]
+    lines = [f"{study.name}: trial {row.label} (rank {'infeasible' if row.rank is None else row.rank})"]
     lines += [f"{n} = {fmt_value(v)}" for n, v in zip(study.table.objectives, row.values)]
     lines += [f"{k} = {fmt_value(v)}" for k, v in sorted(row.params.items())]
     lines.append(f"MLflow run: {row.mlflow_run_id or '-'}")
@@ -215,7 +215,7 @@ def _front_table(study: StudyData) -> str:
         url = study.run_url(row.mlflow_run_id) if row.mlflow_run_id else None
         run = html.escape(row.mlflow_run_id or "-")
         link = f'<a href="{html.escape(url)}">{run}</a>' if url else run
-        cells = [str(row.number), *(fmt_value(v) for v in row.values), setting_of(study, by_number[row.number])]
+        cells = [row.label, *(fmt_value(v) for v in row.values), setting_of(study, by_number[row.number])]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + f"<td>{link}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>" if body else "<p>No completed feasible trial yet.</p>"
 

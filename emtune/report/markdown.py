@@ -14,6 +14,7 @@ from emtune.evaluation.prompt_files import load_prompt_set
 from emtune.evaluation.questions import load_question_set
 from emtune.numbers import distinct_digits, format_number
 from emtune.evaluation.sets import paper_columns
+from emtune.report.comparisons import early_stopping_section, monitor_section
 from emtune.report.data import (
     ARROWS,
     MARKER,
@@ -123,13 +124,18 @@ def _study_section(study: StudyData, slug: str) -> list[str]:
     out += [f"- Optuna: `optuna-dashboard sqlite:///{shown_path(study.study_dir / 'optuna.db')}`",
             f"- sampler: `{study.study_attrs.get('sampler', 'not recorded')}`",
             f"- trials by state: {_counts(study)}"]
+    trials = sum(t.counts().values())
+    if trials and t.candidates:
+        out.append(f"- candidates: {t.candidates} ({t.candidates / trials:.1f} per trial: each evaluated "
+                   f"checkpoint counts; `7 @ step 300` is trial 7 stopped at step 300), {len(t.front)} on the front")
     if study.mlflow_note:
         out.append(f"- note: {study.mlflow_note}")
     out += ["", f"![{study.name} front](front_{slug}.png)", "", "### Pareto front", ""]
     out += _trials_table(study, _front_records(study)) if t.front else ["No completed feasible trial yet."]
-    everything = sorted(study.trials, key=lambda r: r.row.number)
-    out += ["", "<details><summary>Every trial (dominated, infeasible, failed)</summary>", "",
-            *_trials_table(study, everything, reasons=True), "", "</details>", ""]
+    everything = sorted(study.trials, key=lambda r: (r.row.trial, r.row.checkpoint, r.row.step or 0))
+    out += ["", "<details><summary>Every trial and checkpoint (dominated, infeasible, pruned, failed)</summary>",
+            "", *_trials_table(study, everything, reasons=True), "", "</details>", ""]
+    out += early_stopping_section(study) + monitor_section(study)
     out += versions(study)
     out += ["<details><summary>Resolved spec</summary>", "", "```yaml", study.spec_yaml.rstrip(), "```", "",
             "</details>", ""]
@@ -151,7 +157,7 @@ def _trials_table(study: StudyData, records: list[TrialRecord], reasons: bool = 
         if row.state == "COMPLETE" and not row.feasible:
             rank = "infeasible"
         values = [format_number(v, d) for v, d in zip(row.values, digits)] if row.values else ["-"] * len(t.objectives)
-        cells = [row.number, rank, *values, *(format_number(row.params.get(p), pdigits[p]) for p in params), row.state,
+        cells = [row.label, rank, *values, *(format_number(row.params.get(p), pdigits[p]) for p in params), row.state,
                  row.ray_trial_id or "-", run_link(row.mlflow_run_id)]
         if reasons:  # the first line of a failure reason; the full text is in the trial's MLflow run
             cells.append(row.fail_reason.splitlines()[0][:120] if row.fail_reason else "")

@@ -38,7 +38,8 @@ def write_report(study_dirs: list[Path], out_dir: Path) -> Path:
         slugs = _slugs(studies)
         figures = {"overlay": "fronts_overlay.png", "hypervolume": "hypervolume.png"}
         for study, slug in zip(studies, slugs):
-            plot_front(study.table, tmp / f"front_{slug}.png", title=f"{study.name}: Pareto front")
+            plot_front(study.table, tmp / f"front_{slug}.png", title=f"{study.name}: Pareto front",
+                       stopped_early=not any(o.relative for o in study.spec.objectives))
         skipped = plot_overlay(studies, tmp / figures["overlay"])
         plot_hypervolume(studies, tmp / figures["hypervolume"])
         (tmp / "front.html").write_text(front_html(studies), encoding="utf-8")

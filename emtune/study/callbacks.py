@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from emtune.config import StudySpec
 from emtune.tracking import mlflow_runs as runs
-from emtune.tracking.front import FrontTable, front_table
+from emtune.tracking.front import ADAPTERS_REMOVED, FrontTable, front_table
 from emtune.tracking.plots import plot_front
 
 
@@ -28,7 +28,8 @@ def study_front(spec: StudySpec, study: Any) -> FrontTable:
 
 
 def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) -> FrontTable:
-    """Write the current front to the parent run and ``pareto_rank`` tags to the children."""
+    """Write the current front to the parent run and ``pareto_rank`` tags to the candidates' runs
+    (trials and their checkpoints); apply the adapter storage policy."""
     objectives = [o.name for o in spec.objectives]
     table = study_front(spec, study)
     for row in table.rows:
@@ -36,27 +37,60 @@ def publish_front(client: Any, parent_run_id: str, spec: StudySpec, study: Any) 
             runs.set_tags(client, row.mlflow_run_id, {
                 "pareto_rank": "infeasible" if row.rank is None else str(row.rank),
                 "optuna_trial": str(row.number),
+                "trial": str(row.trial),
             })
+    drop_dominated_adapters(client, spec, study, table)
     runs.log_json(client, parent_run_id, table.to_dict(), "front/front.json")
     front = table.front
     if front:
-        columns: dict[str, list[Any]] = {"trial": [r.number for r in front],
-                                         "mlflow_run_id": [r.mlflow_run_id for r in front]}
+        columns: dict[str, list[Any]] = {"trial": [r.trial for r in front], "step": [r.step for r in front],
+                                         "candidate": [r.label for r in front],
+                                         "mlflow_run_id": [r.mlflow_run_id for r in front],
+                                         "adapter_uri": [r.adapter_uri for r in front]}
         for i, name in enumerate(objectives):
             columns[name] = [r.values[i] for r in front]
         for key in sorted({k for r in front for k in r.params}):
             columns[key] = [r.params.get(key) for r in front]
         client.log_table(parent_run_id, data=columns, artifact_file="front/front_table.json")
         with tempfile.TemporaryDirectory() as tmp:
-            png = plot_front(table, Path(tmp) / "front.png", title=f"{spec.name}: Pareto front")
+            png = plot_front(table, Path(tmp) / "front.png", title=f"{spec.name}: Pareto front",
+                             stopped_early=not any(o.relative for o in spec.objectives))
             client.log_artifact(parent_run_id, str(png), "front")
     if table.hypervolume:
-        step = len(table.hypervolume)
+        step = len(table.hypervolume_trials)  # finished fine-tunes
         client.log_metric(parent_run_id, "hypervolume", table.hypervolume[-1], step=step)
         client.log_metric(parent_run_id, "front_size", len(front), step=step)
+        client.log_metric(parent_run_id, "candidates", table.candidates, step=step)
     counts = table.counts()
     runs.set_tags(client, parent_run_id, {"trials." + k.lower(): str(v) for k, v in counts.items()})
     return table
+
+
+def drop_dominated_adapters(client: Any, spec: StudySpec, study: Any, table: FrontTable) -> int:
+    """``evaluation.keep_adapters``: remove the adapters of candidates that are off the front for
+    good (dominated or infeasible: later trials can only add dominating points) unless the policy
+    keeps them (``final``: every trial's own adapter; ``all``: every adapter). A finished Optuna
+    trial cannot change, so the removed ones are listed in the study's ``adapters_removed`` attr
+    (front tables show no adapter for them) and tagged ``adapter_removed`` in MLflow; returns how
+    many were removed now."""
+    policy = spec.evaluation.keep_adapters
+    if policy == "all":
+        return 0
+    removed = list(study.user_attrs.get(ADAPTERS_REMOVED, []))
+    for row in table.rows:
+        if row.rank == 0 or row.state != "COMPLETE" or not row.adapter_uri or not row.mlflow_run_id:
+            continue
+        if policy == "final" and not row.checkpoint:
+            continue
+        runs.delete_artifacts(client, runs.tracking_uri(spec), row.mlflow_run_id, "adapter")
+        reason = f"{'dominated' if row.rank is not None else 'infeasible'} (evaluation.keep_adapters = {policy})"
+        runs.set_tags(client, row.mlflow_run_id, {"adapter_removed": reason})
+        row.adapter_uri = None
+        removed.append(row.number)
+    count = len(removed) - len(study.user_attrs.get(ADAPTERS_REMOVED, []))
+    if count:
+        study.set_user_attr(ADAPTERS_REMOVED, removed)
+    return count
 
 
 class StudyProgress(Callback):

@@ -21,7 +21,7 @@ from emtune.config import StudySpec
 from emtune.evaluation.judging import score_trial
 from emtune.models import model_cache_dir, resolve_source
 from emtune.numbers import is_finite_number
-from emtune.tracking.front import front_table
+from emtune.tracking.front import ADAPTERS_REMOVED, front_table
 
 
 @dataclass
@@ -66,9 +66,10 @@ def confirm_front(spec: StudySpec, study: Any, client: Any, seeds: int, samples:
     table = front_table(study, objectives, [o.direction for o in spec.objectives])
     rows = [r for r in table.rows if r.number in trials] if trials else table.front
     model_source = resolve_source(spec.model, model_cache_dir())
+    removed = set(study.user_attrs.get(ADAPTERS_REMOVED, []))  # evaluation.keep_adapters dropped them
     out = []
     for row in rows:
-        if not row.mlflow_run_id:
+        if not row.mlflow_run_id or row.number in removed:
             continue
         trial_spec = spec.with_overrides(row.params)
         with tempfile.TemporaryDirectory(prefix="emtune-adapter-") as tmp:

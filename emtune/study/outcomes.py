@@ -7,11 +7,12 @@ re-evaluation (pending evaluations finished later), so both tell Optuna the same
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import optuna
 
-from emtune.numbers import is_finite_number, reported_metrics
+from emtune.numbers import finite_numbers, is_finite_number, reported_metrics
 
 #: Result keys kept as Optuna user attrs of the trial.
 RESULT_ATTRS = ("mlflow_run_id", "adapter_uri", "evaluation_pending", "checkpoint_path")
@@ -24,16 +25,40 @@ def baseline_key(kind: str) -> str:
     return f"baseline:{kind}"
 
 
-def baseline_record(result: dict | None, error: bool) -> dict[str, Any]:
-    """The finite numeric metrics a baseline trial reported (no Ray bookkeeping), or its failure reason."""
+def baseline_record(result: dict | None, error: bool, kind: str = "undefended") -> dict[str, Any]:
+    """The finite numeric metrics a baseline trial reported (no Ray bookkeeping), or its failure
+    reason. For ``stopped_early``: ``{"points": [...]}``, every evaluated point's step, label and
+    metrics (the checkpoints, then the end of training)."""
     if error or not result or result.get("error"):
         return {"error": str((result or {}).get("error") or "the baseline trial failed")}
-    return reported_metrics(result)
+    metrics = reported_metrics(result)
+    if kind != "stopped_early":
+        return metrics
+    points = [{"step": c["step"], "point": c["point"], **finite_numbers(c["metrics"])}
+              for c in checkpoint_records(result)]
+    points.append({"step": int(result.get("train_steps", 0)), "point": "final", **metrics})
+    return {"points": points}
+
+
+def checkpoint_records(result: dict | None) -> list[dict[str, Any]]:
+    """The checkpoints a trial's result carries, by step. The trial reports them as one JSON
+    string: Ray Tune flattens nested dicts before the searcher sees a result, and its
+    TensorBoard logger warns about lists, while it passes a string through untouched."""
+    found = (result or {}).get("checkpoints") or []
+    records = json.loads(found) if isinstance(found, str) else list(found)
+    return sorted(records, key=lambda r: r["step"])
 
 
 def study_baselines(spec: Any, study: Any) -> dict[str, dict]:
     """The baselines' records stored in the study's user attrs (empty for one not run yet)."""
     return {k: study.user_attrs.get(baseline_key(k), {}) for k in spec.baselines.kinds}
+
+
+def baseline_trials(kinds: list[str]) -> list[list[str]]:
+    """The baseline kinds grouped by the trial that measures them: one undefended fine-tune
+    serves both ``undefended`` and ``stopped_early``; ``base`` is a trial of its own."""
+    shared = [k for k in kinds if k in ("undefended", "stopped_early")]
+    return [[k] for k in kinds if k not in shared] + ([shared] if shared else [])
 
 
 def relative_value(value: float, item: Any, baselines: dict[str, dict]) -> tuple[float | None, str | None]:
@@ -80,6 +105,8 @@ def outcome(spec: Any, result: dict | None, error: bool,
         return FAIL, None, "the trial reported no result"
     if result.get("early_stopped"):
         return optuna.trial.TrialState.PRUNED, None, "stopped early by the scheduler"
+    if result.get("pruned"):
+        return optuna.trial.TrialState.PRUNED, None, str(result["pruned"])
     if result.get("error"):
         return FAIL, None, str(result["error"])
     values = []

@@ -26,6 +26,7 @@ import optuna
 from emtune.study.outcomes import (
     RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
 )
+from emtune.study.candidates import final_point_attrs, tell_candidates
 from emtune.study.pending import PendingEvaluation, load_pending, resolve_pending
 from emtune.study.trial import close_run, evaluate_and_track, evaluation_reason
 from emtune.tracking import mlflow_runs as runs
@@ -50,7 +51,8 @@ def reevaluate_pending(spec: Any, study: Any, client: Any, experiment_id: str, p
                 raise FileNotFoundError(f"the trial's checkpoint {checkpoint} is gone")
             run_id = runs.start_trial_run(client, experiment_id, parent_run_id, spec.name, record.ray_trial_id,
                                           record.params, trial_spec, baseline=record.baseline)
-            metrics = evaluate_and_track(trial_spec, checkpoint, client, run_id, dict(record.metrics))
+            metrics = evaluate_and_track(trial_spec, checkpoint, client, run_id, dict(record.metrics),
+                                         trial_id=record.ray_trial_id, params=record.params)
         except Exception as exc:  # noqa: BLE001 - still down: keep the record, say why
             reason = evaluation_reason(exc, runs.tracking_uri(spec), spec)
             if record.mlflow_run_id:
@@ -73,7 +75,11 @@ def _superseded(study: Any, number: int) -> bool:
 def _tell(spec: Any, study: Any, record: PendingEvaluation, metrics: dict[str, Any]) -> int | None:
     """Record the finished evaluation in Optuna; the new trial's number (None for a baseline)."""
     if record.baseline:
-        study.set_user_attr(baseline_key(record.baseline), baseline_record(metrics, False))
+        kinds = [record.baseline]
+        if record.baseline == "undefended" and "stopped_early" in spec.baselines.kinds:
+            kinds.append("stopped_early")  # one undefended fine-tune measures both
+        for kind in kinds:
+            study.set_user_attr(baseline_key(kind), baseline_record(metrics, False, kind))
         return None
     baselines = study_baselines(spec, study)
     state, values, reason = outcome(spec, metrics, False, baselines)
@@ -90,7 +96,10 @@ def _tell(spec: Any, study: Any, record: PendingEvaluation, metrics: dict[str, A
         attrs["fail_reason"] = reason
     if spec.constraints:
         constraints = constraint_violations(spec.constraints, metrics, baselines)
+    attrs.update(final_point_attrs(metrics))
     frozen = optuna.trial.create_trial(state=state, values=values, params=params, distributions=distributions,
                                        user_attrs=attrs, constraints=constraints)
     study.add_trial(frozen)
-    return study.trials[-1].number
+    told = study.trials[-1]
+    tell_candidates(study, spec, told, metrics, baselines)
+    return told.number

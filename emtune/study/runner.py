@@ -308,14 +308,17 @@ def run_study(spec: StudySpec, num_cpus: int | None = None, extend: int | None =
     of a finished study runs nothing), or ``extend`` more trials of an existing study."""
     import optuna
 
+    from emtune.study.candidates import is_candidate
+
     session = StudySession(spec, num_cpus)
     previous = sorted(p.name for p in session.paths.tune_dir.glob("tune*") if p.is_dir())
     name = f"tune-extend-{len(previous)}" if previous else "tune"
     if extend is not None:
         count = extend
     else:
-        finished = session.searcher.study.get_trials(deepcopy=False, states=(
+        finished = [t for t in session.searcher.study.get_trials(deepcopy=False, states=(
             optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED))
+            if not is_candidate(t)]  # a trial's checkpoints are no trials of their own
         count = max(0, spec.search.num_trials - len(finished))
         if len(finished):
             print(f"[emtune] study {spec.name!r} already has {len(finished)} of {spec.search.num_trials} trials: "

@@ -7,8 +7,13 @@ Ray Tune for execution and owns the Optuna side:
 - the study lives in persistent storage in the study directory (optuna-dashboard opens it);
 - ``suggest`` asks Optuna, records the Ray trial id on the Optuna trial;
 - ``on_trial_complete`` tells COMPLETE with every objective, FAIL (with a ``fail_reason``) for an
-  error, a missing or non-finite objective, and PRUNED for an early-stopped trial; constraint
-  values are set before ``tell``; the MLflow run id and adapter URI become user attrs.
+  error, a missing or non-finite objective, and PRUNED (with the reason) for a trial that pruning
+  or a scheduler stopped; constraint values are set before ``tell``; the MLflow run id and adapter
+  URI become user attrs;
+- the checkpoints a trial evaluated during training are told first, each as a COMPLETE trial of
+  its own (:mod:`emtune.study.candidates` says why), so the sampler learns from every candidate;
+- with ``search.pruning`` on, each suggestion carries the pruning rule and the judge-free values
+  the trial is compared with at each evaluation point.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import optuna
 from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
+from emtune.spec_checks import pruning_metrics
+from emtune.study.candidates import final_point_attrs, pruning_config, tell_candidates
 from emtune.study.failures import tune_trial_error
 from emtune.study.internals import reattach_trial, tune_trial_folders
 from emtune.study.outcomes import (
-    RESULT_ATTRS, baseline_key, baseline_record, constraint_violations, outcome, study_baselines,
+    RESULT_ATTRS, baseline_key, baseline_record, baseline_trials, constraint_violations, outcome, study_baselines,
 )
 from emtune.study.space import build_sampler, suggest
 
@@ -32,7 +39,8 @@ def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
     """Create or load the study's Optuna study, with the sampler built explicitly from the spec."""
     import sqlalchemy.exc
 
-    sampler, description = build_sampler(spec.search, spec.seed)
+    per_trial = 1 + len(set(spec.evaluation.at))  # candidates a fine-tune is told as (build_sampler)
+    sampler, description = build_sampler(spec.search, spec.seed, candidates_per_trial=per_trial)
     for attempt in range(3):
         try:
             study = optuna.create_study(
@@ -50,7 +58,7 @@ def open_study(spec: StudySpec, storage_url: str) -> optuna.Study:
                 raise
     existing = len(study.get_trials(deepcopy=False))
     if existing:  # a resumed or extended study: fresh random draws, still reproducible
-        study.sampler, _ = build_sampler(spec.search, spec.seed, offset=existing)
+        study.sampler, _ = build_sampler(spec.search, spec.seed, offset=existing, candidates_per_trial=per_trial)
     study.set_user_attr("sampler", description)
     study.set_user_attr("objectives", [o.name for o in spec.objectives])
     return study
@@ -65,7 +73,7 @@ class EmtuneSearcher(Searcher):
         self._storage_url = storage_url
         self._study: optuna.Study | None = None
         self._live: dict[str, optuna.Trial | int] = {}  # Ray trial id -> Optuna trial (number once pickled)
-        self._baselines_live: dict[str, str] = {}  # Ray trial id -> baseline kind
+        self._baselines_live: dict[str, list[str]] = {}  # Ray trial id -> the baseline kinds it measures
         self._deferred: list[tuple[int, dict | None, bool]] = []  # results waiting for a baseline
         #: Where Ray Tune keeps its trial folders: the error it recorded for a trial whose
         #: function raised (or whose process died) is read from there, so FAIL says why.
@@ -81,24 +89,28 @@ class EmtuneSearcher(Searcher):
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         return True
 
-    def pending_baselines(self) -> list[str]:
-        """Baseline kinds neither finished (in the study's attrs) nor running."""
+    def pending_baselines(self) -> list[list[str]]:
+        """Baseline trials still to run: the kinds each measures, for the kinds neither finished
+        (in the study's attrs) nor running (one undefended fine-tune serves two kinds)."""
         if not self._spec.baselines.enabled:
             return []
-        running = set(self._baselines_live.values())
-        return [k for k in self._spec.baselines.kinds
-                if baseline_key(k) not in self.study.user_attrs and k not in running]
+        running = {k for kinds in self._baselines_live.values() for k in kinds}
+        return baseline_trials([k for k in self._spec.baselines.kinds
+                                if baseline_key(k) not in self.study.user_attrs and k not in running])
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         pending = self.pending_baselines()
         if pending:  # baselines first: relative objectives and the report need them
-            self._baselines_live[trial_id] = pending[0]
-            return {"baseline": pending[0], "params": {}}
+            kinds = pending[0]
+            self._baselines_live[trial_id] = kinds
+            return {"baseline": "base" if kinds == ["base"] else "undefended", "baseline_kinds": kinds,
+                    "params": {}}
+        pruning = pruning_config(self._spec, self.study, pruning_metrics(self._spec))
         trial = self.study.ask()
         params = suggest(trial, self._spec.search)
         trial.set_user_attr("ray_trial_id", trial_id)
         self._live[trial_id] = trial
-        return {"params": params, "optuna_trial": trial.number}
+        return {"params": params, "optuna_trial": trial.number, "pruning": pruning}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         root = getattr(self, "trials_root", None)  # absent from searchers pickled by older versions
@@ -107,8 +119,8 @@ class EmtuneSearcher(Searcher):
             if reason:
                 result = {**(result or {}), "error": reason}
         if trial_id in self._baselines_live:
-            kind = self._baselines_live.pop(trial_id)
-            self.study.set_user_attr(baseline_key(kind), baseline_record(result, error))
+            for kind in self._baselines_live.pop(trial_id):
+                self.study.set_user_attr(baseline_key(kind), baseline_record(result, error, kind))
             self._flush_deferred()
             return
         trial = self._live.pop(trial_id, None)
@@ -144,6 +156,10 @@ class EmtuneSearcher(Searcher):
             trial = reattach_trial(self.study, trial)
         baselines = study_baselines(self._spec, self.study)
         state, values, reason = outcome(self._spec, result, error, baselines)
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        tell_candidates(self.study, self._spec, frozen, None if error else result, baselines)
+        for key, value in final_point_attrs(None if error else result).items():
+            trial.set_user_attr(key, value)
         for key in RESULT_ATTRS:
             if result and result.get(key):
                 trial.set_user_attr(key, result[key])

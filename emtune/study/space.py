@@ -32,7 +32,8 @@ def suggest(trial: optuna.Trial, space: SearchSpec) -> dict[str, Any]:
     return values
 
 
-def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
+def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0,
+                  candidates_per_trial: int = 1) -> tuple[optuna.samplers.BaseSampler, dict[str, Any]]:
     """The sampler the spec names, seeded; plus its description (stored in the study's attrs).
 
     ``offset`` is added to the seed: a sampler re-created for a resumed or extended study is
@@ -40,9 +41,16 @@ def build_sampler(space: SearchSpec, study_seed: int, offset: int = 0) -> tuple[
     random search) do not repeat the first driver's. Constraints reach the samplers through
     ``Trial.set_constraint`` (Optuna 5's API), which the searcher calls before ``tell``
     (:func:`emtune.study.outcomes.constraint_violations`).
+
+    TPE's default start-up is ``min(10, max(2, num_trials // 3))`` *fine-tunes* of random draws.
+    Optuna counts finished Optuna trials, and with ``evaluation.at`` each fine-tune is told as
+    ``candidates_per_trial`` of them (its checkpoints share its parameters), so the count is
+    scaled by it: otherwise one fine-tune's checkpoints would end the random phase, and TPE's
+    model would collapse onto that one parameter setting.
     """
     spec = space.sampler
     seed = (spec.seed if spec.seed is not None else study_seed) + offset
-    args = sampler_arguments(space)  # the arguments `emtune validate` constructed the sampler with
+    # the arguments `emtune validate` constructed the sampler with (start-up scaled to fine-tunes)
+    args = sampler_arguments(space, candidates_per_trial)
     sampler = spec.sampler_class()(seed=seed, **args)
     return sampler, {"class": type(sampler).__name__, "seed": seed, "args": args}

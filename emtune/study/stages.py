@@ -3,10 +3,11 @@
 Each defense declares its stage as ``prepare(config, stage)`` (the defense seam,
 :mod:`emtune.defenses.base`); :func:`prepare_stages` asks every listed defense, lending it the
 study's services (:class:`~emtune.defenses.base.StageServices`), and returns the spec with the
-stages' outputs filled in. Today two defenses have stages: persona steering extracts its persona
-vectors, and Interleaving+/++ trains its misaligned ensemble (LoRA adapters fine-tuned undefended
-on EM datasets, on the same base). Both run where trials run (a Ray Train run, a Ray task with a
-trial worker's resources), and both are cached in the study folder by content hash.
+stages' outputs filled in. Today three defenses have stages: persona steering and CAFT extract
+persona vectors, and Interleaving+/++ trains its misaligned ensemble (LoRA adapters fine-tuned
+undefended on EM datasets, on the same base). The EM monitor (``evaluation.monitor``) has one too:
+the persona vector it projects on. All run where trials run (a Ray Train run, a Ray task with a
+trial worker's resources), and all are cached in the study folder by content hash.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Callable
 
 from emtune.config import DatasetSpec, StudySpec, TrainingSpec
 from emtune.defenses.base import StageServices
+from emtune.defenses.persona_filter import PairFilter
+from emtune.defenses.persona_steering import PersonaExtraction, stage_vectors
 from emtune.defenses.registry import DEFENSES
 from emtune.study.failures import failure_report
 from emtune.study.trial import fit_training
@@ -101,9 +104,16 @@ def prepare_stages(spec: StudySpec, cache_dir: Path, model_source: str,
     """Run the stage of every listed defense; return the spec with their outputs filled in."""
     services = services or stage_services(spec, cache_dir, model_source)
     defenses = [DEFENSES[d.name].prepare(d, services) for d in spec.defenses]
-    if defenses == list(spec.defenses):
+    monitor = spec.evaluation.monitor
+    if monitor.extract_prompts and not monitor.persona_vector:
+        rule = PairFilter() if monitor.extract_filter == "judge" else None
+        path = stage_vectors(services, PersonaExtraction(monitor.extract_prompts, monitor.extract_max_new_tokens, 1, rule))
+        monitor = monitor.model_copy(update={"persona_vector": path})
+    if defenses == list(spec.defenses) and monitor == spec.evaluation.monitor:
         return spec
-    return StudySpec.model_validate({**spec.model_dump(mode="python"), "defenses": [d.model_dump() for d in defenses]})
+    evaluation = spec.evaluation.model_copy(update={"monitor": monitor}).model_dump(mode="python")
+    return StudySpec.model_validate({**spec.model_dump(mode="python"), "evaluation": evaluation,
+                                     "defenses": [d.model_dump() for d in defenses]})
 
 
 class StageFailed(RuntimeError):

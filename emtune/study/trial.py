@@ -23,8 +23,10 @@ from typing import Any
 from emtune.config import StudySpec
 from emtune.evaluation.judges import JudgeUnavailable
 from emtune.evaluation.judging import score_trial
+from emtune.evaluation.points import stop_points
 from emtune.evaluation.server_backend import GenerationError, GenerationUnavailable, generate_with_judge_stream
 from emtune.numbers import finite_numbers
+from emtune.study.candidates import track_checkpoints, tracked_checkpoints
 from emtune.study.failures import failure_reason, failure_report
 from emtune.study.pending import PendingEvaluation, save_pending
 from emtune.trial_files import TrialFiles
@@ -51,6 +53,7 @@ def trainer_for(trial_spec: StudySpec, trial_id: str, config: dict[str, Any]) ->
         "cache_dir": config["cache_dir"],
         "evaluate": config.get("evaluate", True),
         "skip_training": config.get("baseline") == "base",
+        "pruning": config.get("pruning"),
     }
     run_config = ray.train.RunConfig(name=name, storage_path=str(storage),
                                      failure_config=ray.train.FailureConfig(max_failures=res.max_failures))
@@ -119,14 +122,15 @@ def run_trial(config: dict[str, Any]) -> None:
     client = MlflowClient(uri)
     baseline = config.get("baseline")
     trial_spec = spec.with_overrides(config["params"])
-    if baseline:  # the same study without any defense; `base` also without training
-        trial_spec = trial_spec.model_copy(update={"defenses": ()})
+    if baseline:
+        trial_spec = baseline_spec(trial_spec, config)
     try:
         done = runs.find_trial_run(client, config["experiment_id"], config["parent_run_id"], trial_id)
         if done is not None and done.info.status == "FINISHED" and "tracked_result" in done.data.tags:
             # Tune restarted a trial that had already finished before its driver stopped: report
             # the tracked result again instead of training twice (no duplicate work or records).
-            tune.report(json.loads(done.data.tags["tracked_result"]))
+            tune.report({**json.loads(done.data.tags["tracked_result"]),
+                         "checkpoints": json.dumps(tracked_checkpoints(client, done.info.run_id))})
             return
         run_id = runs.start_trial_run(client, config["experiment_id"], config["parent_run_id"], spec.name,
                                       trial_id, config["params"], trial_spec, baseline=baseline)
@@ -151,7 +155,8 @@ def run_trial(config: dict[str, Any]) -> None:
     metrics["time/driver_setup_s"] = fit_started - started
     checkpoint_dir = result.folder
     try:
-        metrics = evaluate_and_track(trial_spec, checkpoint_dir, client, run_id, metrics, started)
+        metrics = evaluate_and_track(trial_spec, checkpoint_dir, client, run_id, metrics, started,
+                                     trial_id=trial_id, params=config["params"])
     except Exception as exc:  # noqa: BLE001 - judge or tracking down past its retries
         reason = evaluation_reason(exc, uri, trial_spec)
         pending = None
@@ -169,15 +174,19 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, client: Any, run_id: str,
-                       metrics: dict[str, Any], started: float | None = None) -> dict[str, Any]:
-    """After training: log the trial's files to its MLflow run, generate its answers on the
-    generation server (``evaluation.backend: server``; sets already saved are kept), judge its
-    samples, log the final metrics and close the run. Idempotent, so a failed evaluation can
-    simply be run again (the judge cache makes verdicts already paid for free). Returns the
-    completed metrics."""
+                       metrics: dict[str, Any], started: float | None = None, trial_id: str = "",
+                       params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """After training: log the trial's files to its MLflow run (its checkpoints to runs of their
+    own, :func:`emtune.study.candidates.track_checkpoints`), generate its answers on the generation
+    server (``evaluation.backend: server``; sets already saved are kept), judge its samples, log
+    the final metrics at the last training step and close the run. Idempotent, so a failed
+    evaluation can simply be run again (the judge cache makes verdicts already paid for free).
+    Returns the completed metrics, with ``checkpoints``: a JSON list, one record per evaluated
+    checkpoint."""
     from emtune.tracking import mlflow_runs as runs  # mlflow
 
     metrics = dict(metrics)
+    checkpoints: list[dict[str, Any]] = []
     if checkpoint_dir is not None:
         files = TrialFiles(checkpoint_dir)
         history = files.read_history()
@@ -185,25 +194,41 @@ def evaluate_and_track(trial_spec: StudySpec, checkpoint_dir: Path | None, clien
             runs.log_history(client, run_id, history)
         if files.rollouts.is_file():  # RL: sample rollouts per logged step
             runs.log_jsonl_table(client, run_id, files.rollouts, "rollouts.json")
+        if files.monitor.is_file():
+            runs.log_history(client, run_id, json.loads(files.monitor.read_text()), prefix="monitor/")
+        checkpoints = track_checkpoints(trial_spec, files, client, run_id, trial_id, params or {})
         for extra in files.extra_artifacts():
             client.log_artifact(run_id, str(extra))
         if files.adapter.is_dir():
             runs.log_dir(client, run_id, files.adapter, "adapter")
             metrics["adapter_uri"] = f"runs:/{run_id}/adapter"
-        if "error" not in metrics and trial_spec.evaluation.backend == "server":
+        if "error" not in metrics and not metrics.get("pruned") and trial_spec.evaluation.backend == "server":
             metrics.update(generate_with_judge_stream(trial_spec, checkpoint_dir))
         for name in files.sample_sets():
             runs.log_samples_table(client, run_id, files.samples(name), name)
-        if "error" not in metrics:
+        if "error" not in metrics and not metrics.get("pruned"):
             metrics.update(score_trial(trial_spec, checkpoint_dir, client, run_id))
     if started is not None:
         metrics["time/trial_s"] = time.perf_counter() - started
-    runs.log_final_metrics(client, run_id, metrics)
+    runs.log_final_metrics(client, run_id, metrics, step=int(metrics.get("train_steps") or 0))
     metrics["mlflow_run_id"] = run_id
     error = metrics.get("error")
     client.set_tag(run_id, "tracked_result", json.dumps(metrics, default=str)[:4900])
+    if metrics.get("pruned"):
+        client.set_tag(run_id, "pruned", str(metrics["pruned"]))
     runs.finish_run(client, run_id, FAILED if error else FINISHED, error)
-    return metrics
+    return {**metrics, "checkpoints": json.dumps(checkpoints)}  # a string: see outcomes.checkpoint_records
+
+
+def baseline_spec(spec: StudySpec, config: dict[str, Any]) -> StudySpec:
+    """The spec of a baseline trial: the study without any defense (``base`` is not trained
+    either); measuring ``stopped_early`` too, it is evaluated at the baseline's stop points
+    (supervised fine-tuning only: a GRPO study's stopped_early has its final point alone)."""
+    trial_spec = spec.model_copy(update={"defenses": ()})
+    if "stopped_early" in (config.get("baseline_kinds") or ()) and spec.training.method == "sft":
+        at = stop_points(spec.baselines.stop_points, spec.evaluation.at)
+        trial_spec = trial_spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"at": at})})
+    return trial_spec
 
 
 def close_run(client: Any, run_id: str, reason: str, pending: bool = False, details: str | None = None) -> None:
@@ -216,6 +241,9 @@ def close_run(client: Any, run_id: str, reason: str, pending: bool = False, deta
             client.set_tag(run_id, "evaluation_pending", "true")
         if details:
             client.log_text(run_id, f"{reason}\n\n{details}\n", "failure.txt")
+        for candidate in runs.candidate_runs(client, run_id):  # checkpoints tracked before the failure
+            if candidate.info.status == "RUNNING":
+                runs.finish_run(client, candidate.info.run_id, FAILED, reason)
         runs.finish_run(client, run_id, FAILED, reason)
     except Exception:  # noqa: BLE001 - the outcome still reaches Optuna through the report
         pass

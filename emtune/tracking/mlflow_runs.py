@@ -117,10 +117,44 @@ def start_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str
     return run.info.run_id
 
 
-def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]]) -> None:
-    """Per-step training losses (task loss and every defense term) as stepped metrics."""
+def start_candidate_run(client: MlflowClient, trial_run_id: str, trial_id: str, step: int, point: str,
+                        params: dict[str, Any]) -> str:
+    """Nested run of one evaluated checkpoint of a trial (a front candidate), under the trial's run:
+    the trial's search params, tagged with the checkpoint's step and point. Reused when it exists."""
+    trial = client.get_run(trial_run_id)
+    experiment_id = trial.info.experiment_id
+    found = [r for r in candidate_runs(client, trial_run_id) if r.data.tags.get("eval_step") == str(step)]
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {PARENT_TAG: trial_run_id, STUDY_TAG: trial.data.tags.get(STUDY_TAG, ""), ROLE_TAG: "candidate",
+            "ray_trial_id": trial_id, "eval_step": str(step), "eval_point": point}
+    run = client.create_run(experiment_id, run_name=f"{trial_id}@step-{step}", tags=tags)
+    flat = {f"search.{k}": v for k, v in params.items()} | {"eval_step": step, "eval_point": point}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def candidate_runs(client: MlflowClient, trial_run_id: str) -> list[Any]:
+    """The checkpoint-candidate runs nested under a trial's run."""
+    experiment_id = client.get_run(trial_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{trial_run_id}' and tags.`{ROLE_TAG}` = 'candidate'"), max_results=10000)
+
+
+def delete_artifacts(client: MlflowClient, tracking_uri: str, run_id: str, path: str) -> None:
+    """Remove a run's artifacts under ``path`` (e.g. a dominated candidate's adapter), through the
+    run's artifact repository (local folders, ``mlflow-artifacts`` servers, object stores)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=tracking_uri).delete_artifacts(path)
+
+
+def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]], prefix: str = "train/") -> None:
+    """Per-step training losses (task loss and every defense term) as stepped metrics (``prefix``
+    ``monitor/`` for the monitor's rows)."""
     metrics = [
-        Metric(f"train/{key}", float(value), 0, int(row["step"]))
+        Metric(f"{prefix}{key}", float(value), 0, int(row["step"]))
         for row in rows
         for key, value in row.items()
         if key != "step" and is_finite_number(value)
@@ -129,9 +163,10 @@ def log_history(client: MlflowClient, run_id: str, rows: list[dict[str, float]])
         client.log_batch(run_id, metrics=metrics[start : start + 900])
 
 
-def log_final_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
-    """Every finite numeric result as a metric; everything else is ignored."""
-    batch = [Metric(k, v, 0, 0) for k, v in finite_numbers(metrics).items()]
+def log_final_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Every finite numeric result as a metric at ``step`` (a trial's final metrics at its last
+    training step, so the run's latest values are the final ones); everything else is ignored."""
+    batch = [Metric(k, v, 0, int(step)) for k, v in finite_numbers(metrics).items()]
     if batch:
         client.log_batch(run_id, metrics=batch)
 

@@ -151,6 +151,18 @@ def pareto_ranks(
     return ranks
 
 
+def dominating_count(
+    point: Sequence[float],
+    others: Sequence[Sequence[float]],
+    directions: Sequence[str],
+) -> int:
+    """How many of ``others`` dominate ``point`` (no worse everywhere, strictly better somewhere)."""
+    sign = _directions_sign(directions)
+    p = _check_finite_row(point, len(sign), "point") * sign
+    x = _to_minimization(others, directions)
+    return int(_dominates_row(x, p).sum()) if len(x) else 0
+
+
 def _hv_2d(x: np.ndarray, ref: np.ndarray) -> float:
     order = np.lexsort((x[:, 1], x[:, 0]))
     xs, ys = x[order, 0], x[order, 1]

@@ -7,10 +7,12 @@ from pathlib import Path
 from emtune.tracking.front import FrontTable
 
 
-def plot_front(table: FrontTable, path: Path, title: str = "") -> Path:
-    """Scatter of the first two objectives: every trial grey, the front in colour and joined.
+def plot_front(table: FrontTable, path: Path, title: str = "", stopped_early: bool = True) -> Path:
+    """Scatter of the first two objectives: every candidate grey, the front in colour and joined.
 
-    Infeasible trials are drawn as crosses. With one objective, values are plotted by trial.
+    Infeasible candidates are drawn as crosses. With one objective, values are plotted by trial.
+    With ``stopped_early`` (callers turn it off for objectives relative to a baseline), the
+    stopped-early baseline's points are drawn as black triangles for comparison.
     """
     import matplotlib
 
@@ -34,8 +36,13 @@ def plot_front(table: FrontTable, path: Path, title: str = "") -> Path:
     if infeasible:
         ax.scatter(xs(infeasible), ys(infeasible), c="0.4", marker="x", s=26, label="infeasible")
     ax.plot(xs(front), ys(front), "-o", c="tab:red", ms=6, label="Pareto front")
-    for r in front:
-        ax.annotate(str(r.number), (xs([r])[0], ys([r])[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    early = table.stopped_early() if stopped_early and len(table.objectives) >= 2 else []
+    if early:
+        ax.plot([v[0] for _, v in early], [v[1] for _, v in early], "^--", c="black", ms=6, lw=0.8,
+                label="undefended, stopped early")
+    for r in front:  # "7" for trial 7's own point, "7@300" for its checkpoint at step 300
+        text = f"{r.trial}@{r.step}" if r.checkpoint else str(r.trial)
+        ax.annotate(text, (xs([r])[0], ys([r])[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     arrows = {"minimize": "↓", "maximize": "↑"}
     ax.set_xlabel(xlabel + (f" ({arrows[table.directions[0]]})" if len(table.objectives) >= 2 else ""))
     ax.set_ylabel(ylabel + f" ({arrows[table.directions[min(1, len(table.directions) - 1)]]})")

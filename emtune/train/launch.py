@@ -34,7 +34,8 @@ def _train_trial(config: dict[str, Any], rank: int, tmp: Path, resume_from: Path
                            cache_dir=Path(config["cache_dir"]), resume_from=resume_from,
                            on_checkpoint=report_checkpoint if spec.training.checkpoint_every_steps else None,
                            evaluate=config.get("evaluate", True),
-                           skip_training=config.get("skip_training", False))
+                           skip_training=config.get("skip_training", False),
+                           pruning=config.get("pruning"))
     metrics["resumed_from_step"] = _step_of(resume_from)
     return metrics
 

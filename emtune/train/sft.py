@@ -60,10 +60,13 @@ def _parallelism(spec: StudySpec) -> dict[str, Any]:
 
 
 def train_sft(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], train_rows: list[dict],
-              output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any]) -> list[dict]:
+              output_dir: Path, resume_from: Path | None, on_checkpoint: Any, metrics: dict[str, Any],
+              evaluator: Any = None) -> list[dict]:
     """Attach the defenses, train with the defended trainer, finalize and detach; fills ``metrics``
-    (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history."""
-    from emtune.train.trainer import CheckpointHook, DefendedTrainer, LossHistory  # torch, transformers
+    (steps, timing, tail-mean task loss, finalize logs) and returns the per-step loss history.
+    ``evaluator`` (a :class:`~emtune.train.checkpoints.CheckpointEvaluator`) evaluates
+    checkpoints during training, if given (:func:`evaluation_callbacks`)."""
+    from emtune.train.trainer import DefendedTrainer, LossHistory  # torch, transformers
 
     attach_all(model, defenses)
     features = [tokenize_chat(tokenizer, r["messages"], spec.data.max_length) for r in train_rows]
@@ -75,8 +78,26 @@ def train_sft(spec: StudySpec, model: Any, tokenizer: Any, defenses: list[Any], 
         data_collator=ChatCollator(tokenizer.pad_token_id),
         defenses=defenses,
         group_by_length=spec.training.group_by_length,
-        callbacks=[history] + ([CheckpointHook(on_checkpoint)] if on_checkpoint else []),
+        callbacks=evaluation_callbacks(history, on_checkpoint, evaluator, resume_from),
     )
     defended_fit(trainer, model, defenses, output_dir, resume_from, metrics, history)
     metrics["train_loss"] = tail_mean(history.rows, "task_loss")
     return history.rows
+
+
+def evaluation_callbacks(history: Any, on_checkpoint: Any, evaluator: Any = None,
+                         resume_from: Path | None = None) -> list[Any]:
+    """The Trainer callbacks: the loss history, the checkpoint evaluator (given the history, and
+    the points an earlier attempt evaluated before the checkpoint it resumes from), and the
+    periodic-checkpoint hook, which copies the points evaluated so far into every checkpoint
+    (:meth:`~emtune.trial_files.TrialFiles.carry_evaluations`) so a resumed trial keeps them."""
+    from emtune.train.trainer import CheckpointHook  # transformers
+
+    callbacks: list[Any] = [history]
+    report = on_checkpoint
+    if evaluator is not None:
+        evaluator.history = history
+        evaluator.resume(resume_from)
+        callbacks.append(evaluator)
+        report = on_checkpoint and evaluator.carried_into_checkpoints(on_checkpoint)
+    return callbacks + ([CheckpointHook(report)] if report else [])

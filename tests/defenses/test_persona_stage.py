@@ -10,7 +10,7 @@ import pytest
 
 from emtune.config import load_spec
 from emtune.defenses.base import StageServices
-from emtune.defenses.persona_steering import PersonaSteering, vector_cache_path
+from emtune.defenses.persona_steering import PersonaSteering, extraction, vector_cache_path
 from emtune.defenses.persona_vectors import load_persona_vectors, sidecar_path
 from emtune.models import model_cache_dir, resolve_source
 from emtune.spec_errors import SpecError
@@ -53,7 +53,7 @@ def test_stage_keeps_the_pairs_the_judge_confirms_and_caches(write_spec, tmp_pat
                           train_undefended_adapter=lambda d: None, run_task=run_task, log=lines.append)
     staged = PersonaSteering.prepare(config, stage)
     assert tasks == ["extract_to_file"]  # the model loads in the task, not in the study driver
-    assert staged.vector_path == str(vector_cache_path(config, spec, tmp_path / "cache"))
+    assert staged.vector_path == str(vector_cache_path(extraction(config), spec, tmp_path / "cache"))
     meta = json.loads(sidecar_path(staged.vector_path).read_text())
     assert meta["judge"]["positive_trait_min"] == 60 and meta["judge"]["negative_trait_max"] == 40
     kept = [bool(s) and s["positive_trait"] >= 60 and s["negative_trait"] <= 40 for s in meta["pair_scores"]]
@@ -66,7 +66,7 @@ def test_stage_keeps_the_pairs_the_judge_confirms_and_caches(write_spec, tmp_pat
     assert PersonaSteering.prepare(config, stage).vector_path == staged.vector_path and len(tasks) == 1
     # another threshold is another vector file
     other = config.model_copy(update={"positive_trait_min": 55.0})
-    assert vector_cache_path(other, spec, tmp_path / "cache") != Path(staged.vector_path)
+    assert vector_cache_path(extraction(other), spec, tmp_path / "cache") != Path(staged.vector_path)
 
 
 def test_judge_filter_needs_a_judge(write_spec) -> None:

@@ -111,19 +111,26 @@ def test_baselines_first_and_relative_objectives_wait_for_them(write_spec, tmp_p
     path.write_text(text)
     spec = load_spec(path)
     searcher = _searcher(spec, tmp_path)
-    assert searcher.suggest("b1") == {"baseline": "base", "params": {}}
-    assert searcher.suggest("b2") == {"baseline": "undefended", "params": {}}
+    assert searcher.suggest("b1") == {"baseline": "base", "baseline_kinds": ["base"], "params": {}}
+    # one undefended fine-tune measures the undefended and the stopped-early baselines
+    assert searcher.suggest("b2") == {"baseline": "undefended", "baseline_kinds": ["undefended", "stopped_early"],
+                                      "params": {}}
     searcher.suggest("t1")
     # the trial finishes before the undefended baseline: its tell waits
     searcher.on_trial_complete("b1", {"ood_drift": 0.0, "indomain_nll": 5.0})
     searcher.on_trial_complete("t1", {"ood_drift": 0.5, "indomain_nll": 3.0})
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.get_trials()[0].state == RUNNING_STATE
-    searcher.on_trial_complete("b2", {"ood_drift": 1.0, "indomain_nll": 4.0, "error_free": True})
+    searcher.on_trial_complete("b2", {"ood_drift": 1.0, "indomain_nll": 4.0, "error_free": True, "train_steps": 8,
+                                      "checkpoints": [{"step": 4, "point": "50%",
+                                                       "metrics": {"ood_drift": 0.4, "indomain_nll": 4.5}}]})
     trial = study.get_trials()[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert trial.values == [0.5, 0.75]  # indomain_nll 3.0 / undefended 4.0
     assert study.user_attrs["baseline:base"] == {"ood_drift": 0.0, "indomain_nll": 5.0}
+    assert study.user_attrs["baseline:stopped_early"] == {"points": [
+        {"step": 4, "point": "50%", "ood_drift": 0.4, "indomain_nll": 4.5},
+        {"step": 8, "point": "final", "ood_drift": 1.0, "indomain_nll": 4.0, "train_steps": 8.0}]}
     assert searcher.pending_baselines() == []
 
 

@@ -62,7 +62,10 @@ def test_two_trial_study_tracks_parent_children_front(finished_study, capsys) ->
     assert [o["name"] for o in front["objectives"]] == ["ood_drift", "indomain_nll"]
     assert 1 <= len(front["front"]) <= 2
     assert front["baselines"]["base"]["ood_drift"] == pytest.approx(0.0, abs=1e-6)
-    assert set(front["baselines"]) == {"base", "undefended"}
+    assert set(front["baselines"]) == {"base", "undefended", "stopped_early"}
+    # stopped early: the undefended fine-tune at step 1 (0.25 and 0.5 of 2 steps) and at its end
+    points = front["baselines"]["stopped_early"]["points"]
+    assert [p["step"] for p in points] == [1, 2] and points[-1]["ood_drift"] == front["baselines"]["undefended"]["ood_drift"]
     ranks = {c.info.run_id: c.data.tags["pareto_rank"] for c in children}
     assert all(ranks[row["mlflow_run_id"]] == "0" for row in front["front"])
 
