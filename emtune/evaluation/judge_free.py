@@ -69,8 +69,9 @@ def answer_signals(model: Any, tokenizer: Any, conversations: list[list[dict[str
     projection, shift, answers = 0.0, 0.0, 0
     for batch in _labelled_batches(tokenizer, conversations, max_length, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "output_hidden_states": unit is not None}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if unit is not None:
+            inputs["output_hidden_states"] = True
         outputs = model(**inputs)
         with model.disable_adapter():
             reference = model(**inputs)
