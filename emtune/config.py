@@ -133,8 +133,12 @@ class StudySpec(StrictModel):
 
     @property
     def trial_count(self) -> int:
-        """Trials a full run of this study makes: the searched ones plus the baselines."""
-        return self.search.num_trials + (len(self.baselines.kinds) if self.baselines.enabled else 0)
+        """Trials a full run of this study makes: the searched ones plus the baselines (one
+        undefended fine-tune measures both ``undefended`` and ``stopped_early``)."""
+        if not self.baselines.enabled:
+            return self.search.num_trials
+        kinds = set(self.baselines.kinds)
+        return self.search.num_trials + len(kinds) - int({"undefended", "stopped_early"} <= kinds)
 
     @property
     def study_dir(self) -> Path:

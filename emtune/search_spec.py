@@ -128,7 +128,7 @@ class SamplerSpec(StrictModel):
 
 
 class PruningSpec(StrictModel):
-    """Multi-objective pruning at evaluation points (:mod:`emtune.train.checkpoints`).
+    """Multi-objective pruning at evaluation points.
 
     At each evaluation point before the final one, a trial whose judge-free ``metrics`` are
     dominated by the same point's values of at least ``min_share`` of the earlier trials (and at

@@ -85,7 +85,8 @@ NOTES = {
     "TrackingRetrySpec.max_retries": "retries per request", "TrackingRetrySpec.backoff_factor": "first wait (s)",
     "TrackingRetrySpec.backoff_jitter": "random extra wait (s)",
     "BaselinesSpec.enabled": "run the baselines before the search",
-    "BaselinesSpec.kinds": "which baselines: base (no fine-tuning) and/or undefended (no defense)",
+    "BaselinesSpec.kinds": "which baselines: base (no fine-tuning), undefended (no defense), stopped_early "
+                           "(the undefended fine-tune evaluated at stop_points: early stopping as an arm)",
     "SearchParameter.type": "float, int or categorical",
     "SearchParameter.target": "dotted path the value is written to (defenses.NAME.FIELD addresses a defense); "
                               "none = a parameter that only steers others through `when`",
@@ -97,6 +98,11 @@ NOTES = {
     "SearchSpec.parameters": "name -> parameter, sampled in the order written",
     "SearchSpec.sampler": "the Optuna sampler", "SearchSpec.num_trials": "searched trials (baselines come on top)",
     "SearchSpec.time_budget_s": "stop starting trials after this many seconds",
+    "SearchSpec.pruning": "stop a trial whose judge-free values at an evaluation point are dominated by "
+                          "enough earlier trials' (told PRUNED with the reason; its points stay candidates)",
+    "PruningSpec.enabled": "prune (off by default; needs evaluation.at points before the end)",
+    "EvaluationSpec.monitor": "the judge-free EM monitor: projection of the general answers' activations on "
+                              "the evil persona direction, at every evaluation point and every M steps",
     "ObjectiveSpec.name": "a metric (see Metrics)", "ObjectiveSpec.direction": "minimize or maximize",
     "ObjectiveSpec.relative": "state the objective relative to a baseline",
     "ConstraintSpec.metric": "a metric (see Metrics)", "ConstraintSpec.max": "upper bound",
@@ -186,11 +192,14 @@ def _rewards() -> list[str]:
 
 def _baselines() -> list[str]:
     return ["## Baselines", "",
-            "Unless `baselines.enabled: false`, `emtune run` first runs two reference trials, evaluated like "
-            "every other: `base` (the aligned model with no fine-tuning) and `undefended` (the same fine-tune "
-            "with no defense). They are not Optuna trials and never on the front; they come on top of "
-            "`search.num_trials` (`emtune validate` says e.g. \"6 trials + 2 baselines = 8 runs\"), are "
-            "stored in the Optuna study's attributes (`baseline:base`, `baseline:undefended`), shown by "
+            "Unless `baselines.enabled: false`, `emtune run` first runs its reference trials, evaluated like "
+            "every other: `base` (the aligned model with no fine-tuning), `undefended` (the same fine-tune "
+            "with no defense) and `stopped_early` (that undefended fine-tune evaluated at "
+            "`baselines.stop_points`: early stopping as an arm; one fine-tune measures both). They are not "
+            "Optuna trials and never on the front; they come on top of `search.num_trials` (`emtune "
+            "validate` says e.g. \"6 trials + 3 baselines (...; one fine-tune measures undefended and "
+            "stopped_early) = 8 runs\"), are stored in the Optuna study's "
+            "attributes (`baseline:base`, `baseline:undefended`, `baseline:stopped_early`), shown by "
             "`emtune pareto` below the front, compared against by `emtune recommend` and the report (Δ vs "
             "undefended), and are what `relative: {to: base|undefended}` objectives and constraints are "
             "measured against.", ""]
@@ -228,6 +237,8 @@ def _type(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if origin is typing.Annotated:  # e.g. StrictInt: the type itself
+        return _type(args[0])
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type(a) for a in args)
     if origin in (tuple, list):

@@ -140,9 +140,9 @@ def test_recommend_exits_3_says_what_eliminated_what_and_the_best_reachable(writ
     answer = json.loads(capsys.readouterr().out)
     assert answer["recommended"] is None and answer["completed"] == 5
     assert answer["best_reachable"] == [
-        {"metric": "ood_drift", "bound": "--max ood_drift=0.15", "best": 0.1, "trial": 3},
-        {"metric": "indomain_nll", "bound": "--max indomain_nll=2.5", "best": 1.0, "trial": 0},
-        {"metric": "indomain_nll", "bound": "task score", "best": 1.0, "trial": 0}]
+        {"metric": "ood_drift", "bound": "--max ood_drift=0.15", "best": 0.1, "trial": 3, "step": None},
+        {"metric": "indomain_nll", "bound": "--max indomain_nll=2.5", "best": 1.0, "trial": 0, "step": None},
+        {"metric": "indomain_nll", "bound": "task score", "best": 1.0, "trial": 0, "step": None}]
     for argv, message in [
         (["--max", "general_misalignment=0.01"], "it needs a judge"),
         (["--max", "ood_drft=1"], "did you mean 'ood_drift'?"),

@@ -52,7 +52,10 @@ def line(checked: Checked) -> str:
     s = summary(checked)
     trials = f"{s['trials']} trials"
     if s["baselines"]:
-        trials += f" + {len(s['baselines'])} baselines ({', '.join(s['baselines'])}) = {s['runs']} runs"
+        shared = {"undefended", "stopped_early"} <= set(s["baselines"])
+        trials += (f" + {len(s['baselines'])} baselines ({', '.join(s['baselines'])}"
+                   + ("; one fine-tune measures undefended and stopped_early" if shared else "")
+                   + f") = {s['runs']} runs")
     inputs = ", ".join(f"{v} {k}" for k, v in s["inputs"].items())
     text = (f"{checked.file}: ok: study {s['study']!r}, {trials} over [{', '.join(s['parameters'])}], "
             f"defenses [{', '.join(s['defenses']) or 'none'}]; {inputs}")

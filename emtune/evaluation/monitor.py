@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from emtune.spec_errors import StrictModel
 
 #: Depth of the default monitored layer: 70% of the decoder blocks (hidden state 20 of Qwen2.5-7B's
 #: 28 blocks, the layer the persona-vector authors steer and monitor at).
@@ -27,9 +29,8 @@ DEFAULT_DEPTH = 0.7
 JUDGED_TARGET = "general_misalignment"
 
 
-class MonitorSpec(BaseModel):
-    """``evaluation.monitor``: the judge-free EM monitor, the mean projection of the trial's
-    activations on the misalignment (evil persona) direction over the general questions' answers,
+class MonitorSpec(StrictModel):
+    """The judge-free EM monitor: the mean projection of the trial's activations on the misalignment (evil persona) direction over the general questions' answers,
     beside ``ood_drift``.
 
     The direction is a persona vector file (``persona_vector``, written by ``emtune persona
@@ -40,8 +41,6 @@ class MonitorSpec(BaseModel):
     model's answers to the general questions, generated once at the start), so a trial's curve
     shows when misalignment starts to grow.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     persona_vector: str | None = Field(None, description="persona vector file (`emtune persona extract`)")
     extract_prompts: str | None = Field(

@@ -74,14 +74,16 @@ def test_mistakes_name_the_field(write_spec, evaluation, search, training, where
     assert where in problems and message in problems[where], problems
 
 
-def test_monitor_signals_as_objectives_need_the_monitor(write_spec) -> None:
+def test_monitor_signals_as_objectives_need_the_monitor(write_spec, tmp_path) -> None:
     persona = "  - {name: persona_projection, direction: minimize}\n"
     problems = _problems(_spec(write_spec, objectives=persona))
-    assert "needs evaluation.monitor.persona_vector" in problems["objectives.1"], problems
+    assert "needs evaluation.monitor.persona_vector" in problems["objectives[1].name"], problems
     spec = load_spec(_spec(write_spec, "  monitor: {extract_prompts: evil_v1, extract_filter: none}\n", objectives=persona))
     assert spec.objectives[1].name == "persona_projection" and spec.evaluation.monitor.persona
     problems = _problems(_spec(write_spec, "  monitor: {persona_vector: missing.pt}\n"))
-    assert "persona vector file 'missing.pt' not found" in problems["evaluation.monitor.persona_vector"]
+    # a relative path is read from the spec's folder
+    missing = problems["evaluation.monitor.persona_vector"]
+    assert f"persona vector file {tmp_path / 'missing.pt'} not found" in missing, missing
 
 
 def test_stop_points_and_baseline_kinds(write_spec) -> None:

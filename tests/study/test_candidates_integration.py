@@ -14,9 +14,7 @@ from emtune.cli.main import main
 pytestmark = pytest.mark.slow
 
 
-def test_candidates_per_checkpoint_and_a_pruned_trial_keeps_its_candidates(write_spec, capsys) -> None:
-    import ray
-
+def test_candidates_per_checkpoint_and_a_pruned_trial_keeps_its_candidates(write_spec, capsys, ray_session) -> None:
     path = write_spec(name="cands", max_steps=4, num_trials=2, baselines="true")
     text = path.read_text().replace("  max_new_tokens: 6\n", "  max_new_tokens: 6\n  at: [0.25, 0.5]\n")
     text = text.replace("  num_trials: 2\n", "  num_trials: 2\n  pruning: {enabled: true, min_trials: 2, min_share: 0.5}\n")
@@ -33,10 +31,7 @@ def test_candidates_per_checkpoint_and_a_pruned_trial_keeps_its_candidates(write
         distributions={"kl_weight": optuna.distributions.FloatDistribution(1e-3, 10.0, log=True)},
         user_attrs={"candidate_of": 99, "eval_step": 2, "eval_point": "50%",
                     "judge_free": {"ood_drift": 0.0, "indomain_nll": 0.0}}))
-    try:
-        assert main(["run", str(path), "--num-cpus", "2"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0
     capsys.readouterr()
 
     study = optuna.load_study(study_name="cands", storage=storage)
@@ -77,8 +72,30 @@ def test_candidates_per_checkpoint_and_a_pruned_trial_keeps_its_candidates(write
     table = json.loads(capsys.readouterr().out)
     rows = {(r["trial"], r["step"]): r for r in table["trials"]}
     for (owner, step), candidate in candidates.items():
-        assert rows[(owner, step)]["number"] == candidate.number and rows[(owner, step)]["values"] == candidate.values
+        assert rows[(owner, step)]["number"] == candidate.number
+        assert rows[(owner, step)]["values"] == dict(zip(["ood_drift", "indomain_nll"], candidate.values))
     assert rows[(done.number, 4)]["point"] == "final" and rows[(pruned.number, 2)]["state"] == "COMPLETE"
     assert all({"trial", "step"} <= set(r) for r in table["front"])
     assert table["counts"] == {"COMPLETE": 1, "PRUNED": 1} and table["candidates"] == 5
     assert [p["step"] for p in table["baselines"]["stopped_early"]["points"]] == [1, 2, 4]
+
+
+def test_a_worker_group_trial_offers_its_checkpoints_too(write_spec, capsys, ray_session) -> None:
+    """The same candidates when the trial trains in a Ray Train worker group (train_process:
+    workers) instead of its own process, with periodic checkpoints reported to Ray Train."""
+    path = write_spec(name="grouped", max_steps=4, num_trials=1)
+    text = path.read_text().replace("  max_new_tokens: 6\n", "  max_new_tokens: 6\n  at: [0.5]\n")
+    text = text.replace("resources: {max_concurrent_trials: 2}", "resources: {max_concurrent_trials: 1, train_process: workers}")
+    path.write_text(text.replace("  warmup_steps: 0\n", "  warmup_steps: 0\n  checkpoint_every_steps: 2\n"))
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0
+    capsys.readouterr()
+    study_dir = path.parent / "studies" / "grouped"
+    study = optuna.load_study(study_name="grouped", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    [trial] = [t for t in study.get_trials() if "candidate_of" not in t.user_attrs]
+    [candidate] = [t for t in study.get_trials() if t.user_attrs.get("candidate_of") == trial.number]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["eval_step"] == 4
+    assert candidate.state.name == "COMPLETE" and candidate.user_attrs["eval_step"] == 2
+    assert candidate.params == trial.params and candidate.user_attrs["mlflow_run_id"] != trial.user_attrs["mlflow_run_id"]
+    assert main(["pareto", str(study_dir), "--all", "--format", "json"]) == 0
+    rows = {(r["trial"], r["step"]) for r in json.loads(capsys.readouterr().out)["trials"]}
+    assert {(trial.number, 2), (trial.number, 4)} <= rows

@@ -37,19 +37,14 @@ def _judge_by_answer_length(chat_server):
     return script
 
 
-def test_judged_study_ranks_the_monitor_against_the_judge(write_spec, chat_server, tmp_path) -> None:
-    import ray
-
+def test_judged_study_ranks_the_monitor_against_the_judge(write_spec, chat_server, tmp_path, ray_session) -> None:
     from emtune.report import write_report
 
     server = chat_server(_judge_by_answer_length(chat_server))
     path = write_spec(name="monitored", max_steps=4, num_trials=2)
     path.write_text(path.read_text().replace("evaluation:\n", SETTINGS.format(url=server.url), 1))
     study_dir = path.parent / "studies" / "monitored"
-    try:
-        assert main(["run", str(path), "--num-cpus", "2"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(["run", str(path), "--num-cpus", "2"]) == 0
     assert list((study_dir / "cache" / "persona").glob("evil_v1-*.pt"))  # the stage, once per study
 
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")

@@ -111,3 +111,39 @@ def test_checkpoint_is_evaluated_unhooked_like_its_saved_adapter_and_the_monitor
     again = run_training(spec, tmp_path / "again", source, adapter_dir=checkpoint.adapter)
     for name in ("indomain_nll", "ood_drift", "persona_projection", "persona_shift"):
         assert again[name] == pytest.approx(point[name], rel=1e-5, abs=1e-7), name
+
+
+def test_a_resumed_trial_keeps_the_points_and_monitor_rows_of_its_earlier_attempt(tiny_points, tmp_path) -> None:
+    """Both trial paths resume from a periodic Trainer checkpoint (Ray Train's, or the trial
+    process's run folder): it carries the points evaluated before it, so a trial restarted after
+    a crash still offers them as candidates and its monitor curve has no hole."""
+    import shutil
+
+    spec, source = tiny_points
+    data = spec.model_dump(mode="python")
+    data["training"]["checkpoint_every_steps"] = 2
+    data["evaluation"]["at"] = (0.25,)  # step 1 of 4
+    data["evaluation"]["monitor"] = {"every_steps": 1}
+    spec = type(spec).model_validate(data)
+    saved = {}
+
+    def keep(step, folder):
+        saved[step] = shutil.copytree(folder, tmp_path / f"kept-{step}")
+
+    first = run_training(spec, tmp_path / "first", source, on_checkpoint=keep)
+    whole = TrialFiles(tmp_path / "first")
+    [point] = whole.checkpoints()
+    assert point.root.name == "step-1" and sorted(saved) == [2, 4]
+    carried = TrialFiles(saved[2])
+    assert [c.read_point() for c in carried.checkpoints()] == [point.read_point()]
+    assert [r["step"] for r in json.loads(carried.monitor.read_text())] == [1, 2]  # what existed at step 2
+    # a fresh attempt (another temporary folder) resumes at step 2: step 1 is not trained or evaluated
+    # again, yet the trial's folder offers it, and the monitor rows run 1..4
+    resumed = run_training(spec, tmp_path / "second", source, resume_from=saved[2])
+    again = TrialFiles(tmp_path / "second")
+    [kept] = again.checkpoints()
+    assert kept.read_point() == point.read_point()
+    assert _adapter(kept.adapter).keys() == _adapter(point.adapter).keys()
+    rows = json.loads(again.monitor.read_text())
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == json.loads(whole.monitor.read_text())[:2]
+    assert resumed["train_steps"] == first["train_steps"] == 4
