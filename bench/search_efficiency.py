@@ -408,10 +408,37 @@ def run_checkpoints(args: argparse.Namespace) -> int:
             monitor = sc.monitor_trust(cache, args.monitor_weights)
             print({k: v for k, v in monitor["correlations"].items()}, flush=True)
     wall = time.perf_counter() - start
-    body = sc.section(surrogate, problems, real, real_info, overhead, monitor, wall, machine())
+    command = (f"- command: `bench/search_efficiency.py --part checkpoints --problems {' '.join(args.problems)} "
+               f"--cp-n {' '.join(map(str, args.cp_n))} --cp-seeds {args.cp_seeds} --real-seeds {args.real_seeds} "
+               f"--real-n {args.real_n} --monitor-weights {' '.join(f'{w:g}' for w in args.monitor_weights)}`")
+    body = sc.section(surrogate, problems, real, real_info, overhead, monitor, wall, [*machine(), command])
     if not args.no_report:
         print(f"wrote {write_checkpoints_section(body).relative_to(ROOT)}")
     print(f"wall time {wall:.0f} s")
+    return 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    """Only the monitor's rank correlation with the scripted judge (issue 17): rewrites that
+    subsection of the checkpoints section, keeping the rest of it."""
+    import tempfile
+    import warnings
+
+    import search_checkpoints as sc
+
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="emtune-bench-") as tmp:
+        monitor = sc.monitor_trust(Path(tmp), args.monitor_weights)
+    wall = time.perf_counter() - start
+    lines = sc.monitor_lines(monitor, [*machine(), f"- command: `bench/search_efficiency.py --part monitor "
+                                       f"--monitor-weights {' '.join(f'{w:g}' for w in args.monitor_weights)}`",
+                                       f"- wall time of this part: {wall:.0f} s"])
+    print("\n".join(lines))
+    if not args.no_report:
+        kept = _section(REPORT.read_text()) if REPORT.is_file() else ""
+        kept = kept.split(sc.MONITOR_HEADING, 1)[0].rstrip()
+        print(f"wrote {write_checkpoints_section(kept + chr(10) * 2 + chr(10).join(lines)).relative_to(ROOT)}")
     return 0
 
 
@@ -424,8 +451,9 @@ def main() -> int:
     parser.add_argument("--problems", nargs="+", default=["dryrun", "all_defenses", "zdt1"])
     parser.add_argument("--no-variants", action="store_true", help="skip the TPE-settings table")
     parser.add_argument("--no-report", action="store_true", help="print only; do not write reports/bench")
-    parser.add_argument("--part", choices=("samplers", "checkpoints", "all"), default="all",
-                        help="samplers = issue 7's comparison; checkpoints = issue 17's (candidates, pruning, monitor)")
+    parser.add_argument("--part", choices=("samplers", "checkpoints", "monitor", "all"), default="all",
+                        help="samplers = issue 7's comparison; checkpoints = issue 17's (candidates, pruning, "
+                        "monitor); monitor = only the monitor's subsection of it")
     parser.add_argument("--cp-n", type=int, nargs="+", default=[6, 12], help="checkpoints part: trial budgets N")
     parser.add_argument("--cp-seeds", type=int, default=10, help="checkpoints part: seeds per surrogate")
     parser.add_argument("--real-seeds", type=int, default=5, help="real tiny studies: seeds (0 = skip)")
@@ -433,6 +461,8 @@ def main() -> int:
     parser.add_argument("--monitor-weights", type=float, nargs="*", default=[0.0, 0.003, 0.03, 0.3, 3.0],
                         help="KL weights of the judged monitor study (0 = undefended; none = skip)")
     args = parser.parse_args()
+    if args.part == "monitor":
+        return run_monitor(args)
     if args.part in ("checkpoints", "all"):
         run_checkpoints(args)
         if args.part == "checkpoints":

@@ -68,9 +68,12 @@ def test_candidates_per_checkpoint_and_a_pruned_trial_keeps_its_candidates(write
     assert client.get_run(pruned.user_attrs["mlflow_run_id"]).data.tags["pruned"] == reason
 
     # pareto --format json: every candidate with its trial and step, the stopped-early baseline
-    assert main(["pareto", str(study_dir), "--format", "json"]) == 0
+    assert main(["pareto", str(study_dir), "--all", "--format", "json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    rows = {(r["trial"], r["step"]): r for r in table["trials"]}
+    # the pruned trial's own row (PRUNED, at the step it stopped) shares its step with its last checkpoint
+    [stopped] = [r for r in table["trials"] if r["number"] == pruned.number]
+    assert (stopped["state"], stopped["trial"], stopped["step"], stopped["values"]) == ("PRUNED", pruned.number, 2, None)
+    rows = {(r["trial"], r["step"]): r for r in table["trials"] if r["state"] == "COMPLETE"}
     for (owner, step), candidate in candidates.items():
         assert rows[(owner, step)]["number"] == candidate.number
         assert rows[(owner, step)]["values"] == dict(zip(["ood_drift", "indomain_nll"], candidate.values))
