@@ -147,6 +147,15 @@ def steering_on_in_training_off_in_evaluation(record: Record, trial: dict) -> No
     assert float(vector.norm()) > 0 and record.instance.config.alpha > 0
 
 
+def ablation_on_in_training_off_in_evaluation(record: Record, trial: dict) -> None:
+    layers = record.instance.config.layers
+    assert record.hooks_after_attach == record.hooks_before_attach + len(layers), "an ablation hook per layer"
+    assert trial["hooks_at_evaluation"] == record.hooks_before_attach, "an ablation hook is still on at evaluation"
+    bases = record.instance.bases(trial["model"])
+    assert sorted(bases) == sorted(layers) and all(float(b.norm()) > 0 for b in bases.values())
+    assert record.instance.config.fraction > 0
+
+
 EVIDENCE: dict[str, list[Callable[[Record, dict], None]]] = {
     "kl_to_reference": [loss_term("kl_to_reference")],
     "feature_l2": [loss_term("feature_l2")],
@@ -155,6 +164,7 @@ EVIDENCE: dict[str, list[Callable[[Record, dict], None]]] = {
     "interleaving_selected": [rows_added],
     "inoculation": [prompt_replaced],
     "persona_steering": [steering_on_in_training_off_in_evaluation],
+    "caft": [ablation_on_in_training_off_in_evaluation],
 }
 
 
