@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from emtune.cli.main import main
+from emtune.evaluation.points import resolve_points
 
 pytestmark = pytest.mark.slow
 SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")
@@ -42,6 +43,9 @@ def _shrink(data: dict, root: Path) -> dict:
     data["evaluation"] = {**data.get("evaluation", {}), "samples_per_question": 1, "max_new_tokens": 4,
                           "heldout_questions": 2}
     data["resources"] = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1}
+    monitor = data["evaluation"].get("monitor") or {}
+    if "extract_prompts" in monitor:
+        data["evaluation"]["monitor"] = {**monitor, "extract_max_new_tokens": 4}
     for defense in data.get("defenses", []):
         if "extract_prompts" in defense:
             defense["extract_max_new_tokens"] = 4
@@ -63,6 +67,9 @@ def test_a_spec_that_validates_runs(path, tmp_path, ray_session, stage_cache, ca
     (tmp_path / "studies" / data["name"] / "cache").symlink_to(stage_cache, target_is_directory=True)
     assert main(["run", str(spec), "--num-cpus", "2"]) == 0, capsys.readouterr()
     study = optuna.load_study(study_name=data["name"], storage=f"sqlite:///{tmp_path / 'studies' / data['name'] / 'optuna.db'}")
-    [trial] = study.get_trials()
+    # with evaluation.at, the trial's checkpoints are candidates (Optuna trials) beside it
+    [trial] = [t for t in study.get_trials() if "candidate_of" not in t.user_attrs]
+    checkpoints = [t for t in study.get_trials() if t.user_attrs.get("candidate_of") == trial.number]
+    assert len(checkpoints) == len(resolve_points(data["evaluation"].get("at", ()), 2)) - 1
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     assert all(math.isfinite(v) for v in trial.values)
