@@ -251,7 +251,7 @@ def pruning_metrics(spec: Any) -> list[tuple[str, str]]:
 
 
 def checkpoint_problems(spec: Any) -> list[tuple[str, str]]:
-    """Evaluation points, pruning and the stopped-early baseline against the rest of the spec."""
+    """Evaluation points, the monitor and pruning against the rest of the spec."""
     problems: list[tuple[str, str]] = []
     max_steps = spec.training.max_steps
     if max_steps is not None:
@@ -266,6 +266,10 @@ def checkpoint_problems(spec: Any) -> list[tuple[str, str]]:
         problems.append(("evaluation.at", "evaluation points during training need whole adapters on rank 0: "
                          "use resources.strategy ddp, or leave evaluation.at empty"))
     monitor = spec.evaluation.monitor
+    blocks = spec.model.tiny.num_layers
+    if spec.model.source == "tiny" and monitor.persona and monitor.layer is not None and monitor.layer > blocks:
+        problems.append(("evaluation.monitor.layer", f"layer {monitor.layer} is past the tiny model's {blocks} "
+                         f"blocks; use 1..{blocks} (or leave it out: 70% of the depth)"))
     if monitor.extract_prompts and not monitor.persona_vector and monitor.extract_filter == "judge" \
             and spec.evaluation.judge.kind == "none":
         problems.append(("evaluation.monitor.extract_filter", "'judge' keeps the contrastive pairs the judge "

@@ -71,9 +71,12 @@ def test_fresh_clone_names_each_file_and_its_origin_then_passes(tmp_path, capsys
     # layer past the tiny model's 2 blocks is a problem validate names, since the run would fail on it)
     tiny = ["--set", "model.source=tiny", "--set", "model.base_source=tiny"]
     assert main(["validate", str(SPEC), *tiny]) == 2
-    assert "layer 20 is past the tiny model's 2 blocks; use 1..2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "layer 20 is past the tiny model's 2 blocks; use 1..2" in err
+    assert "evaluation.monitor.layer: layer 20 is past the tiny model's 2 blocks" in err  # the EM monitor's too
     assert main(["validate", str(SPEC), *tiny, "--set", "defenses.persona_steering.layer=1",
-                 "--set", "search.parameters.steering_layer.low=1", "--set", "search.parameters.steering_layer.high=2"]) == 0
+                 "--set", "search.parameters.steering_layer.low=1", "--set", "search.parameters.steering_layer.high=2",
+                 "--set", "evaluation.monitor.layer=1"]) == 0
     assert main(["validate", str(SPEC), "--set", "model.source"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
@@ -93,6 +96,8 @@ def tiny_overrides(root: Path, judge_url: str) -> list[str]:
         "defenses.persona_steering.layer=1", "defenses.persona_steering.extract_max_new_tokens=4",
         "search.parameters.steering_layer.low=1", "search.parameters.steering_layer.high=2",
         "defenses.interleaving_selected.batch_size=16",
+        # one step leaves no evaluation point before the end, so nothing to prune at
+        "evaluation.monitor.layer=1", "evaluation.monitor.extract_max_new_tokens=4", "search.pruning.enabled=false",
     ]
 
 
