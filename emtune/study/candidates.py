@@ -7,8 +7,9 @@ from the trial's folder to MLflow and to Optuna:
 - :func:`track_checkpoints` (trial driver): one MLflow run per checkpoint, nested under the
   trial's run, with its judge-free metrics from the worker, the judge's where the spec asks
   (``evaluation.judge_points``), its answers (generated here on the generation server with
-  ``evaluation.backend: server``, as the final point's are) and its adapter; the trial's run also gets every
-  point's metrics stepped by training step, so its charts show them over training.
+  ``evaluation.backend: server``, as the final point's are) and its adapter; the trial's run
+  also gets every point's metrics stepped by training step, so its charts show them over
+  training.
 - :func:`tell_candidates` (searcher, re-evaluation): each checkpoint becomes an Optuna trial of
   its own, COMPLETE with its objective values and constraints. The final point is the trial itself.
 

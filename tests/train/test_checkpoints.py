@@ -147,3 +147,35 @@ def test_a_resumed_trial_keeps_the_points_and_monitor_rows_of_its_earlier_attemp
     rows = json.loads(again.monitor.read_text())
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == json.loads(whole.monitor.read_text())[:2]
     assert resumed["train_steps"] == first["train_steps"] == 4
+
+
+@pytest.mark.slow
+def test_with_a_generation_server_a_checkpoint_is_answered_there_like_the_end(write_spec, tmp_path) -> None:
+    """``evaluation.backend: server``: the worker writes each checkpoint's generation plan beside
+    its drift answers (the monitor needs the model on those), and the driver's generation fills the
+    checkpoint's planned sets exactly as the built-in engine answers them (greedy OpSwap)."""
+    from emtune.evaluation.lora_server import LoraServer
+    from emtune.evaluation.server_backend import generate_with_judge_stream
+
+    path = write_spec(max_steps=4)
+    spec = load_spec(path)
+    source = resolve_source(spec.model, model_cache_dir())
+    server = LoraServer(source).start()
+    try:
+        text = path.read_text().replace("evaluation:\n", "evaluation:\n  backend: server\n  server: {base_url: '"
+                                        + server.url + "'}\n  at: [0.5]\n", 1)
+        path.write_text(text.replace("  heldout_fraction: 0.2\n", "  heldout_fraction: 0.2\n"
+                                     "  opswap: {tiers: [1], n_train_per_tier: 4, n_test_per_tier: 3}\n"))
+        served = load_spec(path)
+        run_training(served, tmp_path / "served", source)
+        [checkpoint] = TrialFiles(tmp_path / "served").checkpoints()
+        assert checkpoint.sample_sets() == ["general"] and sorted(checkpoint.read_json(checkpoint.plan)["sets"]) == ["opswap"]
+        assert "ood_drift" in checkpoint.read_point()["metrics"]
+        generate_with_judge_stream(served, checkpoint.root)  # what the driver's track_checkpoints does
+    finally:
+        server.stop()
+    assert checkpoint.sample_sets() == ["general", "opswap"]
+    built_in = served.model_copy(update={"evaluation": served.evaluation.model_copy(update={"backend": "hf", "server": None})})
+    run_training(built_in, tmp_path / "hf", source)
+    [alone] = TrialFiles(tmp_path / "hf").checkpoints()
+    assert checkpoint.read_samples("opswap") == alone.read_samples("opswap") and len(alone.read_samples("opswap")) == 3
