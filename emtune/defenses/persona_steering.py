@@ -98,7 +98,7 @@ def make_steering_hook(vector: Any, alpha: float, positions: Any = None) -> Any:
     only where the mask is 1, and not at all while it returns None (decode-only steering).
     """
     return block_output_hook(alpha * vector.float(),
-                             lambda hidden, shift, where: hidden + (shift if where is None else where * shift), positions)
+                             lambda h, shift, where: h + (shift if where is None else where * shift), positions)
 
 
 def pair_filter(config: PersonaSteeringConfig) -> PairFilter:
@@ -135,11 +135,9 @@ def judge_filter_problem(who: str, config: Any, spec: Any) -> list[str]:
 
 def tiny_layer_problems(who: str, layers: tuple[int, ...], spec: Any) -> list[str]:
     """On the tiny model (whose depth is known before it is built) every layer must be one of its blocks."""
-    blocks = spec.model.tiny.num_layers
-    if spec.model.source != "tiny":
-        return []
-    return [f"{who}: layer {layer} is past the tiny model's {blocks} blocks; use 1..{blocks} (or raise "
-            "model.tiny.num_layers)" for layer in layers if layer > blocks]
+    blocks = spec.model.tiny.num_layers if spec.model.source == "tiny" else None
+    return [] if blocks is None else [f"{who}: layer {layer} is past the tiny model's {blocks} blocks; use "
+                                      f"1..{blocks} (or raise model.tiny.num_layers)" for layer in layers if layer > blocks]
 
 
 def vector_cache_path(how: PersonaExtraction, spec: Any, cache_dir: Path) -> Path:
