@@ -43,7 +43,7 @@ import yaml
 from emtune.config import StudySpec, load_spec
 from emtune.evaluation.points import EvaluationPoint, point_label
 from emtune.search_spec import SamplerSpec
-from emtune.evaluation.points import pruning_metrics
+from emtune.evaluation.checkpoint_checks import pruning_metrics
 from emtune.study.candidates import final_point_attrs, pruning_config, tell_candidates
 from emtune.study.outcomes import outcome
 from emtune.study.space import build_sampler, suggest

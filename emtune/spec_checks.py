@@ -23,7 +23,7 @@ from emtune.data.loading import DatasetSpec
 from emtune.defenses.base import is_local_source
 from emtune.defenses.interleaving import pool_dataset
 from emtune.defenses.registry import DEFENSES
-from emtune.evaluation.points import checkpoint_problems
+from emtune.evaluation.checkpoint_checks import checkpoint_problems
 from emtune.evaluation.prompt_files import is_prompt_file
 from emtune.evaluation.sets import known_metrics, metric_unavailable
 from emtune.spec_errors import did_you_mean

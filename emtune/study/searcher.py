@@ -25,7 +25,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from emtune.config import StudySpec
-from emtune.evaluation.points import pruning_metrics
+from emtune.evaluation.checkpoint_checks import pruning_metrics
 from emtune.study.candidates import final_point_attrs, pruning_config, tell_candidates
 from emtune.study.failures import tune_trial_error
 from emtune.study.internals import reattach_trial, tune_trial_folders

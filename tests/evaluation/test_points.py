@@ -7,7 +7,7 @@ import pytest
 
 from emtune.config import load_spec
 from emtune.evaluation.points import EvaluationPoint, point_label, resolve_points, stop_points
-from emtune.evaluation.points import pruning_metrics
+from emtune.evaluation.checkpoint_checks import pruning_metrics
 from emtune.spec_errors import SpecError
 
 

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from emtune.config import load_spec
-from emtune.evaluation.points import pruning_metrics
+from emtune.evaluation.checkpoint_checks import pruning_metrics
 from emtune.study.candidates import pruning_config
 from emtune.study.searcher import EmtuneSearcher
 from emtune.tracking.front import front_table
