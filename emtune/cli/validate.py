@@ -52,10 +52,11 @@ def line(checked: Checked) -> str:
     s = summary(checked)
     trials = f"{s['trials']} trials"
     if s["baselines"]:
-        shared = {"undefended", "stopped_early"} <= set(s["baselines"])
-        trials += (f" + {len(s['baselines'])} baselines ({', '.join(s['baselines'])}"
-                   + ("; one fine-tune measures undefended and stopped_early" if shared else "")
-                   + f") = {s['runs']} runs")
+        from emtune.study.outcomes import baseline_trials  # optuna: only for a spec with baselines
+
+        runs = baseline_trials(s["baselines"])  # one undefended fine-tune measures stopped_early too
+        trials += (f" + {len(runs)} baseline{'s' if len(runs) > 1 else ''} "
+                   f"({', '.join(' + '.join(kinds) for kinds in runs)}) = {s['runs']} runs")
     inputs = ", ".join(f"{v} {k}" for k, v in s["inputs"].items())
     text = (f"{checked.file}: ok: study {s['study']!r}, {trials} over [{', '.join(s['parameters'])}], "
             f"defenses [{', '.join(s['defenses']) or 'none'}]; {inputs}")
