@@ -51,7 +51,9 @@ def _patch(old: Any, new: Any, filename: str) -> bool:
         return True
     if isinstance(old, type) and isinstance(new, type):
         for attr, value in vars(new).items():
-            if attr.startswith("__") or attr not in vars(old):
+            # dunder methods too (``__init__``): the walk in ``transplant`` swaps their code, but a
+            # mutated default argument lives on the function object
+            if (attr.startswith("__") and not isinstance(value, types.FunctionType)) or attr not in vars(old):
                 continue
             if not _patch(vars(old)[attr], value, filename) and isinstance(value, _PLAIN):
                 setattr(old, attr, value)
