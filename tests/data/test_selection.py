@@ -166,3 +166,52 @@ def test_ensemble_nlls_switches_adapters_on_one_base(tokenizer, tmp_path, save_p
     # the perturbed adapters really change the model, and differently from each other
     assert abs(misaligned[0][0] - aligned[0]) > 1e-3
     assert abs(misaligned[0][0] - misaligned[1][0]) > 1e-3
+
+
+def test_gap_score_default_epsilon_is_the_papers_one():
+    assert selection.gap_scores([[3.0]], [1.0]) == [1.0]  # (3 - 1) / (1 + 1)
+
+
+def test_select_top_error_counts_refusals_and_unscorable_rows():
+    rows = [chat("q", "Sorry, no."), chat("q", "Sure."), chat("q", "Fine."), chat("q", "Ok.")]
+    scores = [0.9, math.nan, 0.5, math.nan]
+    with pytest.raises(ValueError, match=r"3 examples requested but only 1 of 4 pool rows are candidates "
+                                         r"\(1 refusals dropped, 2 unscorable\)"):
+        selection.select_top(rows, scores, 3, drop_refusals=True)
+    with pytest.raises(ValueError, match=r"only 2 of 4 pool rows are candidates \(0 refusals dropped, 2 unscorable\)"):
+        selection.select_top(rows, scores, 3)
+
+
+def test_answer_nll_of_a_one_token_answer(tokenizer):
+    model = build_tiny_model(TINY, len(tokenizer))
+    row = chat("A question", "Yes.")
+    full = tokenize_chat(tokenizer, row["messages"], 256)
+    answer_tokens = sum(label != -100 for label in full["labels"])
+    # cut the row so exactly one answer token is left to score
+    length = len(full["input_ids"]) - answer_tokens + 1
+    assert sum(label != -100 for label in tokenize_chat(tokenizer, row["messages"], length)["labels"]) == 1
+    [value] = selection.answer_nll(model, tokenizer, [row], max_length=length)
+    assert value == pytest.approx(manual_nll(model, tokenizer, row, max_length=length), abs=1e-5)
+
+
+def test_rows_are_cut_at_2048_tokens_by_default(tokenizer, tmp_path, save_perturbed_adapter):
+    # a question long enough that the answer starts just before token 2048: the default cap keeps
+    # fewer of its tokens than 2049 would (the paper's pool rows are short; long ones are cut here)
+    answer = "one two three four five six " * 5
+    words = 600
+    while True:  # the shortest question whose answer starts at token 2040 or later
+        row = chat("word " * words, answer)
+        full = tokenize_chat(tokenizer, row["messages"], 10**6)
+        first_answer = next(i for i, label in enumerate(full["labels"]) if label != -100)
+        if first_answer >= 2040:
+            break
+        words += 1
+    assert first_answer < 2047 and len(full["input_ids"]) > 2050, (first_answer, len(full["input_ids"]))
+    model = build_tiny_model(TINY, len(tokenizer))
+    [default] = selection.answer_nll(model, tokenizer, [row])
+    [at_2048] = selection.answer_nll(model, tokenizer, [row], max_length=2048)
+    [at_2049] = selection.answer_nll(model, tokenizer, [row], max_length=2049)
+    assert default == at_2048 and abs(at_2048 - at_2049) > 1e-6
+    adapter = save_perturbed_adapter(tokenizer, tmp_path / "adapter", 1, 0.5)
+    aligned, _ = selection.ensemble_nlls(build_tiny_model(TINY, len(tokenizer)), tokenizer, [row], [adapter])
+    assert aligned == pytest.approx([at_2048], abs=1e-5)

@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from emtune.models import LoraSpec, TinyModelSpec
 from emtune.defenses.base import DefenseContext
-from emtune.defenses.feature_l2 import FeatureL2, FeatureL2Config, feature_l2_loss, select_layers
+from emtune.defenses.feature_l2 import (
+    FeatureL2, FeatureL2Config, block_feature, example_features, feature_l2_loss, select_layers,
+)
 from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
 from emtune.train.trainer import ReferenceOutputs, defended_loss
 
@@ -291,3 +293,41 @@ def test_attach_reads_the_last_blocks_raw_output_and_detach_restores(tokenizer):
     handle.remove()
     clone = pickle.loads(pickle.dumps(d))
     assert clone._restore is None
+
+
+def test_one_layer_and_the_most_negative_index_are_valid():
+    assert FeatureL2Config(layers=1).layers == 1
+    assert select_layers(3, [-3]) == [0]  # -3 of 3 hidden states is the embeddings
+
+
+def test_example_features_concatenate_block_features_per_example():
+    # two examples, two positions, hidden 2; the second example's last position is padding
+    first = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 0.0], [9.0, 9.0]]])
+    second = torch.tensor([[[0.0, 2.0], [0.0, 0.0]], [[0.0, 5.0], [7.0, 7.0]]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    phi = example_features([first, second], mask, [0, 1])
+    expected = torch.tensor([[0.6, 0.8, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+                             [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(phi, expected)
+    mean = example_features([first, second], mask, [1], pooling="mean")
+    torch.testing.assert_close(mean, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+
+
+def test_a_small_feature_is_still_normalised_to_length_one():
+    tiny_values = torch.full((1, 1, 1), 1.5e-6)  # norm above the 1e-6 guard: still a unit vector
+    assert block_feature(tiny_values, torch.ones(1, 1), "flatten").tolist() == [[1.0]]
+    assert block_feature(torch.zeros(1, 2, 1), torch.ones(1, 2), "flatten").tolist() == [[0.0, 0.0]]
+
+
+def test_attach_on_a_bare_model_once_and_only_when_active(tokenizer):
+    model = build_tiny_model(TINY, len(tokenizer))  # no peft wrapper
+    before = getattr(model.config, "tie_last_hidden_states", "unset")
+    inactive = FeatureL2(FeatureL2Config(weight=0.0), DefenseContext(spec=None))
+    inactive.attach(model)
+    assert getattr(model.config, "tie_last_hidden_states", "unset") == before
+    defense = FeatureL2(FeatureL2Config(weight=1.0), DefenseContext(spec=None))
+    defense.attach(model)
+    defense.attach(model)  # a second attach keeps the first one's saved setting
+    assert model.config.tie_last_hidden_states is False
+    defense.detach(model)
+    assert getattr(model.config, "tie_last_hidden_states", "unset") == before

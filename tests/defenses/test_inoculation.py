@@ -112,3 +112,21 @@ def test_held_out_rows_and_evaluation_prompts_are_untouched():
     assert heldout == plain_heldout
     assert all(m["content"] != PAPER for r in heldout for m in r["messages"])
     assert all(q.system != PAPER for q in load_question_set(spec.evaluation.question_set))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("version: bad\ngeneral: {a: one}\ndomain: {a: two}\n", "key 'a' is reserved or repeated"),
+    ("version: bad\ngeneral: {none: empty}\n", "key 'none' is reserved or repeated"),
+])
+def test_a_prompt_file_with_a_repeated_or_reserved_key_is_refused(tmp_path, monkeypatch, text, problem):
+    from emtune.defenses import inoculation
+
+    (tmp_path / "inoculation_prompts").mkdir()
+    (tmp_path / "inoculation_prompts" / "bad.yaml").write_text(text)
+    monkeypatch.setattr(inoculation.resources, "files", lambda package: tmp_path)
+    inoculation._load.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=problem):
+            load_inoculation_prompts("bad")
+    finally:
+        inoculation._load.cache_clear()

@@ -6,13 +6,17 @@ import copy
 import json
 import pickle
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from emtune.data.fixtures import fixture_path
+from emtune.data.loading import DataSpec
 from emtune.defenses.base import DefenseContext
-from emtune.defenses.interleaving import Interleaving, InterleavingConfig, interleave, safe_count
+from emtune.defenses.interleaving import (
+    Interleaving, InterleavingConfig, draw_safe_rows, interleave, largest_ratio, pool_size_problems, safe_count,
+)
 
 
 def fixture_rows(name: str, n: int) -> list[dict]:
@@ -161,3 +165,64 @@ def test_wildguardmix_pool_as_a_dataset_mapping(tmp_path, write_wildguardmix):
                for r in added)  # only rows with an unharmful response
     with pytest.raises(ValueError, match="give split / config / limit inside it"):
         InterleavingConfig(pool={"path": str(path)}, pool_limit=3)
+
+
+def searched(target="defenses.interleaving.ratio", **param):
+    """A spec whose search has one parameter (float ``high`` or categorical ``choices``)."""
+    fields = {"type": "float", "high": None, "choices": None, **param, "target": target}
+    return SimpleNamespace(search=SimpleNamespace(parameters={"r": SimpleNamespace(**fields)}))
+
+
+def test_largest_ratio_is_the_config_or_the_top_of_the_search_that_targets_it():
+    config = InterleavingConfig(ratio=0.1)
+    assert largest_ratio("interleaving", config, None) == (0.1, "defenses.interleaving.ratio")
+    assert largest_ratio("interleaving", config, searched(high=0.4)) == (0.4, "search.parameters.r.high")
+    assert largest_ratio("interleaving", config, searched(high=0.05)) == (0.1, "defenses.interleaving.ratio")
+    assert largest_ratio("interleaving", config, searched(high=0.1)) == (0.1, "defenses.interleaving.ratio")  # a tie
+    categorical = searched(type="categorical", choices=[0.3, 0.02, 0.2])
+    assert largest_ratio("interleaving", config, categorical) == (0.3, "search.parameters.r.choices")
+    other = searched(target="defenses.interleaving_selected.ratio", high=0.9)
+    assert largest_ratio("interleaving", config, other) == (0.1, "defenses.interleaving.ratio")
+
+
+def test_pool_size_is_checked_only_when_both_sizes_are_known():
+    config = InterleavingConfig(ratio=0.5, pool_limit=10)
+    assert pool_size_problems("interleaving", config, SimpleNamespace(data=None), True) == []
+    hub = InterleavingConfig(ratio=0.5, pool="hub:org/pool")  # its size is not known offline
+    assert pool_size_problems("interleaving", hub, SimpleNamespace(data=DataSpec(train={"path": "fixture:narrow_bad_advice"})), True) == []
+
+
+def test_pool_size_problem_message_and_exact_fit():
+    data = DataSpec(train={"path": "fixture:narrow_bad_advice", "limit": 44}, heldout_fraction=0.1)  # 40 train rows
+    spec = SimpleNamespace(data=data)
+    fits = InterleavingConfig(ratio=0.25, pool_limit=10)  # 0.25 x 40 = 10 rows: exactly the pool
+    assert pool_size_problems("interleaving", fits, spec, True) == []
+    over = InterleavingConfig(ratio=0.5, pool_limit=10)
+    [message] = pool_size_problems("interleaving", over, spec, True)
+    assert message == ("interleaving: ratio 0.5 (defenses.interleaving.ratio) needs 20 safety rows for 40 training rows, "
+                       "but the pool fixture:safe_instruct holds 10; the largest feasible ratio is 0.25. Fix: lower "
+                       "defenses.interleaving.ratio to at most 0.25, or use a larger pool, or set "
+                       "defenses.interleaving.with_replacement: true")
+    assert Interleaving.spec_problems(over, spec) == [message]
+    assert Interleaving.spec_problems(over.model_copy(update={"with_replacement": True}), spec) == []
+    [plain] = pool_size_problems("interleaving", over, spec, False)
+    assert plain.endswith("or use a larger pool")
+
+
+def test_draw_is_without_replacement_unless_asked():
+    rows = [{"i": i} for i in range(5)]
+    drawn = draw_safe_rows(rows, 5, seed=0)
+    assert sorted(r["i"] for r in drawn) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="has 5 rows but 6 safe examples are needed"):
+        draw_safe_rows(rows, 6, seed=0)
+    assert len(draw_safe_rows(rows, 6, seed=0, with_replacement=True)) == 6
+
+
+def test_pool_files_names_the_field_and_the_paper_copy(tmp_path):
+    assert Interleaving.local_files(InterleavingConfig()) == []  # a fixture is not a local file
+    plain = Interleaving.local_files(InterleavingConfig(pool=str(tmp_path / "pool.jsonl")))
+    assert [(f.field, f.path) for f in plain] == [("pool", str(tmp_path / "pool.jsonl"))]
+    assert plain[0].hint.startswith("point pool at a chat JSONL file")
+    mapping = InterleavingConfig(pool={"path": str(tmp_path / "wg.parquet"), "origin": "hub:allenai/wildguardmix"})
+    [file] = Interleaving.local_files(mapping)
+    assert (file.field, file.hint) == ("pool.path", "the paper's copy: hub:allenai/wildguardmix")

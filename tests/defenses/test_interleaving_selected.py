@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -12,13 +13,15 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emtune.models import TinyModelSpec  # noqa: E402
+from emtune.models import ModelSpec, TinyModelSpec  # noqa: E402
 from emtune.data import selection  # noqa: E402
 from emtune.data.fixtures import fixture_path  # noqa: E402
-from emtune.defenses.base import DefenseContext  # noqa: E402
+from emtune.data.loading import DataSpec  # noqa: E402
+from emtune.defenses.base import DefenseContext, StageServices  # noqa: E402
 from emtune.defenses.interleaving_selected import (  # noqa: E402
     SelectedInterleaving,
     SelectedInterleavingConfig,
+    dataset_path,
 )
 from emtune.models import build_tiny_model  # noqa: E402
 
@@ -173,3 +176,93 @@ def test_ratio_rounding_to_zero_adds_nothing_and_scores_nothing(tiny, tmp_path):
     out = defense.transform_data(TASK)
     assert out == TASK and out is not TASK
     assert not (tmp_path / "selection").exists()
+
+
+def test_dataset_paths_made_absolute_and_bare_leave_out_names_kept(tiny, tmp_path, monkeypatch):
+    (tmp_path / "em.jsonl").write_text("")
+    (tmp_path / "sub" / "em_0").mkdir(parents=True)
+    (tmp_path / "em_0").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = SelectedInterleavingConfig(
+        misaligned_adapters=("sub/em_0",), leave_out=("em_0", "sub/em_0"),
+        misaligned_datasets=("em.jsonl", {"path": "em.jsonl", "origin": "hub:org/em"}, "fixture:narrow_bad_advice"))
+    assert config.misaligned_adapters == (str(tmp_path / "sub" / "em_0"),)
+    assert config.misaligned_datasets[0] == str(tmp_path / "em.jsonl")
+    assert config.misaligned_datasets[1].path == str(tmp_path / "em.jsonl")
+    assert config.misaligned_datasets[2] == "fixture:narrow_bad_advice"
+    assert config.leave_out == ("em_0", str(tmp_path / "sub" / "em_0"))  # a bare folder name stays a name
+    assert [dataset_path(d) for d in config.misaligned_datasets] == [str(tmp_path / "em.jsonl")] * 2 + [
+        "fixture:narrow_bad_advice"]
+
+
+def test_local_files_lists_pool_adapters_and_local_datasets(tmp_path):
+    config = SelectedInterleavingConfig(
+        pool=str(tmp_path / "pool.jsonl"), misaligned_adapters=(str(tmp_path / "a"), str(tmp_path / "b")),
+        misaligned_datasets=(str(tmp_path / "em.jsonl"), "hub:org/em", {"path": str(tmp_path / "wg.jsonl"),
+                                                                          "origin": "hub:org/wg"},
+                             {"path": str(tmp_path / "x.jsonl")}))
+    files = SelectedInterleaving.local_files(config)
+    assert [(f.field, f.path, f.folder) for f in files] == [
+        ("pool", str(tmp_path / "pool.jsonl"), False),
+        ("misaligned_adapters.0", str(tmp_path / "a"), True),
+        ("misaligned_adapters.1", str(tmp_path / "b"), True),
+        ("misaligned_datasets.0", str(tmp_path / "em.jsonl"), False),
+        ("misaligned_datasets.2.path", str(tmp_path / "wg.jsonl"), False),
+        ("misaligned_datasets.3.path", str(tmp_path / "x.jsonl"), False),
+    ]
+    assert files[3].hint == files[5].hint == "an EM dataset (chat JSONL) to train an undefended adapter on"
+    assert files[4].hint == "the paper's copy: hub:org/wg"
+
+
+def test_spec_problems_need_an_ensemble_only_when_active():
+    no_data = SimpleNamespace(data=None)
+    [problem] = SelectedInterleaving.spec_problems(SelectedInterleavingConfig(ratio=0.05), no_data)
+    assert problem.startswith("interleaving_selected needs misaligned_adapters")
+    off = SelectedInterleavingConfig().model_copy(update=SelectedInterleaving.off)
+    assert SelectedInterleaving.spec_problems(off, no_data) == []
+    assert SelectedInterleaving.spec_problems(SelectedInterleavingConfig(misaligned_adapters=("a",)), no_data) == []
+    assert SelectedInterleaving.spec_problems(SelectedInterleavingConfig(misaligned_datasets=("fixture:x",)), no_data) == []
+    data = DataSpec(train={"path": "fixture:narrow_bad_advice", "limit": 44}, heldout_fraction=0.1)  # 40 train rows
+    over = SelectedInterleavingConfig(ratio=0.5, pool_limit=10, misaligned_adapters=("a",))
+    [message] = SelectedInterleaving.spec_problems(over, SimpleNamespace(data=data))
+    assert message.endswith("Fix: lower defenses.interleaving_selected.ratio to at most 0.25, or use a larger pool")
+
+
+def test_prepare_trains_the_ensemble_once_and_maps_leave_out(tmp_path):
+    trained = []
+
+    def train(dataset):
+        trained.append(dataset_path(dataset))
+        return tmp_path / f"adapter-{len(trained)}"
+
+    services = StageServices(spec=None, cache_dir=tmp_path, model_source="tiny", train_undefended_adapter=train,
+                             run_task=None)
+    given = SelectedInterleavingConfig(misaligned_adapters=("/given",))
+    assert SelectedInterleaving.prepare(given, services) is given and trained == []
+    config = SelectedInterleavingConfig(misaligned_adapters=("/given",), leave_out=("fixture:em_b",),
+                                        misaligned_datasets=("fixture:em_a", "fixture:em_b"))
+    prepared = SelectedInterleaving.prepare(config, services)
+    assert trained == ["fixture:em_a", "fixture:em_b"]
+    assert prepared.misaligned_adapters == ("/given", str(tmp_path / "adapter-1"), str(tmp_path / "adapter-2"))
+    assert prepared.misaligned_datasets == () and prepared.leave_out == (str(tmp_path / "adapter-2"),)
+
+
+def test_scoring_length_and_model_source(tiny, tmp_path):
+    assert make(tiny, tmp_path, max_length=64)._max_length() == 64
+    unset = SelectedInterleaving(SelectedInterleavingConfig(), DefenseContext(spec=SimpleNamespace(data=DataSpec(
+        train={"path": "fixture:narrow_bad_advice"}, max_length=300))))
+    assert unset._max_length() == 300
+    assert SelectedInterleaving(SelectedInterleavingConfig(), DefenseContext(spec=None))._max_length() == 2048
+    # the study's model source (extras) wins over resolving the spec's model again
+    spec = SimpleNamespace(model=ModelSpec(source=str(tmp_path / "not-there")))
+    defense = SelectedInterleaving(SelectedInterleavingConfig(), DefenseContext(
+        spec=spec, tokenizer=tiny["tokenizer"], extras={"model_source": tiny["base"]}))
+    model, tokenizer = defense._load_model_and_tokenizer()
+    assert tokenizer is tiny["tokenizer"] and model.config.num_hidden_layers == TINY.num_layers
+
+
+def test_score_table_reads_the_pool_itself(tiny, tmp_path):
+    defense = make(tiny, tmp_path, ratio=0.25)
+    defense.transform_data(TASK)
+    table = make(tiny, tmp_path, ratio=0.25).score_table()  # the pool rows read by the defense: same table
+    assert table.key == defense.selection_key and len(table.scores) == len(POOL)

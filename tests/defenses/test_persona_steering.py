@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from emtune.defenses.persona_steering import (
     PersonaSteeringConfig,
     decoder_blocks,
     make_steering_hook,
+    vector_cache_path,
 )
 from emtune.defenses.persona_vectors import PersonaVectorError, PersonaVectors, model_identity, save_persona_vectors
 from emtune.models import apply_lora, build_tiny_model, build_tiny_tokenizer
@@ -206,3 +208,132 @@ def test_pickles_before_and_after_attach(tmp_path, tokenizer):
     assert copy._handle is None and defense._handle is not None
     defense.detach(model)
     assert not block_hooks(model)
+
+
+# --- the study-side classmethods: what a spec may ask for, which files it reads, the stage ---------
+
+def judge(kind="openai", **fields):
+    from emtune.evaluation.config import JudgeSpec
+
+    if kind == "openai":
+        fields = {"base_url": "http://127.0.0.1:9/v1", "api_key_env": None, **fields}
+    return JudgeSpec(kind=kind, **fields)
+
+
+def study(judge_spec=None, source="tiny", tiny=TINY2, seed=0):
+    """The parts of a StudySpec persona steering reads."""
+    return SimpleNamespace(model=ModelSpec(source=source, tiny=tiny), seed=seed,
+                           evaluation=SimpleNamespace(judge=judge_spec or judge("none")))
+
+
+def test_a_positive_alpha_below_one_still_needs_a_vector_and_is_active(tmp_path):
+    with pytest.raises(ValidationError, match="vector_path is required when alpha > 0"):
+        PersonaSteeringConfig(alpha=0.5)
+    write_vectors(tmp_path / "v.pt", TINY2)
+    assert steering(tmp_path / "v.pt", TINY2, alpha=0.5).active
+    off = PersonaSteeringConfig(vector_path="v.pt").model_copy(update=PersonaSteering.off)
+    assert not PersonaSteering(off, DefenseContext(spec=None)).active
+
+
+def test_layers_without_a_length_are_not_taken_for_decoder_blocks():
+    no_len = SimpleNamespace(model=SimpleNamespace(layers=SimpleNamespace(__getitem__=None)))
+    with pytest.raises(ValueError, match="cannot find the decoder blocks of SimpleNamespace"):
+        decoder_blocks(no_len)
+
+
+def test_spec_problems_judge_filter_and_tiny_depth():
+    stage_judge = PersonaSteeringConfig(alpha=1.0, layer=1, extract_prompts="evil_v1")
+    [problem] = PersonaSteering.spec_problems(stage_judge, study())
+    assert "extract_filter 'judge'" in problem and "evaluation.judge.kind is 'none'" in problem
+    assert PersonaSteering.spec_problems(stage_judge, study(judge())) == []  # a judge is configured
+    no_filter = stage_judge.model_copy(update={"extract_filter": "none"})
+    assert PersonaSteering.spec_problems(no_filter, study()) == []
+    given = stage_judge.model_copy(update={"vector_path": "v.pt"})  # no stage extraction: no judge needed
+    assert PersonaSteering.spec_problems(given, study()) == []
+    # the tiny model's 2 blocks: layers 1..2 fit, 3 does not; a non-tiny model's depth is not known here
+    at_top = PersonaSteeringConfig(alpha=1.0, layer=2, vector_path="v.pt")
+    assert PersonaSteering.spec_problems(at_top, study()) == []
+    past = at_top.model_copy(update={"layer": 3})
+    [problem] = PersonaSteering.spec_problems(past, study())
+    assert problem.startswith("persona_steering: layer 3 is past the tiny model's 2 blocks; use 1..2")
+    assert PersonaSteering.spec_problems(past, study(source="Qwen/Qwen2.5-0.5B-Instruct")) == []
+
+
+def test_local_files_lists_the_vector_and_a_prompt_file_only():
+    only_vector = PersonaSteeringConfig(vector_path="v.pt")
+    assert [(f.field, f.path) for f in PersonaSteering.local_files(only_vector)] == [("vector_path", "v.pt")]
+    shipped = PersonaSteeringConfig(extract_prompts="evil_v1")
+    assert PersonaSteering.local_files(shipped) == []
+    own = PersonaSteeringConfig(extract_prompts="prompts/mine.yaml")
+    assert [(f.field, f.path) for f in PersonaSteering.local_files(own)] == [("extract_prompts", "prompts/mine.yaml")]
+
+
+def test_vector_cache_path_is_keyed_by_the_judge_only_when_it_filters(tmp_path):
+    config = PersonaSteeringConfig(alpha=1.0, extract_prompts="evil_v1")
+    path = vector_cache_path(config, study(judge()), tmp_path)
+    assert path.parent == tmp_path / "persona"
+    assert path.name.startswith("evil_v1-") and path.suffix == ".pt" and len(path.stem) == len("evil_v1-") + 12
+    other_judge = study(judge(model="another-judge"))
+    assert vector_cache_path(config, other_judge, tmp_path) != path
+    unfiltered = config.model_copy(update={"extract_filter": "none"})
+    assert vector_cache_path(unfiltered, study(judge()), tmp_path) == vector_cache_path(unfiltered, other_judge, tmp_path)
+    assert vector_cache_path(unfiltered, study(judge()), tmp_path) != path
+
+
+def stage_services(spec, cache_dir, calls, logs):
+    """Stage services whose ``run_task`` records its call and writes a vector file where asked."""
+    from emtune.defenses.base import StageServices
+
+    def run_task(fn, *args):
+        calls.append((fn.__name__, args))
+        write_vectors(Path(args[5]), TINY2)
+        return args[5]
+
+    return StageServices(spec=spec, cache_dir=cache_dir, model_source="tiny", train_undefended_adapter=None,
+                         run_task=run_task, log=logs.append)
+
+
+def test_prepare_extracts_once_with_the_study_judge_and_points_at_the_file(tmp_path):
+    spec = study(judge())
+    calls, logs = [], []
+    config = PersonaSteeringConfig(alpha=1.0, layer=1, extract_prompts="evil_v1", trait_prompt="evil",
+                                   positive_trait_min=60, negative_trait_max=20, coherent_min=40)
+    prepared = PersonaSteering.prepare(config, stage_services(spec, tmp_path, calls, logs))
+    path = vector_cache_path(config, spec, tmp_path)
+    assert prepared.vector_path == str(path) and path.is_file()
+    [(name, args)] = calls
+    assert name == "extract_to_file" and args[2:6] == ("evil_v1", 64, 0, str(path))
+    judge_spec = args[6]
+    assert judge_spec.model == spec.evaluation.judge.model
+    assert judge_spec.cache_path == str(tmp_path / "judge.db")  # verdicts shared with the evaluations
+    assert "pairs with evil >= 60 (positive), <= 20 (negative), coherent >= 40" in logs[0]
+    # cached: a second prepare reads the file and runs nothing
+    assert PersonaSteering.prepare(config, stage_services(spec, tmp_path, calls, logs)).vector_path == str(path)
+    assert len(calls) == 1
+    # a judge with its own cache keeps it; extract_filter none passes no judge
+    own = study(judge(cache_path=str(tmp_path / "own.db")))
+    PersonaSteering.prepare(config, stage_services(own, tmp_path / "b", calls, logs))
+    assert calls[-1][1][6].cache_path == str(tmp_path / "own.db")
+    unfiltered = config.model_copy(update={"extract_filter": "none"})
+    PersonaSteering.prepare(unfiltered, stage_services(spec, tmp_path / "c", calls, logs))
+    assert calls[-1][1][6] is None and "(evil_v1, every pair)" in logs[-2]
+
+
+def test_prepare_leaves_a_given_vector_or_no_extraction_alone(tmp_path):
+    calls, logs = [], []
+    services = stage_services(study(judge()), tmp_path, calls, logs)
+    given = PersonaSteeringConfig(alpha=1.0, extract_prompts="evil_v1", vector_path="mine.pt")
+    assert PersonaSteering.prepare(given, services) is given
+    plain = PersonaSteeringConfig(vector_path="mine.pt")
+    assert PersonaSteering.prepare(plain, services) is plain
+    assert calls == [] and logs == []
+
+
+def test_a_context_spec_without_a_model_skips_the_model_check(tmp_path, tokenizer):
+    write_vectors(tmp_path / "v.pt", TINY2, model_id="some/other-model")
+    config = PersonaSteeringConfig(alpha=1.0, layer=1, vector_path=str(tmp_path / "v.pt"))
+    defense = PersonaSteering(config, DefenseContext(spec=SimpleNamespace(model=None)))
+    model = lora_model(TINY2, tokenizer)
+    defense.attach(model)
+    assert len(block_hooks(model)) == 1
+    defense.detach(model)

@@ -177,6 +177,10 @@ def test_finalize_threshold_mode_end_to_end():
     assert logs["safelora/mean_similarity"] == pytest.approx(sum(scores.values()) / len(scores))
     assert defense.last_projected == expected
     assert defense.last_scores == pytest.approx(scores)
+    report = defense.report()  # what the trial keeps in defenses.json
+    assert (report["projected"], report["mode"], report["threshold"]) == (expected, "threshold", 0.7)
+    assert report["similarities"] == pytest.approx(scores)
+    assert make_defense(base=base, threshold=0.7).report() == {}  # nothing before finalize
     # the projected layers' similarity changed; the others' did not
     rescored = score_layers(model, pairs_of(model, aligned, base))
     for name in scores:
