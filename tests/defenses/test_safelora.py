@@ -256,3 +256,12 @@ def test_config_validation_yaml_roundtrip_and_pickle():
     defense = SafeLoRA(cfg, DefenseContext(spec=spec))
     clone = pickle.loads(pickle.dumps(defense))
     assert clone.config == cfg and clone.active
+
+
+def test_rank_similarity_of_a_small_update_and_of_one_the_projector_removes():
+    # ΔW = B·A = [[0.03, 0.04], [0.06, 0.08]] (‖ΔW‖² = 0.0125, well below 1); V = e_1, C = diag(1, 0):
+    # C·ΔW keeps the first row, ‖C·ΔW‖² = 0.0025 = ⟨ΔW, C·ΔW⟩, so cos = 0.0025 / sqrt(0.0125 · 0.0025) = sqrt(0.2)
+    b, a = torch.tensor([[0.1], [0.2]]), torch.tensor([[0.3, 0.4]])
+    assert rank_similarity(b, a, torch.tensor([[1.0], [0.0]])) == pytest.approx(0.2 ** 0.5, abs=1e-9)
+    # an update in the second row only, with V = e_1: C·ΔW = 0, similarity 0 (not 0/0)
+    assert rank_similarity(torch.tensor([[0.0], [0.2]]), a, torch.tensor([[1.0], [0.0]])) == 0.0

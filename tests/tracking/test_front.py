@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from emtune.tracking.front import format_table, front_table
+from emtune.tracking.front import FrontTable, TrialRow, format_table, front_table
 from emtune.tracking.plots import plot_front
 
 
@@ -113,3 +113,47 @@ def test_format_table_by_hand() -> None:
         "2      2     3     3  3  0.75   COMPLETE",
         "4      -     -     -  5  0.9    REEVALUATED",
     ]
+
+
+def _table() -> FrontTable:
+    """Six trials: two on the front, a dominated one (rank 1) whose first objective is lower than a
+    front member's, a feasible-less unranked one, a failure and a running trial; two baselines."""
+    rows = [
+        TrialRow(0, "FAIL", {"w": 0.1}, None, False, fail_reason="boom\nTraceback ..."),
+        TrialRow(1, "COMPLETE", {"w": 0.2}, [0.15, 0.3], True, rank=1, mlflow_run_id="r1"),
+        TrialRow(2, "COMPLETE", {"w": 0.3}, [0.4, 0.05], True, rank=0, mlflow_run_id="r2"),
+        TrialRow(3, "COMPLETE", {"w": 0.4}, [0.2, 0.9], False),
+        TrialRow(4, "COMPLETE", {"w": 0.5}, [0.1, 0.1], True, rank=0),
+        TrialRow(5, "RUNNING", {"w": 0.6}, None, False),
+    ]
+    return FrontTable(["ood_drift", "general_misalignment"], ["minimize", "minimize"], rows,
+                      baselines={"undefended": {"ood_drift": 0.3, "general_misalignment": 0.5},
+                                 "instruct": {"error": "no adapter"}})
+
+
+def test_one_order_for_every_table_front_first():
+    table = _table()
+    assert [r.number for r in table.ordered()] == [4, 2, 1, 3, 0, 5]  # rank, first objective, number
+    assert [r.number for r in table.ordered(all_trials=False)] == [4, 2]
+    assert [r.number for r in table.front] == [4, 2]
+
+
+def test_csv_records_baselines_then_trials():
+    records = _table().records()
+    assert [(r["kind"], r["trial"]) for r in records] == [("baseline", "instruct"), ("baseline", "undefended"),
+                                                          ("trial", 4), ("trial", 2)]
+    assert records[0] == {"kind": "baseline", "trial": "instruct", "rank": "", "state": "FAIL", "feasible": "",
+                          "ood_drift": "", "general_misalignment": "", "w": "", "mlflow_run_id": "",
+                          "note": "no adapter"}
+    assert records[1]["state"] == "COMPLETE" and records[1]["ood_drift"] == 0.3
+    assert records[3] == {"kind": "trial", "trial": 2, "rank": 0, "state": "COMPLETE", "feasible": True,
+                          "ood_drift": 0.4, "general_misalignment": 0.05, "w": 0.3, "mlflow_run_id": "r2", "note": ""}
+    every = {r["trial"]: r for r in _table().records(all_trials=True) if r["kind"] == "trial"}
+    assert every[3]["rank"] == "" and every[3]["mlflow_run_id"] == ""
+    assert every[0]["note"] == "boom" and every[0]["ood_drift"] == ""
+
+
+def test_text_table_marks_the_infeasible_trial():
+    lines = format_table(_table(), all_trials=True).splitlines()
+    by_trial = {line.split()[0]: line.split() for line in lines[2:] if line.split() and line.split()[0].isdigit()}
+    assert by_trial["3"][1] == "infeasible" and by_trial["1"][1] == "1" and by_trial["0"][1] == "-"
