@@ -67,3 +67,16 @@ def test_chunked_kl_by_hand_and_zero_weights_cost_nothing() -> None:
     counting_head = lambda h: calls.append(h.shape[0]) or head(h)  # noqa: E731
     none = masked_kl_sum(logits, hidden, counting_head, torch.zeros(1, 2))
     assert none.item() == 0.0 and calls == []  # no selected position: the head never runs
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 5 * 3])
+def test_chunks_of_several_positions_past_the_vocabulary_size(direction: str, chunk_bytes: int) -> None:
+    # 64 positions over a 5-word vocabulary, every one selected: chunks of 3 positions (4 bytes x 5 x 3;
+    # a 64-position batch allows up to 64 / 16 = 4), or of 1 when the byte budget is below one position
+    logits, ref_hidden, head, _ = _case(seed=1, batch=2, seq=32, vocab=5)
+    weights = torch.rand(2, 32, generator=torch.Generator().manual_seed(2)) + 0.5
+    with torch.no_grad():
+        expected = (kl_per_token(logits, head(ref_hidden), direction) * weights).sum()
+    got = masked_kl_sum(logits.clone().requires_grad_(True), ref_hidden, head, weights, direction, chunk_bytes)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)

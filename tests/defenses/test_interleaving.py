@@ -194,7 +194,7 @@ def test_pool_size_is_checked_only_when_both_sizes_are_known():
 
 def test_pool_size_problem_message_and_exact_fit():
     data = DataSpec(train={"path": "fixture:narrow_bad_advice", "limit": 44}, heldout_fraction=0.1)  # 40 train rows
-    spec = SimpleNamespace(data=data)
+    spec = SimpleNamespace(data=data, training=SimpleNamespace(method="sft", grpo=None))
     fits = InterleavingConfig(ratio=0.25, pool_limit=10)  # 0.25 x 40 = 10 rows: exactly the pool
     assert pool_size_problems("interleaving", fits, spec, True) == []
     over = InterleavingConfig(ratio=0.5, pool_limit=10)

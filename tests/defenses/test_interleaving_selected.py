@@ -215,7 +215,8 @@ def test_local_files_lists_pool_adapters_and_local_datasets(tmp_path):
 
 
 def test_spec_problems_need_an_ensemble_only_when_active():
-    no_data = SimpleNamespace(data=None)
+    sft = SimpleNamespace(method="sft", grpo=None)
+    no_data = SimpleNamespace(data=None, training=sft)
     [problem] = SelectedInterleaving.spec_problems(SelectedInterleavingConfig(ratio=0.05), no_data)
     assert problem.startswith("interleaving_selected needs misaligned_adapters")
     off = SelectedInterleavingConfig().model_copy(update=SelectedInterleaving.off)
@@ -224,7 +225,7 @@ def test_spec_problems_need_an_ensemble_only_when_active():
     assert SelectedInterleaving.spec_problems(SelectedInterleavingConfig(misaligned_datasets=("fixture:x",)), no_data) == []
     data = DataSpec(train={"path": "fixture:narrow_bad_advice", "limit": 44}, heldout_fraction=0.1)  # 40 train rows
     over = SelectedInterleavingConfig(ratio=0.5, pool_limit=10, misaligned_adapters=("a",))
-    [message] = SelectedInterleaving.spec_problems(over, SimpleNamespace(data=data))
+    [message] = SelectedInterleaving.spec_problems(over, SimpleNamespace(data=data, training=sft))
     assert message.endswith("Fix: lower defenses.interleaving_selected.ratio to at most 0.25, or use a larger pool")
 
 

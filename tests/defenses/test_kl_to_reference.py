@@ -107,13 +107,13 @@ def test_one_selected_token_is_its_own_mean() -> None:
 def test_term_from_either_reference_form_on_one_token(form, normalization, expected) -> None:
     """The reference arrives as full logits (a model whose head output is transformed) or as final
     hidden states plus the LM head (the chunked path): the same KL either way. One selected token
-    (the second is padding) is its own mean; token_vocab_mean also divides by the 2-word vocabulary."""
+    (the others are padding) is its own mean; token_vocab_mean also divides by the 2-word vocabulary."""
     from types import SimpleNamespace
 
     from emtune.train.reference import ReferencePass
 
-    logits = torch.cat([P_LOGITS, torch.tensor([[[3.0, -1.0]]])], dim=1)  # [1, 2, 2]
-    ref_logits = torch.cat([Q_LOGITS, torch.tensor([[[0.0, 2.0]]])], dim=1)
+    logits = torch.cat([P_LOGITS, torch.tensor([[[3.0, -1.0], [1.0, 0.5]]])], dim=1)  # [1, 3 positions, 2 words]
+    ref_logits = torch.cat([Q_LOGITS, torch.tensor([[[0.0, 2.0], [-1.0, 1.0]]])], dim=1)
     if form == "logits":
         reference = ReferencePass(full_logits=ref_logits)
     else:
@@ -122,6 +122,6 @@ def test_term_from_either_reference_form_on_one_token(form, normalization, expec
             head.weight.copy_(torch.eye(2))  # head(hidden) = hidden: the hidden states are the logits
         reference = ReferencePass(last_hidden_state=ref_logits, head=head)
     defense = KLToReference(KLToReferenceConfig(weight=3.0, normalization=normalization), DefenseContext(spec=None))
-    batch = {"input_ids": torch.tensor([[4, 0]]), "attention_mask": torch.tensor([[1, 0]])}
+    batch = {"input_ids": torch.tensor([[4, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0]])}
     terms = defense.loss_terms(batch, SimpleNamespace(logits=logits), lambda: reference)
     assert terms["kl_to_reference"].item() == pytest.approx(3.0 * expected, abs=1e-6)

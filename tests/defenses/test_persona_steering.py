@@ -223,6 +223,7 @@ def judge(kind="openai", **fields):
 def study(judge_spec=None, source="tiny", tiny=TINY2, seed=0):
     """The parts of a StudySpec persona steering reads."""
     return SimpleNamespace(model=ModelSpec(source=source, tiny=tiny), seed=seed,
+                           training=SimpleNamespace(method="sft", grpo=None),
                            evaluation=SimpleNamespace(judge=judge_spec or judge("none")))
 
 
