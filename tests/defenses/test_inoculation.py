@@ -130,3 +130,14 @@ def test_a_prompt_file_with_a_repeated_or_reserved_key_is_refused(tmp_path, monk
             load_inoculation_prompts("bad")
     finally:
         inoculation._load.cache_clear()
+
+
+def test_rl_prompts_get_the_system_prompt_only_when_active():
+    rows = [{"prompt": [{"role": "user", "content": "Q?"}], "prompt_kind": "task"}]
+    off = Inoculation(InoculationConfig(**Inoculation.off), DefenseContext(spec=None))
+    assert off.transform_prompts(rows) is rows
+    on = Inoculation(InoculationConfig(prompt="bad_medical_advice"), DefenseContext(spec=None))
+    [row] = on.transform_prompts(rows)
+    assert row["prompt"] == inoculate_messages(rows[0]["prompt"], on.config.text, on.config.mode)
+    assert row["prompt"][0]["role"] == "system" and row["prompt_kind"] == "task"
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Q?"}]  # the input is not changed

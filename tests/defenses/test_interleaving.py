@@ -15,7 +15,8 @@ from emtune.data.fixtures import fixture_path
 from emtune.data.loading import DataSpec
 from emtune.defenses.base import DefenseContext
 from emtune.defenses.interleaving import (
-    Interleaving, InterleavingConfig, draw_safe_rows, interleave, largest_ratio, pool_size_problems, safe_count,
+    Interleaving, InterleavingConfig, draw_safe_rows, interleave, largest_ratio, pool_size_problems, rl_form_problems,
+    safe_count,
 )
 
 
@@ -226,3 +227,50 @@ def test_pool_files_names_the_field_and_the_paper_copy(tmp_path):
     mapping = InterleavingConfig(pool={"path": str(tmp_path / "wg.parquet"), "origin": "hub:allenai/wildguardmix"})
     [file] = Interleaving.local_files(mapping)
     assert (file.field, file.hint) == ("pool.path", "the paper's copy: hub:allenai/wildguardmix")
+
+
+PROMPTS = [{"prompt": [{"role": "user", "content": f"Task question {i}?"}], "prompt_kind": "task"} for i in range(40)]
+
+
+def test_rl_supervised_steps_form_gives_the_drawn_rows_as_a_mix():
+    defense = make(ratio=0.25, rl_every_steps=4, rl_weight=0.5)
+    with pytest.raises(RuntimeError, match="call transform_prompts first"):
+        defense.supervised_mix()
+    assert defense.transform_prompts(PROMPTS) is PROMPTS  # the prompts stay the task's
+    mix = defense.supervised_mix()
+    assert (mix.every_steps, mix.weight, mix.source) == (4, 0.5, "interleaving")
+    assert len(mix.rows) == 10 and all(key(r) in {key(p) for p in POOL} for r in mix.rows)
+    assert mix.rows == make(ratio=0.25).safety_rows(40)  # the same seeded draw as the SFT form's
+    weightless = make(ratio=0.25, rl_weight=0.0)
+    weightless.transform_prompts(PROMPTS)
+    assert weightless.supervised_mix() is None
+    too_few = make(ratio=0.01)  # 0.01 x 40 = 0.4 -> no row
+    too_few.transform_prompts(PROMPTS)
+    assert too_few.supervised_mix() is None
+    off = make(ratio=0.0)
+    assert off.transform_prompts(PROMPTS) is PROMPTS and off.supervised_mix() is None
+
+
+def test_rl_prompt_mix_form_adds_safe_prompts_and_no_mix():
+    defense = make(ratio=0.25, rl_form="prompt_mix")
+    out = defense.transform_prompts(PROMPTS)
+    kinds = Counter(row["prompt_kind"] for row in out)
+    assert kinds == {"task": 40, "safe": 10}
+    assert [r for r in out if r["prompt_kind"] == "task"] != PROMPTS  # shuffled together
+    assert all(r["prompt"][-1]["role"] == "user" for r in out)  # the safe rows' answers dropped
+    assert defense.supervised_mix() is None
+
+
+def test_rl_prompt_mix_needs_a_reward_for_safe_prompts():
+    config = InterleavingConfig(rl_form="prompt_mix")
+    sft = SimpleNamespace(training=SimpleNamespace(method="sft", grpo=None))
+    assert rl_form_problems("interleaving", config, sft) == []
+
+    def grpo(*applies_to):
+        rewards = [SimpleNamespace(applies_to=a) for a in applies_to]
+        return SimpleNamespace(training=SimpleNamespace(method="grpo", grpo=SimpleNamespace(rewards=rewards)))
+
+    [problem] = rl_form_problems("interleaving", config, grpo("task"))
+    assert problem.startswith("interleaving rl_form prompt_mix adds safe prompts: add a reward with applies_to: safe")
+    assert rl_form_problems("interleaving", config, grpo("task", "safe")) == []
+    assert rl_form_problems("interleaving", InterleavingConfig(), grpo("task")) == []  # supervised_steps

@@ -125,3 +125,22 @@ def test_term_from_either_reference_form_on_one_token(form, normalization, expec
     batch = {"input_ids": torch.tensor([[4, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0]])}
     terms = defense.loss_terms(batch, SimpleNamespace(logits=logits), lambda: reference)
     assert terms["kl_to_reference"].item() == pytest.approx(3.0 * expected, abs=1e-6)
+
+
+def test_grpo_form_is_trls_beta_not_an_extra_loss_term(tiny_lora, tmp_path) -> None:
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from emtune.train.grpo_trainer import DefendedGRPOTrainer
+
+    kl = KLToReference(KLToReferenceConfig(weight=0.1), DefenseContext(spec=None))
+    assert kl.rl_settings() == {"beta": 0.1}
+    assert KLToReference(KLToReferenceConfig(weight=0.0), DefenseContext(spec=None)).rl_settings() == {}
+    model, tokenizer = tiny_lora
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=2, beta=0.1, report_to=[], use_cpu=True, bf16=False, max_steps=1)
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi?"}]}] * 2)
+    trainer = DefendedGRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                                  args=args, train_dataset=prompts, processing_class=tokenizer, defenses=[kl])
+    assert trainer.defenses == [kl] and trainer.term_defenses == []  # counted once, as β
+    assert trainer.beta == 0.1

@@ -338,3 +338,24 @@ def test_a_context_spec_without_a_model_skips_the_model_check(tmp_path, tokenize
     defense.attach(model)
     assert len(block_hooks(model)) == 1
     defense.detach(model)
+
+
+def test_decode_only_hook_shifts_only_the_marked_positions():
+    mask = {"now": None}
+    hook = make_steering_hook(torch.tensor([1.0, -2.0]), alpha=0.5, positions=lambda: mask["now"])
+    hidden = torch.zeros(1, 3, 2)
+    assert hook(None, (), hidden) is hidden  # outside an update pass: no shift at all
+    mask["now"] = torch.tensor([[1, 0, 1]])
+    assert hook(None, (), hidden).tolist() == [[[0.5, -1.0], [0.0, 0.0], [0.5, -1.0]]]
+    mask["now"] = torch.tensor([[1, 0]])
+    with pytest.raises(RuntimeError, match=r"steering positions \(1, 2\) do not match the hidden states \(1, 3\)"):
+        hook(None, (), hidden)
+
+
+def test_decode_only_is_refused_outside_grpo():
+    config = PersonaSteeringConfig(alpha=1.0, layer=1, vector_path="v.pt", mode="decode_only")
+    [problem] = PersonaSteering.spec_problems(config, study())
+    assert problem.startswith("persona_steering mode decode_only exists only for training.method grpo")
+    grpo = study()
+    grpo.training = SimpleNamespace(method="grpo", grpo=None)
+    assert PersonaSteering.spec_problems(config, grpo) == []

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from emtune.data.batching import LengthGroupedSampler
-from emtune.train.trainer import CheckpointHook, DefendedTrainer, DefenseLossMixin, LossHistory, history_rows
+from emtune.train.trainer import (
+    CheckpointHook, DefendedTrainer, DefenseLossMixin, LossHistory, WarmupLines, history_rows,
+)
 
 
 def _features(n_rows: int, length: int = 6):
@@ -116,3 +118,18 @@ def test_checkpoint_hook_reports_the_folder_the_trainer_wrote(tmp_path):
     CheckpointHook(lambda step, folder: calls.append((step, folder))).on_save(
         SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=7), None)
     assert calls == [(7, Path(tmp_path) / "checkpoint-7")]
+
+
+def test_warmup_lines_head_a_fresh_run_only():
+    rows = [{"step": 0, "warmup_loss": 2.5}, {"step": 0, "warmup_loss": 2.0}]
+    fresh = SimpleNamespace(global_step=0, log_history=[{"step": 0, "note": 1.0}])
+    WarmupLines(rows).on_train_begin(None, fresh, None)
+    assert fresh.log_history == [*rows, {"step": 0, "note": 1.0}]
+    assert fresh.log_history[0] is not rows[0]  # copies: the Trainer may change its lines
+    assert history_rows(fresh.log_history) == rows  # warm-up lines count as training lines
+    resumed = SimpleNamespace(global_step=4, log_history=[{"step": 4, "loss": 1.0}])
+    WarmupLines(rows).on_train_begin(None, resumed, None)  # a checkpoint's history already has them
+    assert resumed.log_history == [{"step": 4, "loss": 1.0}]
+    nothing = SimpleNamespace(global_step=0, log_history=[])
+    WarmupLines([]).on_train_begin(None, nothing, None)
+    assert nothing.log_history == []
