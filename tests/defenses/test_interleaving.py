@@ -190,7 +190,8 @@ def test_pool_size_is_checked_only_when_both_sizes_are_known():
     config = InterleavingConfig(ratio=0.5, pool_limit=10)
     assert pool_size_problems("interleaving", config, SimpleNamespace(data=None), True) == []
     hub = InterleavingConfig(ratio=0.5, pool="hub:org/pool")  # its size is not known offline
-    assert pool_size_problems("interleaving", hub, SimpleNamespace(data=DataSpec(train={"path": "fixture:narrow_bad_advice"})), True) == []
+    spec = SimpleNamespace(data=DataSpec(train={"path": "fixture:narrow_bad_advice"}))
+    assert pool_size_problems("interleaving", hub, spec, True) == []
 
 
 def test_pool_size_problem_message_and_exact_fit():

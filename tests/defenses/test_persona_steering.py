@@ -17,6 +17,7 @@ from emtune.defenses.persona_steering import (
     PersonaSteering,
     PersonaSteeringConfig,
     decoder_blocks,
+    extraction,
     make_steering_hook,
     vector_cache_path,
 )
@@ -271,14 +272,15 @@ def test_local_files_lists_the_vector_and_a_prompt_file_only():
 
 def test_vector_cache_path_is_keyed_by_the_judge_only_when_it_filters(tmp_path):
     config = PersonaSteeringConfig(alpha=1.0, extract_prompts="evil_v1")
-    path = vector_cache_path(config, study(judge()), tmp_path)
+    path = vector_cache_path(extraction(config), study(judge()), tmp_path)
     assert path.parent == tmp_path / "persona"
     assert path.name.startswith("evil_v1-") and path.suffix == ".pt" and len(path.stem) == len("evil_v1-") + 12
     other_judge = study(judge(model="another-judge"))
-    assert vector_cache_path(config, other_judge, tmp_path) != path
+    assert vector_cache_path(extraction(config), other_judge, tmp_path) != path
     unfiltered = config.model_copy(update={"extract_filter": "none"})
-    assert vector_cache_path(unfiltered, study(judge()), tmp_path) == vector_cache_path(unfiltered, other_judge, tmp_path)
-    assert vector_cache_path(unfiltered, study(judge()), tmp_path) != path
+    assert vector_cache_path(extraction(unfiltered), study(judge()), tmp_path) == vector_cache_path(
+        extraction(unfiltered), other_judge, tmp_path)
+    assert vector_cache_path(extraction(unfiltered), study(judge()), tmp_path) != path
 
 
 def stage_services(spec, cache_dir, calls, logs):
@@ -300,7 +302,7 @@ def test_prepare_extracts_once_with_the_study_judge_and_points_at_the_file(tmp_p
     config = PersonaSteeringConfig(alpha=1.0, layer=1, extract_prompts="evil_v1", trait_prompt="evil",
                                    positive_trait_min=60, negative_trait_max=20, coherent_min=40)
     prepared = PersonaSteering.prepare(config, stage_services(spec, tmp_path, calls, logs))
-    path = vector_cache_path(config, spec, tmp_path)
+    path = vector_cache_path(extraction(config), spec, tmp_path)
     assert prepared.vector_path == str(path) and path.is_file()
     [(name, args)] = calls
     assert name == "extract_to_file" and args[2:6] == ("evil_v1", 64, 0, str(path))

@@ -7,12 +7,15 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import json
+
 import optuna
 import pytest
 
 from emtune.search_spec import ConstraintSpec, ObjectiveSpec, Relative
 from emtune.study.outcomes import (
-    MISSING_METRIC_VIOLATION, baseline_record, constraint_violations, outcome, relative_value,
+    MISSING_METRIC_VIOLATION, baseline_record, baseline_trials, checkpoint_records, constraint_violations, outcome,
+    relative_value,
 )
 
 COMPLETE, FAIL, PRUNED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
@@ -126,3 +129,27 @@ def test_a_baseline_keeps_its_finite_numbers_or_its_failure() -> None:
     assert baseline_record({"error": "OOM"}, True) == {"error": "OOM"}
     assert baseline_record(None, False) == {"error": "the baseline trial failed"}
     assert baseline_record({}, False) == {"error": "the baseline trial failed"}
+
+
+def test_baseline_trials_share_one_undefended_fine_tune():
+    assert baseline_trials(["base", "undefended", "stopped_early"]) == [["base"], ["undefended", "stopped_early"]]
+    assert baseline_trials(["undefended"]) == [["undefended"]]
+    assert baseline_trials(["base"]) == [["base"]]
+    assert baseline_trials([]) == []
+
+
+def test_checkpoint_records_from_the_json_string_or_a_list_by_step():
+    records = [{"step": 8, "point": "checkpoint-8"}, {"step": 4, "point": "checkpoint-4"}]
+    assert checkpoint_records({"checkpoints": json.dumps(records)}) == records[::-1]
+    assert checkpoint_records({"checkpoints": records}) == records[::-1]
+    assert checkpoint_records({"ood_drift": 1.0}) == [] and checkpoint_records(None) == []
+
+
+def test_stopped_early_record_lists_every_point_then_the_end():
+    checkpoints = json.dumps([{"step": 2, "point": "checkpoint-2", "metrics": {"ood_drift": 0.5, "x": "text"}}])
+    result = {"ood_drift": 0.75, "train_steps": 6, "pid": 7, "checkpoints": checkpoints}
+    assert baseline_record(result, False, "stopped_early") == {"points": [
+        {"step": 2, "point": "checkpoint-2", "ood_drift": 0.5},
+        {"step": 6, "point": "final", "ood_drift": 0.75, "train_steps": 6.0}]}
+    assert baseline_record({"ood_drift": 0.75}, False, "stopped_early")["points"] == [
+        {"step": 0, "point": "final", "ood_drift": 0.75}]

@@ -142,11 +142,12 @@ def test_csv_records_baselines_then_trials():
     records = _table().records()
     assert [(r["kind"], r["trial"]) for r in records] == [("baseline", "instruct"), ("baseline", "undefended"),
                                                           ("trial", 4), ("trial", 2)]
-    assert records[0] == {"kind": "baseline", "trial": "instruct", "rank": "", "state": "FAIL", "feasible": "",
+    assert records[0] == {"kind": "baseline", "trial": "instruct", "step": "", "rank": "", "state": "FAIL",
+                          "feasible": "",
                           "ood_drift": "", "general_misalignment": "", "w": "", "mlflow_run_id": "",
                           "note": "no adapter"}
     assert records[1]["state"] == "COMPLETE" and records[1]["ood_drift"] == 0.3
-    assert records[3] == {"kind": "trial", "trial": 2, "rank": 0, "state": "COMPLETE", "feasible": True,
+    assert records[3] == {"kind": "trial", "trial": 2, "step": "", "rank": 0, "state": "COMPLETE", "feasible": True,
                           "ood_drift": 0.4, "general_misalignment": 0.05, "w": 0.3, "mlflow_run_id": "r2", "note": ""}
     every = {r["trial"]: r for r in _table().records(all_trials=True) if r["kind"] == "trial"}
     assert every[3]["rank"] == "" and every[3]["mlflow_run_id"] == ""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from emtune.tracking.pareto import (
+    dominating_count,
     hypervolume,
     hypervolume_history,
     pareto_front,
@@ -307,3 +308,13 @@ def test_reference_margin_zero_and_spreads_below_one():
     # a spread of 0.3 scales the margin (0.5 + 0.1 * 0.3), not the worst value's size
     assert reference_from_points([[0.2], [0.5]], ["minimize"]) == [pytest.approx(0.53)]
     assert reference_from_points([[0.2], [0.5]], ["maximize"]) == [pytest.approx(0.17)]  # 0.2 - 0.1 * 0.3
+
+
+def test_dominating_count_by_hand():
+    others = [[1.0, 1.0], [2.0, 0.5], [0.5, 3.0], [1.0, 2.0]]
+    # (1, 2) minimising both: dominated by (1, 1) only ((1, 2) itself is no worse but not better)
+    assert dominating_count([1.0, 2.0], others, ["minimize", "minimize"]) == 1
+    # maximising the second: (0.5, 3) is better on both; (1, 2) equals it
+    assert dominating_count([1.0, 2.0], others, ["minimize", "maximize"]) == 1
+    assert dominating_count([3.0, 3.0], others, ["minimize", "minimize"]) == 4
+    assert dominating_count([1.0, 2.0], [], ["minimize", "minimize"]) == 0
