@@ -173,7 +173,10 @@ def test_every_defense_arm_runs_under_grpo(arm, tmp_path, persona_file, misalign
         assert all(row["rewards/grader_harmless/mean"] == pytest.approx(0.9) for row in rows
                    if not math.isnan(row.get("rewards/grader_harmless/mean", math.nan)))
         assert server.requests, "the safe prompts were never graded"
-    if arm == "safelora":
-        assert metrics["finalize/safelora/projected_layers"] >= 0
+    if arm == "safelora":  # every LoRA layer scored after training; those below τ = 0.5 projected
+        report = json.loads(TrialFiles(tmp_path / "out").defenses.read_text())["safelora"]
+        assert report["similarities"], "SafeLoRA scored no layer"
+        assert report["projected"] == sorted(n for n, v in report["similarities"].items() if v < 0.5)
+        assert metrics["finalize/safelora/projected_layers"] == len(report["projected"])
     if arm in ("kl_to_reference", "feature_l2"):
         assert all(row["kl"] > 0 for row in rows)  # the adapter differs from the reference
